@@ -1,0 +1,307 @@
+"""One run of a command: spawn, output, exit, and the stop sequence (the OS adapter).
+
+A :class:`Child` is one pid from spawn to reap. It runs ``/bin/sh -c COMMAND`` in a new
+session (so it leads its own process group), reads stdout and stderr in 64 KiB chunks
+straight from the pipes into a :class:`~smartmob_agent.lines.LineSplitter`, and learns
+of its exit from a pidfd the moment the kernel records it, whatever happened to the
+pipes (a grandchild may hold them open for ever).
+
+Stopping signals the whole process group *and* every descendant found in the process
+tree, since a descendant may have left the group (``setsid``), then waits on all of them
+through pidfds, then SIGKILLs whatever is left after the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import psutil
+
+from smartmob_agent.errors import SpawnError
+from smartmob_agent.lines import DEFAULT_MAX_LINE, LineSplitter
+from smartmob_agent.model import Exit
+
+log = logging.getLogger(__name__)
+
+#: Receives batches of output lines: ``sink(stream, lines)``.
+Sink = Callable[[str, list[bytes]], None]
+
+_CHUNK = 64 * 1024
+_PR_SET_CHILD_SUBREAPER = 36
+#: Longest wait for processes to vanish after SIGKILL (a process stuck in the kernel).
+_KILL_WAIT = 5.0
+
+
+def become_subreaper() -> bool:
+    """Make this process adopt its orphaned descendants (Linux ``PR_SET_CHILD_SUBREAPER``).
+
+    A grandchild whose parent dies is then re-parented to the agent instead of init, so
+    the agent can reap it (see :meth:`Reaper.reap_orphans`). Returns whether it worked.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return False
+
+
+class Reaper:
+    """Reaps children the moment they exit and reports their wait status.
+
+    Each watched pid has a pidfd registered with the event loop: readable means exited.
+    When the agent is a subreaper, :meth:`reap_orphans` (called on ``SIGCHLD``) also
+    reaps adopted orphans, which are nobody's :class:`Child`; it delivers the status of
+    watched pids too, so whichever path reaps first reports the exit.
+    """
+
+    def __init__(self) -> None:
+        self._watched: dict[int, tuple[int, Callable[[int], None]]] = {}
+        self.orphans_reaped = 0
+
+    def watch(self, pid: int, on_exit: Callable[[int], None]) -> None:
+        """Call ``on_exit(wait_status)`` once child ``pid`` has exited and been reaped."""
+        fd = os.pidfd_open(pid)
+        self._watched[pid] = (fd, on_exit)
+        asyncio.get_running_loop().add_reader(fd, self._reap, pid)
+
+    def _reap(self, pid: int) -> None:
+        try:
+            reaped, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # already reaped and delivered by reap_orphans
+            return
+        if reaped:
+            self._deliver(pid, status)
+
+    def _deliver(self, pid: int, status: int) -> None:
+        entry = self._watched.pop(pid, None)
+        if entry is None:
+            return
+        fd, on_exit = entry
+        asyncio.get_running_loop().remove_reader(fd)
+        os.close(fd)
+        on_exit(status)
+
+    def reap_orphans(self) -> None:
+        """Reap every exited child, watched or not (the ``SIGCHLD`` handler)."""
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None:
+                return
+            pid = info.si_pid
+            try:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:  # pragma: no cover - reaped meanwhile
+                continue
+            if pid in self._watched:
+                self._deliver(pid, status)
+            else:
+                self.orphans_reaped += 1
+                log.debug("reaped orphaned process %d", pid)
+
+    def close(self) -> None:
+        """Stop watching every pid (their exits will no longer be reported)."""
+        loop = asyncio.get_running_loop()
+        for fd, _ in self._watched.values():
+            loop.remove_reader(fd)
+            os.close(fd)
+        self._watched.clear()
+
+
+class Child:
+    """One running command. Create with :meth:`spawn`."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], sink: Sink, max_line: int) -> None:
+        self._popen = popen
+        self.pid: int = popen.pid
+        self._sink = sink
+        self._exit: asyncio.Future[Exit] = asyncio.get_running_loop().create_future()
+        self._open_streams = 0
+        self._streams_closed = asyncio.Event()
+        for stream, pipe in (("stdout", popen.stdout), ("stderr", popen.stderr)):
+            assert pipe is not None
+            self._read(stream, pipe.fileno(), LineSplitter(max_line))
+
+    @classmethod
+    def spawn(
+        cls,
+        command: str,
+        *,
+        cwd: Path,
+        env: Mapping[str, str],
+        sink: Sink,
+        reaper: Reaper,
+        max_line: int = DEFAULT_MAX_LINE,
+    ) -> Child:
+        """Start ``/bin/sh -c command`` in ``cwd`` with exactly ``env``.
+
+        Raises:
+            SpawnError: if the shell could not be started (missing folder, no /bin/sh).
+        """
+        try:
+            popen = subprocess.Popen(
+                ["/bin/sh", "-c", command],
+                cwd=cwd,
+                env=dict(env),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as error:
+            raise SpawnError(f"could not start /bin/sh in {cwd.name}: {error.strerror}") from None
+        child = cls(popen, sink, max_line)
+        reaper.watch(popen.pid, child._on_exit)
+        return child
+
+    # -- output -------------------------------------------------------------------------
+
+    def _read(self, stream: str, fd: int, splitter: LineSplitter) -> None:
+        os.set_blocking(fd, False)
+        self._open_streams += 1
+        asyncio.get_running_loop().add_reader(fd, self._on_readable, stream, fd, splitter)
+
+    def _on_readable(self, stream: str, fd: int, splitter: LineSplitter) -> None:
+        try:
+            data = os.read(fd, _CHUNK)
+        except BlockingIOError:  # pragma: no cover - spurious wake-up
+            return
+        except OSError:  # pragma: no cover - the pipe broke
+            data = b""
+        if data:
+            lines = splitter.feed(data)
+            if lines:
+                self._sink(stream, lines)
+            return
+        lines = splitter.flush()
+        if lines:
+            self._sink(stream, lines)
+        asyncio.get_running_loop().remove_reader(fd)
+        pipe = self._popen.stdout if stream == "stdout" else self._popen.stderr
+        assert pipe is not None
+        pipe.close()
+        self._open_streams -= 1
+        if self._open_streams == 0:
+            self._streams_closed.set()
+
+    async def output_closed(self) -> None:
+        """Wait until both pipes reached end of file (every writer of them is gone)."""
+        await self._streams_closed.wait()
+
+    def close_output(self) -> None:
+        """Stop reading the pipes now, e.g. when a stray grandchild keeps them open."""
+        loop = asyncio.get_running_loop()
+        for pipe in (self._popen.stdout, self._popen.stderr):
+            if pipe is not None and not pipe.closed:
+                loop.remove_reader(pipe.fileno())
+                pipe.close()
+        self._open_streams = 0
+        self._streams_closed.set()
+
+    # -- exit ---------------------------------------------------------------------------
+
+    def _on_exit(self, status: int) -> None:
+        exit = Exit.from_wait_status(status)
+        self._popen.returncode = exit.code
+        # whatever is left of its process group would otherwise pile up at each restart
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self._exit.set_result(exit)
+
+    @property
+    def exited(self) -> bool:
+        """Whether the child has exited and been reaped."""
+        return self._exit.done()
+
+    async def wait(self) -> Exit:
+        """Wait for the child to exit; returns how it ended."""
+        return await asyncio.shield(self._exit)
+
+    # -- signals and stop -----------------------------------------------------------------
+
+    def _descendants(self) -> list[psutil.Process]:
+        """The processes below the child in the process tree, wherever their group."""
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` to the child's process group and to all its descendants."""
+        self._signal(sig, self._open_pidfds(self._descendants()))
+
+    def _open_pidfds(self, processes: list[psutil.Process]) -> dict[int, int]:
+        fds: dict[int, int] = {}
+        for process in processes:
+            with contextlib.suppress(OSError):
+                fds[process.pid] = os.pidfd_open(process.pid)
+        return fds
+
+    def _signal(self, sig: int, descendants: dict[int, int]) -> None:
+        if not self.exited:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, sig)
+        for fd in descendants.values():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                signal.pidfd_send_signal(fd, sig)
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> Exit:
+        """Stop the child and its descendants; returns the child's exit.
+
+        Sends ``sig`` to the process group and to every descendant, waits up to
+        ``timeout`` seconds for all of them to be gone, then SIGKILLs the rest.
+        """
+        descendants = self._open_pidfds(self._descendants())
+        try:
+            self._signal(sig, descendants)
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wait_gone(descendants)
+            except TimeoutError:
+                descendants.update(
+                    (pid, fd)
+                    for pid, fd in self._open_pidfds(self._descendants()).items()
+                    if pid not in descendants
+                )
+                log.warning(
+                    "process %d did not stop within %.1f s of %s: sending SIGKILL",
+                    self.pid, timeout, signal.Signals(sig).name,
+                )
+                self._signal(signal.SIGKILL, descendants)
+                async with asyncio.timeout(_KILL_WAIT):
+                    await self._wait_gone(descendants)
+        finally:
+            for fd in descendants.values():
+                os.close(fd)
+        return await self.wait()
+
+    async def _wait_gone(self, descendants: dict[int, int]) -> None:
+        """Wait for the child to be reaped and every descendant's pidfd to signal exit."""
+        loop = asyncio.get_running_loop()
+        waits: list[asyncio.Future[None]] = []
+        for fd in descendants.values():
+            gone: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(fd, _resolve, gone)
+            gone.add_done_callback(lambda _, fd=fd: loop.remove_reader(fd))
+            waits.append(gone)
+        try:
+            await asyncio.gather(asyncio.shield(self._exit), *waits)
+        finally:
+            for gone in waits:
+                gone.cancel()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -1,0 +1,131 @@
+"""The ``smartmob-agent`` command: parse options, run the agent until a signal.
+
+The only module that prints. It builds its parser from :data:`smartmob_agent.config.OPTIONS`,
+makes the agent a child subreaper (orphaned grandchildren are reaped, not left as
+zombies), starts the guardian (children die with the agent even on SIGKILL), serves the
+app, and on SIGINT or SIGTERM stops every child and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from smartmob_agent import __version__
+from smartmob_agent.agent import Agent
+from smartmob_agent.child import Reaper, become_subreaper
+from smartmob_agent.config import OPTIONS, Settings, settings_from
+from smartmob_agent.errors import InvalidRequest
+from smartmob_agent.server import make_app
+
+log = logging.getLogger("smartmob_agent")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; every option also reads a ``SMARTMOB_*`` variable."""
+    parser = argparse.ArgumentParser(
+        prog="smartmob-agent",
+        description=(
+            "Run an HTTP service with a REST API that lets clients start Procfile "
+            "applications as children of this program. Stop with CTRL-C or SIGTERM: "
+            "every child is stopped first. Errors and warnings go to stderr."
+        ),
+        epilog="Each option can also be set by the environment variable in brackets; "
+        "a flag wins over the variable.",
+    )
+    parser.add_argument("--version", action="version", version=f"smartmob-agent {__version__}")
+    for option in OPTIONS:
+        parser.add_argument(
+            option.flag, dest=option.name, metavar=option.metavar, default=None,
+            help=f"{option.help} [{option.env}]",
+        )
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # one line per request is noise at the default level
+    logging.getLogger("aiohttp.access").setLevel(
+        logging.INFO if level == "debug" else logging.WARNING
+    )
+
+
+def start_guardian(agent_id: str) -> subprocess.Popen[bytes]:
+    """Start the guardian that kills the agent's descendants if the agent dies."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "smartmob_agent.guardian", agent_id],
+        stdin=subprocess.PIPE,
+        start_new_session=True,
+        close_fds=True,
+    )
+
+
+async def serve(settings: Settings) -> None:
+    """Run the agent until SIGINT or SIGTERM, then stop every child and return."""
+    loop = asyncio.get_running_loop()
+    if not become_subreaper():  # pragma: no cover - Linux only
+        log.warning("could not become a child subreaper: orphaned grandchildren may linger")
+    reaper = Reaper()
+    loop.add_signal_handler(signal.SIGCHLD, reaper.reap_orphans)
+    agent = Agent(settings, reaper=reaper)
+    guardian = start_guardian(agent.id)
+    reaper.watch(guardian.pid, lambda status: log.warning(
+        "the guardian (pid %d) exited: children will not be killed if the agent is", guardian.pid))
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await agent.start()
+    runner = web.AppRunner(make_app(settings, agent), handle_signals=False)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, settings.host, settings.port)
+        try:
+            await site.start()
+        except OSError as error:
+            raise SystemExit(
+                f"smartmob-agent: cannot listen on {settings.host}:{settings.port}: "
+                f"{error.strerror}"
+            ) from None
+        for host, port, *_ in runner.addresses:
+            shown = f"[{host}]" if ":" in host else host
+            log.info("smartmob-agent %s listening on http://%s:%d/ (pid %d)",
+                     __version__, shown, port, os.getpid())
+        await stop.wait()
+        log.info("stopping: shutting down every process")
+    finally:
+        await runner.cleanup()
+        await agent.close()
+        assert guardian.stdin is not None
+        guardian.stdin.close()
+    log.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``smartmob-agent``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from(vars(args), os.environ)
+    except InvalidRequest as error:
+        print(f"smartmob-agent: {error}", file=sys.stderr)
+        return 2
+    _configure_logging(settings.log_level)
+    try:
+        asyncio.run(serve(settings))
+    except SystemExit as exit:
+        if isinstance(exit.code, str):
+            print(exit.code, file=sys.stderr)
+            return 1
+        raise
+    return 0

@@ -1,0 +1,119 @@
+"""Settings of the agent, and where each comes from: pure.
+
+Twelve-factor: every option is a command-line flag and a ``SMARTMOB_*`` environment
+variable, the flag winning. :data:`OPTIONS` is the single table of them; the CLI builds
+its parser from it and the docs list it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from smartmob_agent.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the agent is configured with. Defaults are safe and useful."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    state_dir: Path = Path(".smartmob")
+    stop_timeout: float = 10.0
+    max_body: int = 1024 * 1024
+    max_download: int = 512 * 1024 * 1024
+    download_stall: float = 30.0
+    download_timeout: float = 600.0
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting as the CLI and the environment spell it."""
+
+    name: str
+    flag: str
+    env: str
+    parse: Callable[[str], Any]
+    metavar: str
+    help: str
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError("a port is a number from 0 to 65535")
+    return port
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _size(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive number of bytes")
+    return value
+
+
+def _level(text: str) -> str:
+    level = text.lower()
+    if level not in {"debug", "info", "warning", "error"}:
+        raise ValueError("must be one of debug, info, warning, error")
+    return level
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", "--host", "SMARTMOB_HOST", str, "ADDRESS",
+           "address to listen on (default: 127.0.0.1)"),
+    Option("port", "--port", "SMARTMOB_PORT", _port, "PORT",
+           "TCP port to listen on; 0 picks a free one (default: 8080)"),
+    Option("state_dir", "--state-dir", "SMARTMOB_STATE_DIR", Path, "DIR",
+           "folder for downloads and unpacked sources (default: ./.smartmob)"),
+    Option("stop_timeout", "--stop-timeout", "SMARTMOB_STOP_TIMEOUT", _positive, "SECONDS",
+           "grace period between SIGTERM and SIGKILL when stopping a process (default: 10)"),
+    Option("max_body", "--max-body", "SMARTMOB_MAX_BODY", _size, "BYTES",
+           "largest request body accepted; larger ones get 413 (default: 1048576)"),
+    Option("max_download", "--max-download", "SMARTMOB_MAX_DOWNLOAD", _size, "BYTES",
+           "largest source archive downloaded (default: 536870912)"),
+    Option("download_stall", "--download-stall", "SMARTMOB_DOWNLOAD_STALL", _positive,
+           "SECONDS", "give up a download that receives no byte for this long (default: 30)"),
+    Option("download_timeout", "--download-timeout", "SMARTMOB_DOWNLOAD_TIMEOUT", _positive,
+           "SECONDS", "give up a download that takes longer than this (default: 600)"),
+    Option("log_level", "--log-level", "SMARTMOB_LOG_LEVEL", _level, "LEVEL",
+           "least severe log level written to stderr (default: info)"),
+)
+
+assert {option.name for option in OPTIONS} == {f.name for f in fields(Settings)}
+
+
+def settings_from(flags: Mapping[str, str | None], environ: Mapping[str, str]) -> Settings:
+    """Build :class:`Settings` from flag values (``None`` when not given) and environment.
+
+    Raises:
+        InvalidRequest: naming each option whose value cannot be used.
+    """
+    values: dict[str, Any] = {}
+    problems: dict[str, str] = {}
+    for option in OPTIONS:
+        raw = flags.get(option.name)
+        source = option.flag
+        if raw is None:
+            raw = environ.get(option.env)
+            source = option.env
+        if raw is None:
+            continue
+        try:
+            values[option.name] = option.parse(raw)
+        except ValueError as error:
+            problems[source] = f"{raw!r} is not valid: {error}"
+    if problems:
+        detail = "; ".join(f"{name}: {why}" for name, why in problems.items())
+        raise InvalidRequest(f"invalid configuration: {detail}", problems)
+    return Settings(**values)

@@ -1,0 +1,58 @@
+"""The exception hierarchy.
+
+Every error the agent raises on purpose is an :class:`AgentError`. Each carries a message
+written for a person; :mod:`smartmob_agent.server` maps the classes to HTTP statuses in
+one place, and :mod:`smartmob_agent.watcher` turns those raised after ``201`` into the
+``failed`` state with the message as ``error``.
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base of every deliberate error; ``str(error)`` is the sentence shown to users."""
+
+
+class InvalidRequest(AgentError):
+    """A request body or field is wrong.
+
+    Args:
+        message: the sentence shown to the user.
+        fields: one entry per bad field, naming what is wrong with it.
+    """
+
+    def __init__(self, message: str, fields: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.fields: dict[str, str] = dict(fields or {})
+
+
+class PayloadTooLarge(AgentError):
+    """A request body is larger than the agent accepts."""
+
+
+class NotFound(AgentError):
+    """No process has the slug asked for."""
+
+
+class Conflict(AgentError):
+    """The request clashes with the current state (duplicate slug, process being deleted)."""
+
+
+class InvalidTransition(AgentError):
+    """A process was asked to move between two states that have no edge between them."""
+
+
+class DownloadError(AgentError):
+    """The source archive could not be fetched."""
+
+
+class ArchiveError(AgentError):
+    """The source archive is not a zip or tar archive, or is unsafe to unpack."""
+
+
+class ProcfileError(AgentError):
+    """The Procfile is missing, unreadable, or has no entry for the process type."""
+
+
+class SpawnError(AgentError):
+    """The process's command could not be started at all."""

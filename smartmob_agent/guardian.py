@@ -1,0 +1,79 @@
+"""The guardian: kills the agent's descendants if the agent dies without stopping them.
+
+SIGKILL gives the agent no chance to stop its children, and ``PR_SET_PDEATHSIG`` would
+reach only direct children, not ``sleep 1000 & sleep 1000`` grandchildren. So the CLI
+starts this tiny program (``python -m smartmob_agent.guardian AGENT_ID``) with a pipe on
+its stdin. When the agent dies, for whatever reason, the pipe reaches end of file; the
+guardian then SIGKILLs every process whose environment carries
+``SMARTMOB_AGENT_ID=AGENT_ID`` (every child inherits it) and their process groups, and
+exits. After a clean shutdown it finds nobody and exits at once.
+
+Imports only the standard library, to stay small in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+MARKER_VARIABLE = b"SMARTMOB_AGENT_ID"
+_SWEEPS = 5
+
+
+def marked_processes(marker: bytes, proc: str = "/proc") -> list[int]:
+    """Pids of processes whose environment contains exactly the entry ``marker``."""
+    found = []
+    for name in os.listdir(proc):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"{proc}/{name}/environ", "rb") as file:
+                environ = file.read()
+        except OSError:  # gone, or not ours to read
+            continue
+        if marker in environ.split(b"\0"):
+            found.append(int(name))
+    return found
+
+
+def sweep(marker: bytes) -> int:
+    """SIGKILL every marked process and the group it leads; return how many were found."""
+    own = {os.getpid(), os.getpgid(0)}
+    killed = 0
+    for _ in range(_SWEEPS):  # again, in case one forked while we were killing
+        pids = [pid for pid in marked_processes(marker) if pid not in own]
+        if not pids:
+            break
+        for pid in pids:
+            killed += 1
+            for kill in (os.kill, os.killpg):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+    return killed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Wait for end of file on stdin, then sweep; the agent's id is the only argument."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m smartmob_agent.guardian AGENT_ID", file=sys.stderr)
+        return 2
+    # the agent decides when we end: terminal and service signals are not for us
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    marker = MARKER_VARIABLE + b"=" + args[0].encode()
+    stdin = sys.stdin.buffer.raw  # type: ignore[attr-defined]
+    while stdin.read(4096):
+        pass
+    killed = sweep(marker)
+    if killed:
+        print(f"smartmob-agent guardian: the agent died; killed {killed} leftover process(es)",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - runs as its own process
+    raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""JSON Schemas of request bodies, and validation that names every bad field.
+
+The schemas are plain JSON Schema (the subset shared by draft-07 and 2020-12), so the
+same documents can later be published in an OpenAPI 3.1 description. ``fastjsonschema``
+compiles each into Python code once, at import; it is small and fast, but stops at the
+first error, so each field is checked with its own compiled validator to report them all.
+Each property's ``description`` doubles as the error sentence shown to users.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import fastjsonschema
+
+from smartmob_agent.errors import InvalidRequest
+
+#: app and node: a path component that cannot be ``.``/``..`` or hide a separator.
+NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9_.-]*$"
+MAX_NAME = 100
+MAX_URL = 4096
+MAX_ENV_ENTRIES = 1000
+MAX_ENV_VALUE = 65536
+
+CREATE_REQUEST: dict[str, Any] = {
+    "title": "Create request",
+    "type": "object",
+    "required": ["app", "node", "process_type", "source_url"],
+    "additionalProperties": False,
+    "properties": {
+        "app": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_NAME,
+            "pattern": NAME_PATTERN,
+            "description": (
+                f"must be a string of 1 to {MAX_NAME} letters, digits, '_', '.' or '-', "
+                "not starting with '.' or '-' and without '..'"
+            ),
+        },
+        "node": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_NAME,
+            "pattern": NAME_PATTERN,
+            "description": (
+                f"must be a string of 1 to {MAX_NAME} letters, digits, '_', '.' or '-', "
+                "not starting with '.' or '-' and without '..' (by convention "
+                "'<process_type>.<n>', like 'web.0')"
+            ),
+        },
+        "process_type": {
+            "type": "string",
+            "pattern": r"^[A-Za-z0-9_-]{1,64}$",
+            "description": (
+                "must be the name of a Procfile entry: 1 to 64 letters, digits, '_' or '-'"
+            ),
+        },
+        "source_url": {
+            "type": "string",
+            "maxLength": MAX_URL,
+            "pattern": r"^[hH][tT][tT][pP][sS]?://[^/?#\s]+[^\s]*$",
+            "description": (
+                f"must be an http:// or https:// URL of a zip or tar archive, at most "
+                f"{MAX_URL} characters, without spaces"
+            ),
+        },
+        "env": {
+            "type": "object",
+            "maxProperties": MAX_ENV_ENTRIES,
+            "propertyNames": {"pattern": r"^[A-Za-z_][A-Za-z0-9_]{0,255}$"},
+            "additionalProperties": {
+                "type": "string",
+                "maxLength": MAX_ENV_VALUE,
+                "pattern": r"^[^\x00]*$",
+            },
+            "description": (
+                "must be an object mapping variable names (letters, digits and '_', not "
+                f"starting with a digit) to strings without NUL characters (at most "
+                f"{MAX_ENV_ENTRIES} entries, values up to {MAX_ENV_VALUE} characters)"
+            ),
+        },
+    },
+}
+
+Validator = Callable[[Any], Any]
+
+
+def _compile(schema: Mapping[str, Any]) -> Validator:
+    return fastjsonschema.compile(dict(schema))  # type: ignore[no-any-return]
+
+
+class RequestSchema:
+    """A compiled object schema that reports every bad field at once."""
+
+    def __init__(self, schema: Mapping[str, Any]) -> None:
+        self.schema = schema
+        self._whole = _compile(schema)
+        self._fields = {name: _compile(sub) for name, sub in schema["properties"].items()}
+
+    def validate(self, data: Any) -> dict[str, Any]:
+        """Return ``data`` if it matches the schema.
+
+        Raises:
+            InvalidRequest: naming each missing, unknown or invalid field.
+        """
+        if not isinstance(data, dict):
+            raise InvalidRequest(
+                f"the request body must be a JSON object, not {_json_type(data)}"
+            )
+        try:
+            self._whole(data)
+        except fastjsonschema.JsonSchemaException:
+            pass
+        else:
+            return data
+        problems: dict[str, str] = {}
+        for name in self.schema.get("required", ()):
+            if name not in data:
+                problems[name] = "is required"
+        properties = self.schema["properties"]
+        for name, value in data.items():
+            if name not in properties:
+                problems[name] = "is not a known field"
+                continue
+            try:
+                self._fields[name](value)
+            except fastjsonschema.JsonSchemaException:
+                problems[name] = f"{properties[name]['description']} (got {_json_type(value)})"
+        names = ", ".join(sorted(problems))
+        raise InvalidRequest(f"invalid fields in the request: {names}", problems)
+
+
+def _json_type(value: Any) -> str:
+    """Name a JSON value's type for error messages, showing short strings themselves."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}" + ("..." if len(value) > 40 else "")
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+create_request = RequestSchema(CREATE_REQUEST)

@@ -1,0 +1,131 @@
+"""The aiohttp application: routes, the error and request-id middlewares, the lifecycle.
+
+:func:`make_app` is the factory used by the CLI and the tests. Errors are mapped to HTTP
+here and only here (:data:`ERROR_STATUS`), always as a JSON body.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+import weakref
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from smartmob_agent import errors
+from smartmob_agent import ws as _ws  # noqa: F401  (registers the attach route)
+from smartmob_agent.agent import Agent
+from smartmob_agent.api import AGENT_KEY, REQUEST_ID_KEY, routes
+from smartmob_agent.config import Settings
+from smartmob_agent.representations import error_document
+from smartmob_agent.ws import SOCKETS_KEY, close_all
+
+log = logging.getLogger(__name__)
+
+#: HTTP status of each error class (most specific first); any other AgentError is 400.
+ERROR_STATUS: tuple[tuple[type[errors.AgentError], int], ...] = (
+    (errors.InvalidRequest, 400),
+    (errors.NotFound, 404),
+    (errors.Conflict, 409),
+    (errors.InvalidTransition, 409),
+    (errors.PayloadTooLarge, 413),
+)
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,200}")
+
+
+def status_of(error: errors.AgentError) -> int:
+    """Return the HTTP status for an :class:`~smartmob_agent.errors.AgentError`."""
+    for cls, status in ERROR_STATUS:
+        if isinstance(error, cls):
+            return status
+    return 400
+
+
+def _http_error_message(error: web.HTTPException, request: web.Request) -> str:
+    if isinstance(error, web.HTTPNotFound):
+        return f"there is nothing at {request.path}; start at / and follow the links"
+    if isinstance(error, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(error.allowed_methods))
+        return f"{request.method} is not allowed on {request.path} (use {allowed})"
+    if isinstance(error, web.HTTPRequestEntityTooLarge):
+        return (
+            f"the request body is too large (the limit is "
+            f"{request.app[SETTINGS_KEY].max_body} bytes)"
+        )
+    return error.reason
+
+
+SETTINGS_KEY = web.AppKey("settings", Settings)
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Echo the client's ``X-Request-Id`` (or assign one) on every response."""
+    given = request.headers.get("X-Request-Id", "")
+    request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    request[REQUEST_ID_KEY] = request_id
+    try:
+        response = await handler(request)
+    except web.HTTPException as error:
+        error.headers["X-Request-Id"] = request_id
+        raise
+    if not response.prepared:
+        response.headers["X-Request-Id"] = request_id
+    return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every error into a JSON response with the right status."""
+    try:
+        return await handler(request)
+    except errors.AgentError as error:
+        extra = {"fields": error.fields} if isinstance(error, errors.InvalidRequest) else {}
+        return web.json_response(error_document(str(error), **extra), status=status_of(error))
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        return web.json_response(
+            error_document(_http_error_message(error, request)),
+            status=error.status,
+            headers={k: v for k, v in error.headers.items() if k == "Allow"},
+        )
+    except Exception:
+        log.exception("unexpected error answering %s %s", request.method, request.path)
+        return web.json_response(
+            error_document("internal error of the agent; see its log"), status=500
+        )
+
+
+def make_app(settings: Settings, agent: Agent | None = None) -> web.Application:
+    """Build the web application.
+
+    Args:
+        settings: configuration.
+        agent: an agent to serve; by default the app makes one and owns it (starts it
+            on startup, stops every process on cleanup).
+    """
+    app = web.Application(
+        client_max_size=settings.max_body,
+        middlewares=[request_id_middleware, error_middleware],
+    )
+    owned = agent is None
+    app[AGENT_KEY] = agent if agent is not None else Agent(settings)
+    app[SETTINGS_KEY] = settings
+    app[SOCKETS_KEY] = weakref.WeakSet()
+    app.add_routes(routes)
+    app.on_shutdown.append(close_all)
+    if owned:
+        app.cleanup_ctx.append(_agent_lifecycle)
+    return app
+
+
+async def _agent_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    agent = app[AGENT_KEY]
+    await agent.start()
+    yield
+    await agent.close()
