@@ -23,7 +23,7 @@ from smartmob_agent.schemas import create_request
 routes = web.RouteTableDef()
 
 AGENT_KEY = web.AppKey("agent", Agent)
-REQUEST_ID_KEY = "smartmob_request_id"
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
 
 
 def _agent(request: web.Request) -> Agent:

@@ -1,0 +1,97 @@
+"""Fixtures: a real archive server on 127.0.0.1, a real agent on tmp dirs, a client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from smartmob_agent.agent import Agent
+from smartmob_agent.config import Settings
+from smartmob_agent.server import make_app
+
+
+@dataclass
+class ArchiveServer:
+    """A real HTTP server on 127.0.0.1 serving archives registered by tests."""
+
+    server: TestServer
+    files: dict[str, bytes] = field(default_factory=dict)
+    requests: list[web.Request] = field(default_factory=list)
+    stall_forever: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add(self, name: str, data: bytes) -> str:
+        """Serve ``data`` at ``/name``; return its absolute URL."""
+        self.files[name] = data
+        return self.url(name)
+
+    def url(self, name: str) -> str:
+        """The absolute URL of ``/name``."""
+        return str(self.server.make_url(f"/{name}"))
+
+    def hits(self, name: str) -> int:
+        """How many requests asked for ``/name``."""
+        return sum(1 for request in self.requests if request.path == f"/{name}")
+
+
+@pytest.fixture
+async def archive_server(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+) -> AsyncIterator[ArchiveServer]:
+    """Serve archives (``/name``), HTML (``/page.html``) and a stalled body (``/stall``)."""
+    state: dict[str, ArchiveServer] = {}
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        served = state["server"]
+        served.requests.append(request)
+        name = request.match_info["name"]
+        if name == "stall":
+            response = web.StreamResponse()
+            response.content_length = 10_000
+            await response.prepare(request)
+            await response.write(b"x" * 10)
+            await served.stall_forever.wait()
+            return response
+        if name == "page.html":
+            return web.Response(text="<!DOCTYPE html><html><body>Login</body></html>",
+                                content_type="text/html")
+        if name not in served.files:
+            raise web.HTTPNotFound()
+        return web.Response(body=served.files[name], content_type="application/octet-stream")
+
+    app = web.Application()
+    app.router.add_get("/{name}", serve)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    state["server"] = ArchiveServer(server)
+    yield state["server"]
+    state["server"].stall_forever.set()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Settings on a fresh state folder, with short timeouts fit for tests."""
+    return Settings(
+        host="127.0.0.1", port=0, state_dir=tmp_path / "state", stop_timeout=5.0,
+        download_stall=2.0,
+    )
+
+
+@pytest.fixture
+async def agent(settings: Settings) -> AsyncIterator[Agent]:
+    """A started agent, closed (every child stopped) after the test."""
+    async with Agent(settings) as agent:
+        yield agent
+
+
+@pytest.fixture
+async def client(
+    agent: Agent, settings: Settings, aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]]
+) -> TestClient[Any, Any]:
+    """An HTTP client of the agent's web app, served on 127.0.0.1."""
+    return await aiohttp_client(make_app(settings, agent))

@@ -1,0 +1,121 @@
+"""Test helpers: archives built in memory, waits on real events with deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shlex
+import sys
+import tarfile
+import time
+import zipfile
+from collections.abc import Callable, Mapping
+
+from smartmob_agent.model import ProcessState
+from smartmob_agent.watcher import Watcher
+
+#: The interpreter running the tests, quoted for a Procfile line.
+PYTHON = shlex.quote(sys.executable)
+
+ARCHIVE_KINDS = ("zip", "tar", "tar.gz", "tar.bz2", "tar.xz")
+
+
+def make_archive(
+    files: Mapping[str, str | bytes],
+    kind: str = "tar.gz",
+    *,
+    top: str = "",
+    executable: frozenset[str] = frozenset(),
+) -> bytes:
+    """Build an archive of ``files`` (name -> content) in memory.
+
+    Args:
+        kind: ``zip``, ``tar``, ``tar.gz``, ``tar.bz2`` or ``tar.xz``.
+        top: put every file under this folder (as GitHub archives do).
+        executable: names whose mode gets the executable bits.
+    """
+    buffer = io.BytesIO()
+    prefix = f"{top}/" if top else ""
+    if kind == "zip":
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name, content in files.items():
+                info = zipfile.ZipInfo(prefix + name)
+                info.external_attr = (0o100755 if name in executable else 0o100644) << 16
+                data = content.encode() if isinstance(content, str) else content
+                archive.writestr(info, data)
+        return buffer.getvalue()
+    mode = {"tar": "w", "tar.gz": "w:gz", "tar.bz2": "w:bz2", "tar.xz": "w:xz"}[kind]
+    with tarfile.open(fileobj=buffer, mode=mode) as archive:  # type: ignore[call-overload]
+        for name, content in files.items():
+            data = content.encode() if isinstance(content, str) else content
+            info = tarfile.TarInfo(prefix + name)
+            info.size = len(data)
+            info.mode = 0o755 if name in executable else 0o644
+            info.mtime = int(time.time())
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def app_archive(
+    procfile: str, scripts: Mapping[str, str] | None = None, kind: str = "tar.gz", top: str = ""
+) -> bytes:
+    """An app: a Procfile plus Python scripts (``{PYTHON}`` in the Procfile is the test's)."""
+    files: dict[str, str | bytes] = {"Procfile": procfile.replace("{PYTHON}", PYTHON)}
+    files.update(scripts or {})
+    return make_archive(files, kind, top=top)
+
+
+async def wait_for_state(
+    watcher: Watcher, *states: ProcessState, timeout: float = 10.0
+) -> ProcessState:
+    """Wait until the watcher is in one of ``states``; fail after ``timeout`` seconds."""
+    if watcher.state in states:
+        return watcher.state
+    reached: asyncio.Future[ProcessState] = asyncio.get_running_loop().create_future()
+
+    def listener(_: Watcher, old: ProcessState, new: ProcessState) -> None:
+        if new in states and not reached.done():
+            reached.set_result(new)
+
+    watcher.add_listener(listener)
+    try:
+        async with asyncio.timeout(timeout):
+            return await reached
+    except TimeoutError:
+        raise AssertionError(
+            f"{watcher.spec.slug} did not reach {[str(s) for s in states]} within "
+            f"{timeout} s; it is {watcher.state} (error: {watcher.error})"
+        ) from None
+    finally:
+        watcher.remove_listener(listener)
+
+
+def record_states(watcher: Watcher) -> list[ProcessState]:
+    """Return a list that fills with every state the watcher enters from now on."""
+    seen: list[ProcessState] = []
+    watcher.add_listener(lambda _, old, new: seen.append(new))
+    return seen
+
+
+async def eventually(
+    predicate: Callable[[], bool], *, timeout: float = 10.0, what: str = "condition"
+) -> None:
+    """Wait for ``predicate()`` to hold, checking at each loop turn and every 10 ms.
+
+    For conditions no event announces (a process vanishing from the OS table).
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout} s")
+        await asyncio.sleep(0.01)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            state = file.read().rsplit(b")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
