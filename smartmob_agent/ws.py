@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 #: Bytes queued for one client (beyond the kernel's socket buffer) before lines drop.
 MAX_BUFFER = 1024 * 1024
-
-SOCKETS_KEY = web.AppKey("websockets", weakref.WeakSet[web.WebSocketResponse])
+#: Longest wait for a client to take the close frame; a stuck one is then cut off.
+CLOSE_TIMEOUT = 2.0
 
 
 def dropped_notice(count: int) -> bytes:
@@ -65,16 +65,34 @@ class WebSocketSubscriber:
         transport.write(data)
 
     def close(self) -> None:
-        """The process is gone: close the WebSocket normally."""
-        if self._close_task is None and not self._ws.closed:
+        """The process is gone: close the WebSocket normally (in the background)."""
+        if self._close_task is None:
             self._close_task = asyncio.get_running_loop().create_task(
-                self._ws.close(code=WSCloseCode.OK, message=b"process deleted")
+                self.shutdown(WSCloseCode.OK, b"process deleted")
             )
+
+    async def shutdown(self, code: int, message: bytes) -> bool:
+        """Close the WebSocket with ``code``, cutting off a client that does not take it.
+
+        A client that stopped reading never lets the close frame drain; waiting for it
+        would hang a delete or the agent's shutdown.
+        """
+        if self._ws.closed:
+            return False
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                return await self._ws.close(code=code, message=message)
+        except TimeoutError:  # aiohttp has already closed the transport
+            self._transport.abort()
+            return True
 
     async def wait_closed(self) -> None:
         """Wait for a close started by :meth:`close` to finish."""
         if self._close_task is not None:
             await self._close_task
+
+
+SOCKETS_KEY = web.AppKey("websockets", weakref.WeakSet[WebSocketSubscriber])
 
 
 @routes.get("/attach-console/{slug}", name="attach")
@@ -84,8 +102,8 @@ async def attach_console(request: web.Request) -> web.WebSocketResponse:
     # no compression: frames are written pre-encoded, which an extension would break
     ws = web.WebSocketResponse(compress=False, max_msg_size=64 * 1024)
     await ws.prepare(request)
-    request.app[SOCKETS_KEY].add(ws)
     subscriber = WebSocketSubscriber(ws, request)
+    request.app[SOCKETS_KEY].add(subscriber)
     watcher.hub.subscribe(subscriber)
     try:
         async for _message in ws:
@@ -101,5 +119,7 @@ async def attach_console(request: web.Request) -> web.WebSocketResponse:
 
 async def close_all(app: web.Application) -> None:
     """``on_shutdown``: tell every attached client the agent is going away."""
-    for ws in list(app[SOCKETS_KEY]):
-        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"agent shutting down")
+    await asyncio.gather(*(
+        subscriber.shutdown(WSCloseCode.GOING_AWAY, b"agent shutting down")
+        for subscriber in list(app[SOCKETS_KEY])
+    ))
