@@ -8,6 +8,7 @@ and stops them all on shutdown.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import os
 import uuid
@@ -125,7 +126,7 @@ class Agent:
         """Snapshots of every process, in creation order."""
         return [watcher.info() for watcher in self._watchers.values()]
 
-    def watchers(self) -> list[Watcher]:
+    def watchers(self) -> builtins.list[Watcher]:
         """Every watcher, in creation order."""
         return list(self._watchers.values())
 
@@ -149,6 +150,6 @@ class Agent:
         if watchers:
             log.info("stopping %d process(es)", len(watchers))
         results = await asyncio.gather(*(w.stop() for w in watchers), return_exceptions=True)
-        for watcher, result in zip(watchers, results):
+        for watcher, result in zip(watchers, results, strict=True):
             if isinstance(result, BaseException):
                 log.error("%s: stop failed: %r", watcher.spec.slug, result)

@@ -13,6 +13,7 @@ Imports only the standard library, to stay small in memory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -48,10 +49,8 @@ def sweep(marker: bytes) -> int:
         for pid in pids:
             killed += 1
             for kill in (os.kill, os.killpg):
-                try:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
     return killed
 
 
@@ -65,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     marker = MARKER_VARIABLE + b"=" + args[0].encode()
-    stdin = sys.stdin.buffer.raw  # type: ignore[attr-defined]
-    while stdin.read(4096):
+    while os.read(0, 4096):
         pass
     killed = sweep(marker)
     if killed:

@@ -119,7 +119,8 @@ async def attach_console(request: web.Request) -> web.WebSocketResponse:
 
 async def close_all(app: web.Application) -> None:
     """``on_shutdown``: tell every attached client the agent is going away."""
+    subscribers: weakref.WeakSet[WebSocketSubscriber] = app[SOCKETS_KEY]
     await asyncio.gather(*(
         subscriber.shutdown(WSCloseCode.GOING_AWAY, b"agent shutting down")
-        for subscriber in list(app[SOCKETS_KEY])
+        for subscriber in list(subscribers)
     ))

@@ -15,7 +15,9 @@ _READY = re.compile(rb"listening on (http://\S+?)/? ")
 class AgentProcess:
     """Runs ``python -m smartmob_agent`` and learns its URL from the ready line on stderr."""
 
-    def __init__(self, state_dir: Path, args: Sequence[str] = (), env: Mapping[str, str] | None = None):
+    def __init__(
+        self, state_dir: Path, args: Sequence[str] = (), env: Mapping[str, str] | None = None
+    ) -> None:
         self.state_dir = state_dir
         self.args = list(args)
         self.env = dict(os.environ if env is None else env)
@@ -53,7 +55,8 @@ class AgentProcess:
         return self
 
     async def _read_stderr(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
+        assert self.proc is not None
+        assert self.proc.stderr is not None
         while line := await self.proc.stderr.readline():
             self.stderr_lines.append(line)
 

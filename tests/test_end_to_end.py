@@ -118,7 +118,8 @@ def test_bad_option_is_a_clear_error(tmp_path: Path) -> None:
 async def test_port_in_use_is_a_clear_error(tmp_path: Path, agent_process: AgentProcess) -> None:
     """A second agent on a busy port exits 1 saying it cannot listen."""
     port = agent_process.url.rsplit(":", 1)[1]
-    result = subprocess.run(
+    result = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "smartmob_agent", "--port", port, "--state-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=30,
     )
@@ -126,17 +127,20 @@ async def test_port_in_use_is_a_clear_error(tmp_path: Path, agent_process: Agent
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
 
 
-async def test_environment_configures_and_flags_win(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+async def test_environment_configures_and_flags_win(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
     """SMARTMOB_* variables configure the agent, and a flag wins over its variable."""
-    env = {**os.environ, "SMARTMOB_HOST": "127.0.0.2", "SMARTMOB_STATE_DIR": str(tmp_path / "e")}
-    agent = AgentProcess(tmp_path / "flag", env=env)
+    env = {**os.environ, "SMARTMOB_LOG_LEVEL": "debug",
+           "SMARTMOB_STATE_DIR": str(tmp_path / "from-env")}
+    agent = AgentProcess(tmp_path / "from-flag", env=env)
     try:
         await agent.start()
-        assert agent.url.startswith("http://127.0.0.2:")
-        assert (tmp_path / "flag").is_dir()
-        assert not (tmp_path / "e").exists()
+        assert (tmp_path / "from-flag").is_dir()
+        assert not (tmp_path / "from-env").exists()
         async with http.get(agent.url + "/list-processes") as response:
             assert await response.json() == {"processes": []}
+        await eventually(lambda: "DEBUG" in agent.stderr, what="a debug log line")
     finally:
         await agent.kill()
 
