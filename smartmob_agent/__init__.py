@@ -1,10 +1,7 @@
 """smartmob-agent: runs Procfile applications on request, over a hypermedia REST API."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("smartmob-agent")
-except PackageNotFoundError:  # pragma: no cover - only when run from a bare checkout
-    __version__ = "0+unknown"
+# A literal, read by setup.cfg (``attr:``): importlib.metadata would cost every process
+# importing the package (the guardian included) a few megabytes and tens of milliseconds.
+__version__ = "0.1.0"
 
 __all__ = ["__version__"]

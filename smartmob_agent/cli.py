@@ -86,7 +86,13 @@ async def serve(settings: Settings) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await agent.start()
+    try:
+        await agent.start()
+    except OSError as error:
+        raise SystemExit(
+            f"smartmob-agent: cannot use the state folder {settings.state_dir}: "
+            f"{error.strerror or error}"
+        ) from None
     runner = web.AppRunner(make_app(settings, agent), handle_signals=False)
     try:
         await runner.setup()

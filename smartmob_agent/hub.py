@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Protocol
 
+#: Bytes kept of each recent line (a process may write 64 KiB lines).
+RECENT_LINE_BYTES = 1024
+
 
 class Subscriber(Protocol):
     """Something that receives output lines, e.g. one attached WebSocket."""
@@ -25,17 +28,19 @@ class Hub:
     """Output of one process: recent lines plus the set of live subscribers.
 
     Args:
-        backlog: how many recent lines to keep (for error reports and late readers).
+        backlog: how many recent lines to keep, for error reports; each is kept to its
+            first :data:`RECENT_LINE_BYTES` bytes so the backlog stays small.
     """
 
-    def __init__(self, backlog: int = 100) -> None:
+    def __init__(self, backlog: int = 20) -> None:
+        self._backlog = backlog
         self.recent: deque[bytes] = deque(maxlen=backlog)
         self._subscribers: list[Subscriber] = []
         self.closed = False
 
     def publish(self, stream: str, lines: list[bytes]) -> None:
         """Hand a batch of lines of ``stream`` (``stdout``/``stderr``) to every subscriber."""
-        self.recent.extend(lines)
+        self.recent.extend(line[:RECENT_LINE_BYTES] for line in lines[-self._backlog:])
         for subscriber in self._subscribers:
             subscriber.send_lines(stream, lines)
 

@@ -115,6 +115,19 @@ def test_bad_option_is_a_clear_error(tmp_path: Path) -> None:
     assert "SMARTMOB_STOP_TIMEOUT" in result.stderr
 
 
+def test_unusable_state_folder_is_a_clear_error(tmp_path: Path) -> None:
+    """A state folder that cannot be created exits 1 with one line, not a traceback."""
+    (tmp_path / "file").write_text("")
+    result = subprocess.run(
+        [sys.executable, "-m", "smartmob_agent", "--port", "0",
+         "--state-dir", str(tmp_path / "file" / "state")],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 1
+    assert "cannot use the state folder" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 async def test_port_in_use_is_a_clear_error(tmp_path: Path, agent_process: AgentProcess) -> None:
     """A second agent on a busy port exits 1 saying it cannot listen."""
     port = agent_process.url.rsplit(":", 1)[1]
