@@ -53,7 +53,6 @@ class Agent:
         self.id = uuid.uuid4().hex
         self.reaper = reaper or Reaper()
         self._base_env = dict(os.environ if base_env is None else base_env)
-        self._base_env[AGENT_ID_VARIABLE] = self.id
         self._watchers: dict[str, Watcher] = {}
         self._session: aiohttp.ClientSession | None = None
         self._runtime: Runtime | None = None
@@ -71,6 +70,7 @@ class Agent:
             session=self._session,
             reaper=self.reaper,
             base_env=self._base_env,
+            forced_env={AGENT_ID_VARIABLE: self.id},
             limits=archive.DownloadLimits(
                 max_bytes=self.settings.max_download,
                 stall=self.settings.download_stall,

@@ -126,6 +126,7 @@ class Child:
         self.pid: int = popen.pid
         self._sink = sink
         self._exit: asyncio.Future[Exit] = asyncio.get_running_loop().create_future()
+        self._stopping = False
         self._open_streams = 0
         self._streams_closed = asyncio.Event()
         for stream, pipe in (("stdout", popen.stdout), ("stderr", popen.stderr)):
@@ -214,9 +215,12 @@ class Child:
     def _on_exit(self, status: int) -> None:
         exit = Exit.from_wait_status(status)
         self._popen.returncode = exit.code
-        # whatever is left of its process group would otherwise pile up at each restart
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
+        # whatever is left of its process group would otherwise pile up at each restart;
+        # during stop() the rest of the group keeps its grace period (the shell often dies
+        # of SIGTERM at once while the command it runs is still cleaning up)
+        if not self._stopping:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
         self._exit.set_result(exit)
 
     @property
@@ -232,6 +236,8 @@ class Child:
 
     def _descendants(self) -> list[psutil.Process]:
         """The processes below the child in the process tree, wherever their group."""
+        if self.exited:  # its orphans went to another parent; its pid may be reused
+            return []
         try:
             return psutil.Process(self.pid).children(recursive=True)
         except psutil.Error:
@@ -239,7 +245,12 @@ class Child:
 
     def send_signal(self, sig: int) -> None:
         """Send ``sig`` to the child's process group and to all its descendants."""
-        self._signal(sig, self._open_pidfds(self._descendants()))
+        descendants = self._open_pidfds(self._descendants())
+        try:
+            self._signal(sig, descendants)
+        finally:
+            for fd in descendants.values():
+                os.close(fd)
 
     def _open_pidfds(self, processes: list[psutil.Process]) -> dict[int, int]:
         fds: dict[int, int] = {}
@@ -249,10 +260,19 @@ class Child:
         return fds
 
     def _signal(self, sig: int, descendants: dict[int, int]) -> None:
+        """Signal the group, then each descendant the group signal did not reach.
+
+        Each process gets ``sig`` once: a second SIGTERM often means "quit now" to a
+        program, and a second SIGHUP or SIGTTIN asks for a second reload or worker.
+        """
+        group_signalled = False
         if not self.exited:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, sig)
-        for fd in descendants.values():
+                group_signalled = True
+        for pid, fd in descendants.items():
+            if group_signalled and _process_group(pid) == self.pid:
+                continue
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 signal.pidfd_send_signal(fd, sig)
 
@@ -260,8 +280,10 @@ class Child:
         """Stop the child and its descendants; returns the child's exit.
 
         Sends ``sig`` to the process group and to every descendant, waits up to
-        ``timeout`` seconds for all of them to be gone, then SIGKILLs the rest.
+        ``timeout`` seconds for all of them to be gone, then SIGKILLs the rest. Members of
+        the group that appeared after the signal and outlive the child get SIGKILL at the end.
         """
+        self._stopping = True
         descendants = self._open_pidfds(self._descendants())
         try:
             self._signal(sig, descendants)
@@ -284,6 +306,8 @@ class Child:
         finally:
             for fd in descendants.values():
                 os.close(fd)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
         return await self.wait()
 
     async def _wait_gone(self, descendants: dict[int, int]) -> None:
@@ -292,16 +316,29 @@ class Child:
         waits: list[asyncio.Future[None]] = []
         for fd in descendants.values():
             gone: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(fd, _resolve, gone)
-            gone.add_done_callback(lambda _, fd=fd: loop.remove_reader(fd))
+            loop.add_reader(fd, _resolve, loop, fd, gone)
             waits.append(gone)
         try:
             await asyncio.gather(asyncio.shield(self._exit), *waits)
         finally:
+            # at once, not in done callbacks: the caller registers these fds again or
+            # closes them next, and a late remove_reader would hit the new registration
+            for fd in descendants.values():
+                loop.remove_reader(fd)
             for gone in waits:
                 gone.cancel()
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
+def _process_group(pid: int) -> int | None:
+    """The process group of ``pid``, or ``None`` if it is gone."""
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def _resolve(loop: asyncio.AbstractEventLoop, fd: int, future: asyncio.Future[None]) -> None:
+    """A pidfd became readable: its process is gone (it stays readable, so stop watching)."""
+    loop.remove_reader(fd)
     if not future.done():
         future.set_result(None)

@@ -16,8 +16,9 @@ import shutil
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import aiohttp
 
@@ -48,18 +49,24 @@ class Runtime:
     session: aiohttp.ClientSession
     reaper: Reaper
     base_env: Mapping[str, str]
-    limits: archive.DownloadLimits = archive.DownloadLimits()
-    policy: BackoffPolicy = BackoffPolicy()
+    #: set after every other layer: what the agent relies on cannot be overridden
+    forced_env: Mapping[str, str] = field(default_factory=dict)
+    limits: archive.DownloadLimits = archive.DownloadLimits()  # noqa: RUF009 (frozen)
+    policy: BackoffPolicy = BackoffPolicy()  # noqa: RUF009 (frozen)
     stop_timeout: float = 10.0
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
 
 def child_environment(
-    base: Mapping[str, str], procfile_env: Mapping[str, str], request_env: Mapping[str, str]
+    base: Mapping[str, str],
+    procfile_env: Mapping[str, str],
+    request_env: Mapping[str, str],
+    forced: Mapping[str, str] = MappingProxyType({}),
 ) -> dict[str, str]:
-    """Merge the environments of a child: the agent's, the Procfile line's, the request's."""
-    return {**base, **procfile_env, **request_env}
+    """Merge the environments of a child: the agent's, the Procfile line's, the request's,
+    then the variables the agent relies on (its id, which the guardian looks for)."""
+    return {**base, **procfile_env, **request_env, **forced}
 
 
 class Watcher:
@@ -141,7 +148,8 @@ class Watcher:
             root = await self._provision()
             entry = procfile.select(await asyncio.to_thread(_read_procfile, root),
                                     self.spec.process_type)
-            env = child_environment(self._runtime.base_env, entry.env, self.spec.env)
+            runtime = self._runtime
+            env = child_environment(runtime.base_env, entry.env, self.spec.env, runtime.forced_env)
             await self._supervise(entry.command, root, env)
         except AgentError as error:
             self._fail(str(error))
@@ -153,6 +161,8 @@ class Watcher:
 
     async def _provision(self) -> Path:
         """Download and unpack the source; return its root folder."""
+        if self.workdir.exists():  # left by an earlier agent on this state folder
+            await asyncio.to_thread(shutil.rmtree, self.workdir, True)
         self.workdir.mkdir(parents=True, exist_ok=True)
         part = self.workdir / "source.part"
         headers = {"X-Request-Id": self._request_id} if self._request_id else None
@@ -163,7 +173,17 @@ class Watcher:
                 limits=self._runtime.limits, headers=headers,
             )
             self._enter(S.UNPACKING)  # DOWNLOADING -> UNPACKING
-            return await asyncio.to_thread(archive.unpack, part, self.workdir / "source")
+            unpacking = asyncio.ensure_future(
+                asyncio.to_thread(archive.unpack, part, self.workdir / "source")
+            )
+            try:
+                return await asyncio.shield(unpacking)
+            except asyncio.CancelledError:
+                # a thread cannot be interrupted: let it finish writing before stop()
+                # returns, or it would write again into a work folder being removed
+                with contextlib.suppress(Exception):
+                    await unpacking
+                raise
         finally:
             with contextlib.suppress(FileNotFoundError):
                 await asyncio.to_thread(part.unlink)
@@ -185,7 +205,7 @@ class Watcher:
                      exit.describe(), ran_for)
             if cannot_run(exit, ran_for, runtime.policy):
                 await _settle(child)
-                tail = self.hub.recent[-1].decode() if self.hub.recent else ""
+                tail = self.hub.recent[-1].decode(errors="replace") if self.hub.recent else ""
                 raise AgentError(
                     f"the command of process type {self.spec.process_type!r} cannot run: "
                     f"/bin/sh {exit.describe()}" + (f" ({tail})" if tail else "")
@@ -214,14 +234,22 @@ class Watcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         child = self._child
-        if child is not None:
-            if not child.exited:
-                exit = await child.stop(signal.SIGTERM, self._runtime.stop_timeout)
-                self.last_exit = exit
-                log.info("%s: process %d %s on stop", self.spec.slug, child.pid, exit.describe())
-            await _settle(child)
-        self._enter(S.STOPPED)  # STOPPING -> STOPPED
-        self.hub.close()
+        try:
+            if child is not None:
+                if not child.exited:
+                    exit = await child.stop(signal.SIGTERM, self._runtime.stop_timeout)
+                    self.last_exit = exit
+                    log.info("%s: process %d %s on stop", self.spec.slug, child.pid,
+                             exit.describe())
+                await _settle(child)
+        except TimeoutError:
+            # SIGKILL cannot be ignored: only a process stuck in the kernel gets here
+            assert child is not None
+            self.error = f"process {child.pid} did not exit even after SIGKILL"
+            log.error("%s: %s", self.spec.slug, self.error)
+        finally:
+            self._enter(S.STOPPED)  # STOPPING -> STOPPED
+            self.hub.close()
 
     async def remove_files(self) -> None:
         """Delete the process's work folder (after :meth:`stop`)."""
