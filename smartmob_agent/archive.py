@@ -9,15 +9,16 @@ raises :class:`~smartmob_agent.errors.ArchiveError` and leaves nothing behind.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import lzma
 import os
 import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import aiohttp
 from yarl import URL
@@ -66,7 +67,8 @@ async def download(
 
     Raises:
         DownloadError: for an HTTP status other than 200, a network failure, a stall, a
-            timeout or a body over the size limit. ``dest`` is removed in that case.
+            timeout, a body over the size limit or a URL that is not valid. ``dest`` is
+            removed in that case, and also when the download is cancelled.
     """
     shown = display_url(url)
     timeout = aiohttp.ClientTimeout(
@@ -95,25 +97,38 @@ async def download(
                         )
                     file.write(chunk)
     except DownloadError:
-        dest.unlink(missing_ok=True)
+        _discard(dest)
         raise
-    except asyncio.TimeoutError:
-        dest.unlink(missing_ok=True)
+    except TimeoutError:
+        _discard(dest)
         raise DownloadError(
             f"downloading {shown} failed: no data for {limits.stall:g} s or more than "
             f"{limits.total:g} s in all"
         ) from None
+    except aiohttp.InvalidURL:
+        _discard(dest)
+        raise DownloadError(f"downloading {shown} failed: the URL is not valid") from None
     except aiohttp.ClientConnectorError as error:
-        dest.unlink(missing_ok=True)
+        _discard(dest)
         reason = error.os_error.strerror or str(error.os_error)
         raise DownloadError(
             f"downloading {shown} failed: could not connect to {error.host}:{error.port} "
             f"({reason})"
         ) from None
     except (aiohttp.ClientError, OSError) as error:
-        dest.unlink(missing_ok=True)
-        raise DownloadError(f"downloading {shown} failed: {error or type(error).__name__}") from None
+        _discard(dest)
+        # never echo a password that was part of the URL
+        reason = str(error).replace(url, shown) or type(error).__name__
+        raise DownloadError(f"downloading {shown} failed: {reason}") from None
+    except BaseException:  # cancelled: leave nothing half-written either
+        _discard(dest)
+        raise
     return size
+
+
+def _discard(path: Path) -> None:
+    """Remove a partial download, if there is one."""
+    path.unlink(missing_ok=True)
 
 
 def detect_format(head: bytes) -> str:
@@ -146,9 +161,10 @@ def unpack(archive: Path, dest: Path) -> Path:
     folder and nothing else (as GitHub's archives do). Blocking: run it in a thread.
 
     Raises:
-        ArchiveError: unknown format, a corrupt archive, or an unsafe member (absolute
-            path, ``..``, a link out of the tree, a device or fifo); ``dest`` is then
-            removed, so nothing half-written is left.
+        ArchiveError: unknown format, a corrupt or encrypted archive, or an unsafe
+            member (absolute path, ``..``, a name given twice, a member inside a symbolic
+            link, a link out of the tree, a hard link to anything but an earlier file, a
+            device or fifo); ``dest`` is then removed, so nothing half-written is left.
     """
     with archive.open("rb") as file:
         kind = detect_format(file.read(512))
@@ -172,70 +188,232 @@ def source_root(folder: Path) -> Path:
     return folder
 
 
-def _unpack_tar(archive: Path, dest: Path, kind: str) -> None:
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            # the "data" filter refuses absolute paths, "..", links leaving the tree,
-            # devices and fifos, and drops setuid/setgid bits
-            tar.extractall(dest, filter="data")
-    except tarfile.FilterError as error:
-        raise ArchiveError(f"the {kind} archive is unsafe to unpack: {error}") from None
-    except (tarfile.TarError, EOFError, OSError, ValueError) as error:
-        raise ArchiveError(f"the {kind} archive is corrupt or truncated: {error}") from None
+@dataclass(frozen=True)
+class _Member:
+    """One archive member as the safety check sees it, whatever the format."""
+
+    name: str  # as written in the archive, for messages
+    kind: str  # "file", "dir", "symlink", "hardlink" or "special" (device, fifo...)
+    link: str = ""  # the target of a link
 
 
-def _inside(root: Path, path: str) -> bool:
-    real_root = os.path.realpath(root)
-    return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
+#: Most symbolic links followed while resolving one link target (Linux's ELOOP limit).
+_MAX_HOPS = 40
 
 
-def _check_member_name(name: str) -> None:
+def _parts(name: str) -> list[str]:
+    """Split a member name into its components, without empty ones and ``.``."""
+    return [part for part in name.split("/") if part not in ("", ".")]
+
+
+def _check_name(name: str) -> str | None:
+    """Return why ``name`` is unsafe as a member path, or ``None`` if it is fine."""
     if "\x00" in name:
-        raise ArchiveError("the zip archive is unsafe to unpack: a member name contains NUL")
+        return f"the member name {name!r} contains NUL"
     parts = name.replace("\\", "/").split("/")
     if name.startswith(("/", "\\")) or (len(parts[0]) == 2 and parts[0][1] == ":"):
-        raise ArchiveError(f"the zip archive is unsafe to unpack: {name!r} is an absolute path")
+        return f"{name!r} is an absolute path"
     if ".." in parts:
-        raise ArchiveError(f"the zip archive is unsafe to unpack: {name!r} contains '..'")
+        return f"{name!r} contains '..'"
+    return None
+
+
+def _resolves_inside(folder: list[str], target: str, links: dict[str, str]) -> bool:
+    """Tell whether the link ``target``, read in ``folder``, stays inside the tree.
+
+    Resolution is lexical, over the archive's own links (the destination starts empty,
+    so they are the only links there will be): no filesystem call, so no
+    ``os.path.realpath`` that gives up on long paths (CVE-2025-4517).
+    """
+    if target.startswith("/"):
+        return False
+    resolved = list(folder)
+    pending = target.split("/")
+    pending.reverse()
+    hops = 0
+    while pending:
+        part = pending.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not resolved:
+                return False
+            resolved.pop()
+            continue
+        resolved.append(part)
+        link = links.get("/".join(resolved))
+        if link is not None:
+            hops += 1
+            if hops > _MAX_HOPS or link.startswith("/"):
+                return False
+            resolved.pop()
+            pending.extend(reversed(link.split("/")))
+    return True
+
+
+def _check_members(members: list[_Member]) -> str | None:
+    """Return why the archive is unsafe to unpack, or ``None`` if every member is safe.
+
+    Refused: absolute names and ``..``; devices, fifos and other special files; a name
+    given twice (unless both are folders), since the second would be written through
+    the first; any member inside a symbolic link of the archive; symbolic links that
+    resolve outside the tree; hard links to anything but an earlier regular file.
+    """
+    kinds: dict[str, str] = {}
+    links: dict[str, str] = {}
+    for member in members:
+        problem = _check_name(member.name)
+        if problem:
+            return problem
+        if member.kind == "special":
+            return f"{member.name!r} is a device, a fifo or another special file"
+        key = "/".join(_parts(member.name))
+        if not key:
+            if member.kind != "dir":
+                return f"the member {member.name!r} has no name"
+            continue
+        seen = kinds.get(key)
+        if seen is not None and not (seen == member.kind == "dir"):
+            return f"{member.name!r} appears more than once"
+        kinds[key] = member.kind
+        if member.kind == "symlink":
+            links[key] = member.link
+        elif member.kind == "hardlink":
+            target = "/".join(_parts(member.link))
+            if _check_name(member.link) or kinds.get(target) != "file" or target == key:
+                return (
+                    f"hard link {member.name!r} points to {member.link!r}, which is not an "
+                    "earlier file of the archive"
+                )
+    for member in members:
+        parts = _parts(member.name)
+        for end in range(1, len(parts)):
+            if "/".join(parts[:end]) in links:
+                return f"{member.name!r} is inside the symbolic link {'/'.join(parts[:end])!r}"
+        if member.kind == "symlink" and not _resolves_inside(parts[:-1], member.link, links):
+            return f"link {member.name!r} points outside the folder (to {member.link!r})"
+    return None
+
+
+def _tar_member(info: tarfile.TarInfo) -> _Member:
+    if info.isreg():
+        return _Member(info.name, "file")
+    if info.isdir():
+        return _Member(info.name, "dir")
+    if info.issym():
+        return _Member(info.name, "symlink", info.linkname)
+    if info.islnk():
+        return _Member(info.name, "hardlink", info.linkname)
+    return _Member(info.name, "special")
+
+
+def _corrupt(kind: str, error: BaseException) -> ArchiveError:
+    """The error for an archive that cannot be read, or a disk that cannot be written."""
+    if isinstance(error, OSError) and error.errno is not None and error.strerror:
+        return ArchiveError(f"the {kind} archive could not be unpacked: {error.strerror}")
+    # tarfile lists every method it tried, one per line: the first line says enough
+    lines = str(error).splitlines()
+    reason = lines[0].rstrip(": ") if lines else type(error).__name__
+    return ArchiveError(f"the {kind} archive is corrupt or truncated: {reason}")
+
+
+#: What reading a broken archive raises, depending on the compression.
+_READ_ERRORS = (
+    tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error,
+    lzma.LZMAError, NotImplementedError,
+)
+
+
+_TAR_MODES: dict[str, Literal["r:", "r:gz", "r:bz2", "r:xz"]] = {
+    "tar": "r:", "tar.gz": "r:gz", "tar.bz2": "r:bz2", "tar.xz": "r:xz",
+}
+
+
+def _unpack_tar(archive: Path, dest: Path, kind: str) -> None:
+    try:
+        with tarfile.open(archive, _TAR_MODES[kind]) as tar:
+            infos = tar.getmembers()
+            problem = _check_members([_tar_member(info) for info in infos])
+            if problem:
+                raise ArchiveError(f"the {kind} archive is unsafe to unpack: {problem}")
+            # the "data" filter is a second line of defence: it also refuses links
+            # leaving the tree, devices and fifos, and drops setuid/setgid bits
+            tar.extractall(dest, members=infos, filter="data")
+            # tarfile stops at the end-of-archive blocks; reading on to the end of the
+            # compressed stream checks its CRC, which catches corrupted file contents
+            assert tar.fileobj is not None
+            while tar.fileobj.read(_CHUNK):
+                pass
+    except tarfile.FilterError as error:
+        raise ArchiveError(f"the {kind} archive is unsafe to unpack: {error}") from None
+    except _READ_ERRORS as error:
+        raise _corrupt(kind, error) from None
+
+
+#: Longest symbolic link target read from a zip member.
+_MAX_LINK = 4096
+#: ``ZipInfo.create_system`` of an archive made on Unix, whose modes mean something.
+_UNIX = 3
+#: The general-purpose flag of an encrypted zip member.
+_ENCRYPTED = 0x1
+
+
+def _unix_mode(info: zipfile.ZipInfo) -> int:
+    """The Unix mode a zip member was stored with, or 0 if it was made elsewhere."""
+    return info.external_attr >> 16 if info.create_system == _UNIX else 0
+
+
+def _zip_member(zip_file: zipfile.ZipFile, info: zipfile.ZipInfo) -> _Member:
+    mode = _unix_mode(info)
+    if info.flag_bits & _ENCRYPTED:
+        raise ArchiveError(
+            f"the zip archive is encrypted: {info.filename!r} cannot be read without a password"
+        )
+    if info.is_dir():
+        return _Member(info.filename, "dir")
+    if stat.S_ISLNK(mode):
+        if info.file_size > _MAX_LINK:
+            raise ArchiveError(
+                f"the zip archive is unsafe to unpack: link {info.filename!r} is too long"
+            )
+        return _Member(info.filename, "symlink", zip_file.read(info).decode("utf-8", "replace"))
+    # many zip writers (Python's writestr among them) store permission bits only
+    if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
+        return _Member(info.filename, "special")
+    return _Member(info.filename, "file")
 
 
 def _unpack_zip(archive: Path, dest: Path) -> None:
     try:
         with zipfile.ZipFile(archive) as zip_file:
-            for info in zip_file.infolist():
-                _extract_zip_member(zip_file, info, dest)
-    except zipfile.BadZipFile as error:
-        raise ArchiveError(f"the zip archive is corrupt or truncated: {error}") from None
-    except (EOFError, OSError, ValueError, NotImplementedError) as error:
-        raise ArchiveError(f"the zip archive is corrupt or unsupported: {error}") from None
+            infos = zip_file.infolist()
+            members = [_zip_member(zip_file, info) for info in infos]
+            problem = _check_members(members)
+            if problem:
+                raise ArchiveError(f"the zip archive is unsafe to unpack: {problem}")
+            for info, member in zip(infos, members, strict=True):
+                _extract_zip_member(zip_file, info, member, dest)
+    except _READ_ERRORS as error:
+        raise _corrupt("zip", error) from None
 
 
-def _extract_zip_member(zip_file: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path) -> None:
-    name = info.filename
-    _check_member_name(name)
-    target = os.path.join(dest, *[part for part in name.split("/") if part not in ("", ".")])
-    if not _inside(dest, os.path.dirname(target)) or not _inside(dest, target):
-        raise ArchiveError(f"the zip archive is unsafe to unpack: {name!r} leaves the folder")
-    mode = info.external_attr >> 16
-    if info.is_dir():
+def _extract_zip_member(
+    zip_file: zipfile.ZipFile, info: zipfile.ZipInfo, member: _Member, dest: Path
+) -> None:
+    """Write one member already checked by :func:`_check_members`."""
+    parts = _parts(member.name)
+    if not parts:
+        return
+    target = os.path.join(dest, *parts)
+    if member.kind == "dir":
         os.makedirs(target, exist_ok=True)
         return
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    if stat.S_ISLNK(mode):
-        link = zip_file.read(info).decode("utf-8", "replace")
-        resolved = os.path.join(os.path.dirname(target), link)
-        if os.path.isabs(link) or not _inside(dest, resolved):
-            raise ArchiveError(
-                f"the zip archive is unsafe to unpack: link {name!r} points outside the folder"
-            )
-        os.symlink(link, target)
+    if member.kind == "symlink":
+        os.symlink(member.link, target)
         return
-    if mode and not stat.S_ISREG(mode):
-        raise ArchiveError(
-            f"the zip archive is unsafe to unpack: {name!r} is not a regular file"
-        )
+    # "x": never write through something already there
     with zip_file.open(info) as source, open(target, "xb") as out:
         shutil.copyfileobj(source, out, _CHUNK)
     # keep only the executable bits (scripts named in a Procfile need them)
-    with contextlib.suppress(OSError):
-        os.chmod(target, 0o755 if mode & 0o111 else 0o644)
+    os.chmod(target, 0o755 if _unix_mode(info) & 0o111 else 0o644)

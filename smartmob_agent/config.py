@@ -7,9 +7,11 @@ its parser from it and the docs list it.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from smartmob_agent.errors import InvalidRequest
 
@@ -41,22 +43,33 @@ class Option:
     help: str
 
 
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+
+
 def _port(text: str) -> int:
-    port = int(text)
+    port = _integer(text)
     if not 0 <= port <= 65535:
         raise ValueError("a port is a number from 0 to 65535")
     return port
 
 
 def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("must be a positive number of seconds") from None
+    # "nan" fails the comparison; "inf" would mean never giving up
+    if not 0 < value < math.inf:
         raise ValueError("must be a positive number of seconds")
     return value
 
 
 def _size(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value <= 0:
         raise ValueError("must be a positive number of bytes")
     return value
@@ -69,12 +82,27 @@ def _level(text: str) -> str:
     return level
 
 
+def _host(text: str) -> str:
+    # an empty host would make the server listen on every interface, unannounced
+    host = text.strip()
+    if not host:
+        raise ValueError("must be an address, not empty (0.0.0.0 means every interface)")
+    return host
+
+
+def _folder(text: str) -> Path:
+    # an empty value would silently mean the current folder
+    if not text.strip():
+        raise ValueError("must be a folder name, not empty")
+    return Path(text)
+
+
 OPTIONS: tuple[Option, ...] = (
-    Option("host", "--host", "SMARTMOB_HOST", str, "ADDRESS",
+    Option("host", "--host", "SMARTMOB_HOST", _host, "ADDRESS",
            "address to listen on (default: 127.0.0.1)"),
     Option("port", "--port", "SMARTMOB_PORT", _port, "PORT",
            "TCP port to listen on; 0 picks a free one (default: 8080)"),
-    Option("state_dir", "--state-dir", "SMARTMOB_STATE_DIR", Path, "DIR",
+    Option("state_dir", "--state-dir", "SMARTMOB_STATE_DIR", _folder, "DIR",
            "folder for downloads and unpacked sources (default: ./.smartmob)"),
     Option("stop_timeout", "--stop-timeout", "SMARTMOB_STOP_TIMEOUT", _positive, "SECONDS",
            "grace period between SIGTERM and SIGKILL when stopping a process (default: 10)"),

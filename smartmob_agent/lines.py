@@ -21,10 +21,10 @@ def _sanitize(block: bytes) -> bytes:
     return block
 
 
-def _char_boundary(data: bytes, cut: int) -> int:
-    """Move ``cut`` back (at most 3 bytes) so it does not split a UTF-8 sequence."""
+def _char_boundary(data: bytes, cut: int, start: int = 0) -> int:
+    """Move ``cut`` back (at most 3 bytes, never to ``start``) off a UTF-8 sequence."""
     for back in range(4):
-        if cut - back <= 0:
+        if cut - back <= start:
             break
         if (data[cut - back] & 0xC0) != 0x80:
             return cut - back
@@ -34,11 +34,12 @@ def _char_boundary(data: bytes, cut: int) -> int:
 def _cut_long(line: bytes, max_line: int) -> list[bytes]:
     """Cut a sanitized line longer than ``max_line`` at character boundaries."""
     pieces = []
-    while len(line) > max_line:
-        cut = _char_boundary(line, max_line)
-        pieces.append(line[:cut])
-        line = line[cut:]
-    pieces.append(line)
+    start, end = 0, len(line)
+    while end - start > max_line:
+        cut = _char_boundary(line, start + max_line, start)
+        pieces.append(line[start:cut])
+        start = cut
+    pieces.append(line[start:])
     return pieces
 
 
@@ -68,7 +69,9 @@ class LineSplitter:
             block = block.replace(b"\r\n", b"\n")
             if block.endswith(b"\r"):
                 block = block[:-1]
-        lines = _sanitize(block).split(b"\n")
+        block = _sanitize(block)
+        lines = block.split(b"\n")
+        # measured after sanitizing: each invalid byte grows into a 3-byte U+FFFD
         if len(block) > self.max_line and max(map(len, lines)) > self.max_line:
             lines = [piece for line in lines for piece in _cut_long(line, self.max_line)]
         if self._pending:
@@ -76,21 +79,34 @@ class LineSplitter:
         return lines
 
     def _drain_long_pending(self) -> list[bytes]:
-        """Hand on the unfinished line in pieces once it is longer than ``max_line``."""
+        """Hand on the unfinished line in pieces once it is longer than ``max_line``.
+
+        A trailing ``\\r`` stays pending and does not count: it may be the first half of a
+        ``\\r\\n`` whose ``\\n`` comes in the next chunk.
+        """
         data = self._pending
-        if len(data) <= self.max_line:
+        end = len(data) - data.endswith(b"\r")
+        if end <= self.max_line:
             return []
-        pieces = []
-        while len(data) > self.max_line:
-            cut = _char_boundary(data, self.max_line)
-            pieces.append(_sanitize(data[:cut]))
-            data = data[cut:]
-        self._pending = data
+        pieces: list[bytes] = []
+        start = 0
+        while end - start > self.max_line:
+            cut = _char_boundary(data, start + self.max_line, start)
+            pieces.extend(self._finish(data[start:cut]))
+            start = cut
+        self._pending = data[start:]
         return pieces
+
+    def _finish(self, raw: bytes) -> list[bytes]:
+        """Sanitize one raw line of at most ``max_line`` bytes, cutting it if that grew it."""
+        line = _sanitize(raw)
+        if len(line) > self.max_line:
+            return _cut_long(line, self.max_line)
+        return [line]
 
     def flush(self) -> list[bytes]:
         """Return the last, unterminated line (if any) at end of stream."""
         data, self._pending = self._pending, b""
         if data.endswith(b"\r"):
             data = data[:-1]
-        return [_sanitize(data)] if data else []
+        return self._finish(data) if data else []

@@ -9,14 +9,14 @@ from __future__ import annotations
 import enum
 import os
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
 
 from smartmob_agent.errors import InvalidTransition
 
 
-class ProcessState(str, enum.Enum):
+class ProcessState(enum.StrEnum):
     """Where a process is in its life; the value is what the API shows."""
 
     PENDING = "pending"
@@ -28,9 +28,6 @@ class ProcessState(str, enum.Enum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 S = ProcessState

@@ -9,7 +9,8 @@ Each property's ``description`` doubles as the error sentence shown to users.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import fastjsonschema
 
@@ -87,7 +88,7 @@ Validator = Callable[[Any], Any]
 
 
 def _compile(schema: Mapping[str, Any]) -> Validator:
-    return fastjsonschema.compile(dict(schema))  # type: ignore[no-any-return]
+    return fastjsonschema.compile(dict(schema))
 
 
 class RequestSchema:
@@ -97,6 +98,11 @@ class RequestSchema:
         self.schema = schema
         self._whole = _compile(schema)
         self._fields = {name: _compile(sub) for name, sub in schema["properties"].items()}
+        self._names = {
+            name: _compile(sub["propertyNames"])
+            for name, sub in schema["properties"].items()
+            if "propertyNames" in sub
+        }
 
     def validate(self, data: Any) -> dict[str, Any]:
         """Return ``data`` if it matches the schema.
@@ -125,10 +131,30 @@ class RequestSchema:
                 continue
             try:
                 self._fields[name](value)
-            except fastjsonschema.JsonSchemaException:
-                problems[name] = f"{properties[name]['description']} (got {_json_type(value)})"
+            except fastjsonschema.JsonSchemaValueException as error:
+                got = self._what_was_wrong(name, value, error)
+                problems[name] = f"{properties[name]['description']} (got {got})"
         names = ", ".join(sorted(problems))
         raise InvalidRequest(f"invalid fields in the request: {names}", problems)
+
+
+    def _what_was_wrong(
+        self, name: str, value: Any, error: fastjsonschema.JsonSchemaValueException
+    ) -> str:
+        """Describe the part of a field's value that failed, for the error message."""
+        if error.rule == "propertyNames" and isinstance(value, dict):
+            valid_name = self._names[name]
+            for key in value:
+                try:
+                    valid_name(key)
+                except fastjsonschema.JsonSchemaValueException:
+                    return f"the name {_json_type(key).removeprefix('the string ')}"
+        if error.rule == "maxProperties" and isinstance(value, dict):
+            return f"an object with {len(value)} entries"
+        path = list(error.path or ())[1:]
+        if path and isinstance(value, dict):
+            return f"{_json_type(error.value)} for {'.'.join(map(str, path))!r}"
+        return _json_type(value)
 
 
 def _json_type(value: Any) -> str:

@@ -1,0 +1,153 @@
+"""Settings from flags and environment: flags win, defaults are safe, bad values named."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from smartmob_agent.config import OPTIONS, Settings, settings_from
+from smartmob_agent.errors import InvalidRequest
+
+BY_NAME = {option.name: option for option in OPTIONS}
+
+
+def test_defaults_are_loopback_8080_and_dot_smartmob() -> None:
+    """With no flag and no variable, the agent listens on 127.0.0.1:8080 with state in .smartmob."""
+    settings = settings_from({}, {})
+    assert settings == Settings()
+    assert settings.host == "127.0.0.1"
+    assert settings.port == 8080
+    assert settings.state_dir == Path(".smartmob")
+    assert settings.log_level == "info"
+
+
+def test_flags_given_as_none_mean_not_given() -> None:
+    """argparse's None for an absent flag leaves the default (or the variable) in place."""
+    flags = {option.name: None for option in OPTIONS}
+    assert settings_from(flags, {}) == Settings()
+    assert settings_from(flags, {"SMARTMOB_PORT": "9000"}).port == 9000
+
+
+def test_settings_are_frozen() -> None:
+    """Settings cannot change once built."""
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Settings().port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "value"),
+    [
+        pytest.param("host", "0.0.0.0", "0.0.0.0", id="host"),
+        pytest.param("host", "::1", "::1", id="host-ipv6"),
+        pytest.param("port", "0", 0, id="port-0-picks-free"),
+        pytest.param("port", "65535", 65535, id="port-max"),
+        pytest.param("port", " 9000 ", 9000, id="port-with-blanks"),
+        pytest.param("state_dir", "/var/lib/smartmob", Path("/var/lib/smartmob"), id="state-dir"),
+        pytest.param("state_dir", "rel/dir", Path("rel/dir"), id="state-dir-relative"),
+        pytest.param("stop_timeout", "2.5", 2.5, id="stop-timeout-float"),
+        pytest.param("stop_timeout", "1e-3", 0.001, id="stop-timeout-exponent"),
+        pytest.param("max_body", "1", 1, id="max-body"),
+        pytest.param("max_download", "1048576", 1048576, id="max-download"),
+        pytest.param("download_stall", "0.5", 0.5, id="download-stall"),
+        pytest.param("download_timeout", "60", 60.0, id="download-timeout"),
+        pytest.param("log_level", "DEBUG", "debug", id="log-level-any-case"),
+        pytest.param("log_level", "warning", "warning", id="log-level-warning"),
+    ],
+)
+def test_each_option_from_flag_and_from_environment(name: str, text: str, value: Any) -> None:
+    """Each option is read from its flag, or from its SMARTMOB_* variable when no flag is set."""
+    option = BY_NAME[name]
+    assert getattr(settings_from({name: text}, {}), name) == value
+    assert getattr(settings_from({}, {option.env: text}), name) == value
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda option: option.name)
+def test_flag_wins_over_environment(option: Any) -> None:
+    """When both are given, the flag's value is used and the variable is ignored."""
+    good = {
+        "host": ("10.0.0.1", "10.0.0.2"), "port": ("1", "2"), "state_dir": ("a", "b"),
+        "stop_timeout": ("1", "2"), "max_body": ("1", "2"), "max_download": ("1", "2"),
+        "download_stall": ("1", "2"), "download_timeout": ("1", "2"),
+        "log_level": ("error", "debug"),
+    }
+    flag, env = good[option.name]
+    from_both = settings_from({option.name: flag}, {option.env: env})
+    assert getattr(from_both, option.name) == getattr(settings_from({option.name: flag}, {}),
+                                                      option.name)
+    assert getattr(from_both, option.name) != getattr(settings_from({}, {option.env: env}),
+                                                      option.name)
+
+
+def test_bad_variable_is_ignored_when_the_flag_is_given() -> None:
+    """A flag replaces the variable entirely, so a broken variable does no harm."""
+    assert settings_from({"port": "81"}, {"SMARTMOB_PORT": "nonsense"}).port == 81
+
+
+def test_unrelated_environment_is_ignored() -> None:
+    """Variables that are not SMARTMOB_* options do not change anything."""
+    assert settings_from({}, {"PORT": "1", "HOST": "x", "smartmob_port": "2"}) == Settings()
+
+
+def test_every_option_is_spelled_consistently() -> None:
+    """Each option's flag and variable derive from its name, and all settings have one."""
+    assert {option.name for option in OPTIONS} == {f.name for f in dataclasses.fields(Settings)}
+    for option in OPTIONS:
+        assert option.flag == "--" + option.name.replace("_", "-")
+        assert option.env == "SMARTMOB_" + option.name.upper()
+        assert option.help
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "reason"),
+    [
+        pytest.param("port", "http", "whole number", id="port-word"),
+        pytest.param("port", "", "whole number", id="port-empty"),
+        pytest.param("port", "80.5", "whole number", id="port-float"),
+        pytest.param("port", "-1", "0 to 65535", id="port-negative"),
+        pytest.param("port", "65536", "0 to 65535", id="port-too-big"),
+        pytest.param("host", "", "not empty", id="host-empty"),
+        pytest.param("host", "   ", "not empty", id="host-blank"),
+        pytest.param("state_dir", "", "not empty", id="state-dir-empty"),
+        pytest.param("stop_timeout", "0", "positive number of seconds", id="stop-timeout-zero"),
+        pytest.param("stop_timeout", "-1", "positive", id="stop-timeout-negative"),
+        pytest.param("stop_timeout", "soon", "positive", id="stop-timeout-word"),
+        pytest.param("stop_timeout", "nan", "positive", id="stop-timeout-nan"),
+        pytest.param("stop_timeout", "inf", "positive", id="stop-timeout-inf"),
+        pytest.param("download_stall", "0", "positive", id="download-stall-zero"),
+        pytest.param("download_timeout", "-5", "positive", id="download-timeout-negative"),
+        pytest.param("max_body", "0", "positive number of bytes", id="max-body-zero"),
+        pytest.param("max_body", "1.5", "whole number", id="max-body-float"),
+        pytest.param("max_body", "1MB", "whole number", id="max-body-unit"),
+        pytest.param("max_download", "-1", "positive number of bytes", id="max-download-neg"),
+        pytest.param("log_level", "loud", "debug, info, warning, error", id="log-level"),
+        pytest.param("log_level", "", "debug, info, warning, error", id="log-level-empty"),
+    ],
+)
+def test_invalid_values_are_named(name: str, text: str, reason: str) -> None:
+    """A value that cannot be used raises InvalidRequest naming the flag or variable, and why."""
+    option = BY_NAME[name]
+    for flags, environ, source in (
+        ({name: text}, {}, option.flag),
+        ({}, {option.env: text}, option.env),
+    ):
+        with pytest.raises(InvalidRequest) as caught:
+            settings_from(flags, environ)
+        assert set(caught.value.fields) == {source}
+        assert f"{text!r} is not valid" in caught.value.fields[source]
+        assert reason in caught.value.fields[source]
+        assert str(caught.value).startswith(f"invalid configuration: {source}: ")
+
+
+def test_every_invalid_value_is_named_at_once() -> None:
+    """Several bad values, from flags and variables, are all reported together."""
+    with pytest.raises(InvalidRequest) as caught:
+        settings_from(
+            {"port": "x", "stop_timeout": "0"},
+            {"SMARTMOB_LOG_LEVEL": "loud", "SMARTMOB_PORT": "also ignored"},
+        )
+    assert set(caught.value.fields) == {"--port", "--stop-timeout", "SMARTMOB_LOG_LEVEL"}
+    for source in caught.value.fields:
+        assert source in str(caught.value)
