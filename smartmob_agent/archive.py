@@ -110,7 +110,12 @@ async def download(
         raise DownloadError(f"downloading {shown} failed: the URL is not valid") from None
     except aiohttp.ClientConnectorError as error:
         _discard(dest)
-        reason = error.os_error.strerror or str(error.os_error)
+        os_error = error.os_error
+        # asyncio's "Connect call failed (...)" hides the reason a person understands
+        if os_error.errno is not None and os_error.errno > 0:
+            reason = os.strerror(os_error.errno)
+        else:  # a name-resolution error carries its own text
+            reason = os_error.strerror or str(os_error)
         raise DownloadError(
             f"downloading {shown} failed: could not connect to {error.host}:{error.port} "
             f"({reason})"

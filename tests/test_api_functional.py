@@ -233,7 +233,7 @@ def _free_port() -> int:
         ("missing.tgz", "404"),
         ("page.html", "HTML"),
         ("stall", "no data"),
-        ("refused", "could not connect"),
+        ("refused", "could not connect to 127.0.0.1"),
         ("no-procfile.tgz", "no Procfile"),
         ("app.tgz:worker", 'no process type "worker" (it has: "web")'),
         ("bad-command.tgz", "cannot run"),

@@ -630,7 +630,7 @@ async def test_download_connection_refused(
     port = free_port()
     await assert_download_fails(
         session, f"http://127.0.0.1:{port}/a.tgz", tmp_path / "part",
-        f"could not connect to 127.0.0.1:{port}",
+        f"could not connect to 127.0.0.1:{port} (Connection refused)",
     )
 
 
