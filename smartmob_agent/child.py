@@ -157,6 +157,7 @@ class Child:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
+                bufsize=0,  # read with os.read(): buffered readers would hold unused memory
                 start_new_session=True,
                 close_fds=True,
             )

@@ -16,10 +16,11 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from aiohttp import web
 
-from smartmob_agent import __version__
+from smartmob_agent import __version__, guardian
 from smartmob_agent.agent import Agent
 from smartmob_agent.child import Reaper, become_subreaper
 from smartmob_agent.config import OPTIONS, Settings, settings_from
@@ -64,8 +65,10 @@ def _configure_logging(level: str) -> None:
 
 def start_guardian(agent_id: str) -> subprocess.Popen[bytes]:
     """Start the guardian that kills the agent's descendants if the agent dies."""
+    # -I -S: the guardian needs only the standard library; skipping site-packages and
+    # the package's __init__ saves a couple of megabytes for as long as the agent runs
     return subprocess.Popen(
-        [sys.executable, "-m", "smartmob_agent.guardian", agent_id],
+        [sys.executable, "-I", "-S", str(Path(guardian.__file__)), agent_id],
         stdin=subprocess.PIPE,
         start_new_session=True,
         close_fds=True,

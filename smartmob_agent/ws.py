@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 MAX_BUFFER = 1024 * 1024
 #: Longest wait for a client to take the close frame; a stuck one is then cut off.
 CLOSE_TIMEOUT = 2.0
+#: First and longest wait before trying again to tell a lagging client what it missed.
+NOTICE_RETRY = (0.05, 1.0)
 
 
 def dropped_notice(count: int) -> bytes:
@@ -48,6 +50,7 @@ class WebSocketSubscriber:
         self.pending_drops = 0
         self.dropped = 0
         self._close_task: asyncio.Task[bool] | None = None
+        self._notice: asyncio.TimerHandle | None = None
 
     def send_lines(self, stream: str, lines: list[bytes]) -> None:
         """Write the lines as frames now, or count them as dropped if the client lags."""
@@ -57,6 +60,8 @@ class WebSocketSubscriber:
         if transport.get_write_buffer_size() > self._max_buffer:
             self.pending_drops += len(lines)
             self.dropped += len(lines)
+            if self._notice is None:  # say it even if the process writes nothing more
+                self._schedule_notice(NOTICE_RETRY[0])
             return
         data = encode_text_frames(lines)
         if self.pending_drops:
@@ -64,8 +69,30 @@ class WebSocketSubscriber:
             self.pending_drops = 0
         transport.write(data)
 
+    def _schedule_notice(self, delay: float) -> None:
+        self._notice = asyncio.get_running_loop().call_later(delay, self._send_notice, delay)
+
+    def _send_notice(self, delay: float) -> None:
+        """Send the pending drop notice once the client has caught up; else retry later."""
+        self._notice = None
+        transport = self._transport
+        if not self.pending_drops or self._ws.closed or transport.is_closing():
+            return
+        if transport.get_write_buffer_size() > self._max_buffer:
+            self._schedule_notice(min(delay * 2, NOTICE_RETRY[1]))
+            return
+        transport.write(encode_text_frames([dropped_notice(self.pending_drops)]))
+        self.pending_drops = 0
+
+    def cancel_notice(self) -> None:
+        """Forget a pending retry of the drop notice (the client is going away)."""
+        if self._notice is not None:
+            self._notice.cancel()
+            self._notice = None
+
     def close(self) -> None:
         """The process is gone: close the WebSocket normally (in the background)."""
+        self.cancel_notice()
         if self._close_task is None:
             self._close_task = asyncio.get_running_loop().create_task(
                 self.shutdown(WSCloseCode.OK, b"process deleted")
@@ -110,6 +137,7 @@ async def attach_console(request: web.Request) -> web.WebSocketResponse:
             pass  # client frames carry nothing yet
     finally:
         watcher.hub.unsubscribe(subscriber)
+        subscriber.cancel_notice()
         await subscriber.wait_closed()
         if subscriber.dropped:
             log.info("%s: an attached client missed %d line(s)", watcher.spec.slug,
