@@ -248,7 +248,7 @@ class AgentRunner:
         assert self.ps is not None
         for child in self.ps.children():
             with contextlib.suppress(psutil.Error):
-                if "smartmob_agent.guardian" in " ".join(child.cmdline()):
+                if "guardian" in " ".join(child.cmdline()):
                     return child
         return None
 
