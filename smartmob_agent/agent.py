@@ -137,12 +137,14 @@ class Agent:
             NotFound: no such process.
         """
         watcher = self.get(slug)
-        await watcher.stop()
-        # files go before the name is freed, so a new process of that name starts clean
-        await watcher.remove_files()
-        if self._watchers.get(slug) is watcher:
-            del self._watchers[slug]
-            log.info("%s: deleted", slug)
+        try:
+            await watcher.stop()
+            # files go before the name is freed, so a new process of that name starts clean
+            await watcher.remove_files()
+        finally:  # even if interrupted: a slug must never be stuck half-deleted
+            if self._watchers.get(slug) is watcher:
+                del self._watchers[slug]
+                log.info("%s: deleted", slug)
 
     async def stop_all(self) -> None:
         """Stop every process at once and wait until all are gone."""

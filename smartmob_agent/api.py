@@ -52,6 +52,8 @@ async def read_json(request: web.Request, *, allow_empty: bool = False) -> Any:
         ) from None
     except RecursionError:
         raise InvalidRequest("the request body is nested too deeply") from None
+    except ValueError as error:  # e.g. an integer of thousands of digits
+        raise InvalidRequest(f"the request body is not usable JSON: {error}") from None
 
 
 @routes.get("/", name="index")

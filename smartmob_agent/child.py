@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import signal
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 Sink = Callable[[str, list[bytes]], None]
 
 _CHUNK = 64 * 1024
+#: errno values of a failed spawn that may go away by themselves (resources exhausted).
+TRANSIENT_SPAWN_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
 _PR_SET_CHILD_SUBREAPER = 36
 #: Longest wait for processes to vanish after SIGKILL (a process stuck in the kernel).
 _KILL_WAIT = 5.0
@@ -72,11 +75,19 @@ class Reaper:
         self._watched[pid] = (fd, on_exit)
         asyncio.get_running_loop().add_reader(fd, self._reap, pid)
 
+    def redirect(self, pid: int, on_exit: Callable[[int], None]) -> None:
+        """Report the exit of an already watched ``pid`` to ``on_exit`` instead."""
+        fd, _ = self._watched[pid]
+        self._watched[pid] = (fd, on_exit)
+
     def _reap(self, pid: int) -> None:
         try:
             reaped, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:  # already reaped and delivered by reap_orphans
-            return
+        except ChildProcessError:
+            if pid in self._watched:  # reaped by someone else: its status is lost
+                log.warning("process %d was reaped elsewhere; its exit status is lost", pid)
+                self._deliver(pid, 255 << 8)
+            return  # else already reaped and delivered by reap_orphans
         if reaped:
             self._deliver(pid, status)
 
@@ -162,9 +173,25 @@ class Child:
                 close_fds=True,
             )
         except OSError as error:
-            raise SpawnError(f"could not start /bin/sh in {cwd.name}: {error.strerror}") from None
+            raise SpawnError(
+                f"could not start /bin/sh in {cwd.name}: {error.strerror}",
+                transient=error.errno in TRANSIENT_SPAWN_ERRORS,
+            ) from None
+        try:
+            reaper.watch(popen.pid, lambda status: None)
+        except OSError as error:  # no pidfd to be had: do not leave the child unwatched
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+            for pipe in (popen.stdout, popen.stderr):
+                if pipe is not None:
+                    pipe.close()
+            raise SpawnError(
+                f"could not watch the new process: {error.strerror}",
+                transient=error.errno in TRANSIENT_SPAWN_ERRORS,
+            ) from None
         child = cls(popen, sink, max_line)
-        reaper.watch(popen.pid, child._on_exit)
+        reaper.redirect(popen.pid, child._on_exit)
         return child
 
     # -- output -------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ from pathlib import Path
 from aiohttp import web
 
 from smartmob_agent import __version__, guardian
-from smartmob_agent.agent import Agent
+from smartmob_agent.agent import AGENT_ID_VARIABLE, Agent
 from smartmob_agent.child import Reaper, become_subreaper
 from smartmob_agent.config import OPTIONS, Settings, settings_from
 from smartmob_agent.errors import InvalidRequest
@@ -63,16 +64,27 @@ def _configure_logging(level: str) -> None:
     )
 
 
-def start_guardian(agent_id: str) -> subprocess.Popen[bytes]:
-    """Start the guardian that kills the agent's descendants if the agent dies."""
+def start_guardian(marker: str) -> subprocess.Popen[bytes]:
+    """Start the guardian that kills the agent's descendants if the agent dies.
+
+    Args:
+        marker: the environment entry every child of the agent carries.
+    """
     # -I -S: the guardian needs only the standard library; skipping site-packages and
     # the package's __init__ saves a couple of megabytes for as long as the agent runs
     return subprocess.Popen(
-        [sys.executable, "-I", "-S", str(Path(guardian.__file__)), agent_id],
+        [sys.executable, "-I", "-S", str(Path(guardian.__file__)), marker],
         stdin=subprocess.PIPE,
         start_new_session=True,
         close_fds=True,
     )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 async def serve(settings: Settings) -> None:
@@ -83,7 +95,7 @@ async def serve(settings: Settings) -> None:
     reaper = Reaper()
     loop.add_signal_handler(signal.SIGCHLD, reaper.reap_orphans)
     agent = Agent(settings, reaper=reaper)
-    guardian = start_guardian(agent.id)
+    guardian = start_guardian(f"{AGENT_ID_VARIABLE}={agent.id}")
     reaper.watch(guardian.pid, lambda status: log.warning(
         "the guardian (pid %d) exited: children will not be killed if the agent is", guardian.pid))
     stop = asyncio.Event()
@@ -111,13 +123,24 @@ async def serve(settings: Settings) -> None:
             shown = f"[{host}]" if ":" in host else host
             log.info("smartmob-agent %s listening on http://%s:%d/ (pid %d)",
                      __version__, shown, port, os.getpid())
+            if not _is_loopback(host):
+                log.warning(
+                    "%s is not a loopback address and the agent has NO authentication: "
+                    "anyone who can reach it can run any command as this user. Bind to "
+                    "127.0.0.1 behind an authenticating proxy (see the operations guide).",
+                    host,
+                )
         await stop.wait()
         log.info("stopping: shutting down every process")
     finally:
-        await runner.cleanup()
-        await agent.close()
-        assert guardian.stdin is not None
-        guardian.stdin.close()
+        try:
+            await runner.cleanup()
+        finally:
+            try:
+                await agent.close()
+            finally:  # end of file tells the guardian the agent is gone
+                assert guardian.stdin is not None
+                guardian.stdin.close()
     log.info("stopped")
 
 

@@ -26,10 +26,6 @@ class InvalidRequest(AgentError):
         self.fields: dict[str, str] = dict(fields or {})
 
 
-class PayloadTooLarge(AgentError):
-    """A request body is larger than the agent accepts."""
-
-
 class NotFound(AgentError):
     """No process has the slug asked for."""
 
@@ -55,4 +51,14 @@ class ProcfileError(AgentError):
 
 
 class SpawnError(AgentError):
-    """The process's command could not be started at all."""
+    """The process's command could not be started at all.
+
+    Args:
+        message: the sentence shown to the user.
+        transient: the cause may go away by itself (out of file descriptors, memory or
+            processes), so starting again later may work.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient

@@ -2,10 +2,10 @@
 
 SIGKILL gives the agent no chance to stop its children, and ``PR_SET_PDEATHSIG`` would
 reach only direct children, not ``sleep 1000 & sleep 1000`` grandchildren. So the CLI
-starts this tiny program (``python -m smartmob_agent.guardian AGENT_ID``) with a pipe on
-its stdin. When the agent dies, for whatever reason, the pipe reaches end of file; the
-guardian then SIGKILLs every process whose environment carries
-``SMARTMOB_AGENT_ID=AGENT_ID`` (every child inherits it) and their process groups, and
+starts this tiny program (``python -I -S guardian.py MARKER``) with a pipe on its stdin.
+When the agent dies, for whatever reason, the pipe reaches end of file; the guardian then
+SIGKILLs every process whose environment carries the marker it was given (an entry such
+as ``SMARTMOB_AGENT_ID=<id>``, which every child inherits) and the groups they lead, and
 exits. After a clean shutdown it finds nobody and exits at once.
 
 Imports only the standard library, to stay small in memory.
@@ -18,7 +18,6 @@ import os
 import signal
 import sys
 
-MARKER_VARIABLE = b"SMARTMOB_AGENT_ID"
 _SWEEPS = 5
 
 
@@ -55,15 +54,16 @@ def sweep(marker: bytes) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Wait for end of file on stdin, then sweep; the agent's id is the only argument."""
+    """Wait for end of file on stdin, then sweep; the only argument is the marker, an
+    environment entry such as ``SMARTMOB_AGENT_ID=<id>``."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m smartmob_agent.guardian AGENT_ID", file=sys.stderr)
+    if len(args) != 1 or "=" not in args[0]:
+        print("usage: guardian.py NAME=VALUE", file=sys.stderr)
         return 2
     # the agent decides when we end: terminal and service signals are not for us
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    marker = MARKER_VARIABLE + b"=" + args[0].encode()
+    marker = args[0].encode()
     while os.read(0, 4096):
         pass
     killed = sweep(marker)

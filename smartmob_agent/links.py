@@ -5,6 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 from yarl import URL
 
+from smartmob_agent.errors import InvalidRequest
+
 #: Route name of each index-level link relation.
 INDEX_ROUTES = {"index": "index", "list": "list", "create": "create"}
 #: Route name of each per-process link relation (``status`` is ``details`` by its seed name).
@@ -23,7 +25,12 @@ class RequestLinks:
 
     def __init__(self, request: web.Request) -> None:
         self._router = request.app.router
-        self._origin = request.url.origin()
+        try:
+            self._origin = request.url.origin()
+        except ValueError:  # no usable Host header: links could not be absolute
+            raise InvalidRequest(
+                "the request has no usable Host header, so links cannot be built"
+            ) from None
 
     def _absolute(self, relative: URL, websocket: bool) -> str:
         origin = self._origin

@@ -40,7 +40,8 @@ TRANSITIONS: Mapping[ProcessState, frozenset[ProcessState]] = MappingProxyType(
         S.DOWNLOADING: frozenset({S.UNPACKING, S.FAILED, S.STOPPING}),
         S.UNPACKING: frozenset({S.STARTING, S.FAILED, S.STOPPING}),
         # starting -> running once the command is spawned; failed when it cannot be
-        S.STARTING: frozenset({S.RUNNING, S.FAILED, S.STOPPING}),
+        # starting -> backoff: the spawn failed for want of resources (fds, memory)
+        S.STARTING: frozenset({S.RUNNING, S.BACKOFF, S.FAILED, S.STOPPING}),
         # running -> starting: a run that lasted long enough restarts at once;
         # running -> backoff: a quick exit waits first; running -> failed: the command
         # does not exist (sh exit 126/127 at once), so restarting cannot help

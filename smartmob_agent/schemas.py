@@ -60,7 +60,7 @@ CREATE_REQUEST: dict[str, Any] = {
         "source_url": {
             "type": "string",
             "maxLength": MAX_URL,
-            "pattern": r"^[hH][tT][tT][pP][sS]?://[^/?#\s]+[^\s]*$",
+            "pattern": r"^[hH][tT][tT][pP][sS]?://[^/?#\s][^\s]*$",
             "description": (
                 f"must be an http:// or https:// URL of a zip or tar archive, at most "
                 f"{MAX_URL} characters, without spaces"

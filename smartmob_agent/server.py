@@ -30,8 +30,7 @@ ERROR_STATUS: tuple[tuple[type[errors.AgentError], int], ...] = (
     (errors.InvalidRequest, 400),
     (errors.NotFound, 404),
     (errors.Conflict, 409),
-    (errors.InvalidTransition, 409),
-    (errors.PayloadTooLarge, 413),
+    (errors.InvalidTransition, 500),  # a bug of the agent, not of the client
 )
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,200}")
@@ -43,6 +42,14 @@ def status_of(error: errors.AgentError) -> int:
         if isinstance(error, cls):
             return status
     return 400
+
+
+def _body(error: errors.AgentError) -> dict[str, object]:
+    if status_of(error) >= 500:
+        log.error("internal error: %s", error)
+        return error_document("internal error of the agent; see its log")
+    extra = {"fields": error.fields} if isinstance(error, errors.InvalidRequest) else {}
+    return error_document(str(error), **extra)
 
 
 def _http_error_message(error: web.HTTPException, request: web.Request) -> str:
@@ -84,8 +91,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except errors.AgentError as error:
-        extra = {"fields": error.fields} if isinstance(error, errors.InvalidRequest) else {}
-        return web.json_response(error_document(str(error), **extra), status=status_of(error))
+        return web.json_response(_body(error), status=status_of(error))
     except web.HTTPException as error:
         if error.status < 400:
             raise

@@ -24,7 +24,7 @@ import aiohttp
 
 from smartmob_agent import archive, procfile
 from smartmob_agent.child import Child, Reaper
-from smartmob_agent.errors import AgentError, ProcfileError
+from smartmob_agent.errors import AgentError, ProcfileError, SpawnError
 from smartmob_agent.hub import Hub
 from smartmob_agent.model import (
     Exit,
@@ -193,9 +193,22 @@ class Watcher:
         runtime = self._runtime
         while True:
             self._enter(S.STARTING)  # UNPACKING/RUNNING/BACKOFF -> STARTING
-            self._child = child = Child.spawn(
-                command, cwd=cwd, env=env, sink=self.hub.publish, reaper=runtime.reaper
-            )
+            try:
+                child = Child.spawn(
+                    command, cwd=cwd, env=env, sink=self.hub.publish, reaper=runtime.reaper
+                )
+            except SpawnError as error:
+                if not error.transient:
+                    raise
+                # out of fds, memory or processes: that may pass, so try again later
+                self.error = str(error)
+                log.warning("%s: %s; trying again", self.spec.slug, error)
+                self.backoff_delay = next_delay(runtime.policy, self.backoff_delay, 0.0)
+                self._enter(S.BACKOFF)  # STARTING -> BACKOFF
+                await runtime.sleep(self.backoff_delay)
+                continue
+            self._child = child
+            self.error = None
             started = runtime.clock()
             self._enter(S.RUNNING)  # STARTING -> RUNNING
             exit = await child.wait()
@@ -236,6 +249,9 @@ class Watcher:
         child = self._child
         try:
             if child is not None:
+                if child.exited and self.state is not S.FAILED:
+                    # it exited while the supervision task was being cancelled
+                    self.last_exit = await child.wait()
                 if not child.exited:
                     exit = await child.stop(signal.SIGTERM, self._runtime.stop_timeout)
                     self.last_exit = exit

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import socket
@@ -139,6 +140,7 @@ async def test_unknown_slug_is_not_found(client: Client) -> None:
         ("", "empty"),
         ("[1, 2]", "JSON object"),
         (b"\xff\xfe{}", "not"),
+        ('{"app": ' + "9" * 5000 + "}", "not usable JSON"),
     ],
 )
 async def test_unparseable_bodies_are_rejected(client: Client, body: Any, fragment: str) -> None:
@@ -277,3 +279,16 @@ async def test_failures_after_201_are_explained(
 async def create_links(client: Client) -> dict[str, str]:
     listing = await get_json(client, (await index(client))["list"])
     return next(p for p in listing["processes"] if p["slug"] == "myapp.web.0")  # type: ignore[no-any-return]
+
+
+async def test_request_without_host_is_400(client: Client) -> None:
+    """A request with an empty Host header gets a 400 JSON error, since links need a host."""
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: \r\nConnection: close\r\n\r\n")
+    async with asyncio.timeout(10):
+        answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert b"Host" in json.loads(body)["error"].encode()

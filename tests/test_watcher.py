@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
+from smartmob_agent import child as child_module
 from smartmob_agent.agent import Agent
 from smartmob_agent.child import Reaper
 from smartmob_agent.config import Settings
@@ -492,3 +495,26 @@ async def test_many_processes_stop_together(agent: Agent, archive_server: Archiv
 
     assert [w.state for w in watchers] == [S.STOPPED] * 4
     await gone(*apps, *(pid for pid in shells if pid is not None))
+
+
+async def test_spawn_out_of_file_descriptors_backs_off_and_recovers(
+    agent: Agent, archive_server: ArchiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spawn that fails for want of file descriptors is retried after a backoff, and the
+    process runs once they are back, instead of failing for good."""
+    url = serve(archive_server, "web: {PYTHON} -u app.py\n", app=WAIT_TERM)
+    real_popen = child_module.subprocess.Popen
+    failures = [OSError(errno.EMFILE, os.strerror(errno.EMFILE))] * 2
+
+    def popen(*args: Any, **kwargs: Any) -> Any:
+        if failures:  # the OS boundary: the first two spawns find no free descriptor
+            raise failures.pop()
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(child_module.subprocess, "Popen", popen)
+    watcher = agent.create(spec(url))
+    seen = record_states(watcher)
+    await wait_for_state(watcher, S.RUNNING)
+    assert seen.count(S.BACKOFF) == 2
+    assert S.FAILED not in seen
+    assert watcher.error is None
