@@ -21,11 +21,12 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import psutil
 
+from smartmob_agent import proctable
 from smartmob_agent.errors import SpawnError
 from smartmob_agent.lines import DEFAULT_MAX_LINE, LineSplitter
 from smartmob_agent.model import Exit
@@ -340,21 +341,58 @@ class Child:
 
     async def _wait_gone(self, descendants: dict[int, int]) -> None:
         """Wait for the child to be reaped and every descendant's pidfd to signal exit."""
-        loop = asyncio.get_running_loop()
-        waits: list[asyncio.Future[None]] = []
-        for fd in descendants.values():
-            gone: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(fd, _resolve, loop, fd, gone)
-            waits.append(gone)
-        try:
-            await asyncio.gather(asyncio.shield(self._exit), *waits)
-        finally:
-            # at once, not in done callbacks: the caller registers these fds again or
-            # closes them next, and a late remove_reader would hit the new registration
-            for fd in descendants.values():
-                loop.remove_reader(fd)
-            for gone in waits:
-                gone.cancel()
+        await asyncio.gather(asyncio.shield(self._exit), _wait_pidfds(descendants.values()))
+
+
+async def _wait_pidfds(fds: Iterable[int]) -> None:
+    """Wait until every pidfd signals that its process has exited."""
+    loop = asyncio.get_running_loop()
+    fds = list(fds)
+    waits: list[asyncio.Future[None]] = []
+    for fd in fds:
+        gone: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(fd, _resolve, loop, fd, gone)
+        waits.append(gone)
+    try:
+        await asyncio.gather(*waits)
+    finally:
+        # at once, not in done callbacks: the caller registers these fds again or
+        # closes them next, and a late remove_reader would hit the new registration
+        for fd in fds:
+            loop.remove_reader(fd)
+        for gone in waits:
+            gone.cancel()
+
+
+async def stop_marked(marker: str, timeout: float, sig: int = signal.SIGTERM) -> int:
+    """Stop every process whose environment carries ``marker`` (``NAME=value``).
+
+    This reaches descendants that left their process group and lost their parent, which
+    neither the group nor the process tree can find any more. Sends ``sig``, waits up to
+    ``timeout`` seconds, then SIGKILLs what is left. Returns how many were found.
+    """
+    fds: dict[int, int] = {}
+    for pid in proctable.marked_processes(marker.encode()):
+        with contextlib.suppress(OSError):
+            fds[pid] = os.pidfd_open(pid)
+    try:
+        for fd in fds.values():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                signal.pidfd_send_signal(fd, sig)
+        if sig != signal.SIGKILL:
+            try:
+                async with asyncio.timeout(timeout):
+                    await _wait_pidfds(fds.values())
+            except TimeoutError:
+                for fd in fds.values():
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+        async with asyncio.timeout(_KILL_WAIT):
+            await _wait_pidfds(fds.values())
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return len(fds)
 
 
 def _process_group(pid: int) -> int | None:

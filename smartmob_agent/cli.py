@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from aiohttp import web
 
@@ -70,10 +69,8 @@ def start_guardian(marker: str) -> subprocess.Popen[bytes]:
     Args:
         marker: the environment entry every child of the agent carries.
     """
-    # -I -S: the guardian needs only the standard library; skipping site-packages and
-    # the package's __init__ saves a couple of megabytes for as long as the agent runs
     return subprocess.Popen(
-        [sys.executable, "-I", "-S", str(Path(guardian.__file__)), marker],
+        guardian.command(marker),
         stdin=subprocess.PIPE,
         start_new_session=True,
         close_fds=True,

@@ -2,13 +2,14 @@
 
 SIGKILL gives the agent no chance to stop its children, and ``PR_SET_PDEATHSIG`` would
 reach only direct children, not ``sleep 1000 & sleep 1000`` grandchildren. So the CLI
-starts this tiny program (``python -I -S guardian.py MARKER``) with a pipe on its stdin.
+starts this tiny program (``python -I -S``, see :func:`command`) with a pipe on its stdin.
 When the agent dies, for whatever reason, the pipe reaches end of file; the guardian then
 SIGKILLs every process whose environment carries the marker it was given (an entry such
 as ``SMARTMOB_AGENT_ID=<id>``, which every child inherits) and the groups they lead, and
 exits. After a clean shutdown it finds nobody and exits at once.
 
-Imports only the standard library, to stay small in memory.
+Imports only the standard library (and :mod:`~smartmob_agent.proctable`, which does too),
+to stay small in memory.
 """
 
 from __future__ import annotations
@@ -18,23 +19,9 @@ import os
 import signal
 import sys
 
+from smartmob_agent.proctable import marked_processes
+
 _SWEEPS = 5
-
-
-def marked_processes(marker: bytes, proc: str = "/proc") -> list[int]:
-    """Pids of processes whose environment contains exactly the entry ``marker``."""
-    found = []
-    for name in os.listdir(proc):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"{proc}/{name}/environ", "rb") as file:
-                environ = file.read()
-        except OSError:  # gone, or not ours to read
-            continue
-        if marker in environ.split(b"\0"):
-            found.append(int(name))
-    return found
 
 
 def sweep(marker: bytes) -> int:
@@ -53,12 +40,26 @@ def sweep(marker: bytes) -> int:
     return killed
 
 
+def command(marker: str) -> list[str]:
+    """The command line that runs the guardian for ``marker``.
+
+    ``-I -S`` skips site-packages and the environment: the guardian needs only the
+    standard library and this package, whose folder is put on the path explicitly.
+    """
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        f"import sys; sys.path.insert(0, {package_parent!r}); "
+        "from smartmob_agent.guardian import main; raise SystemExit(main())"
+    )
+    return [sys.executable, "-I", "-S", "-c", code, marker]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Wait for end of file on stdin, then sweep; the only argument is the marker, an
     environment entry such as ``SMARTMOB_AGENT_ID=<id>``."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or "=" not in args[0]:
-        print("usage: guardian.py NAME=VALUE", file=sys.stderr)
+        print("usage: python -m smartmob_agent.guardian NAME=VALUE", file=sys.stderr)
         return 2
     # the agent decides when we end: terminal and service signals are not for us
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):

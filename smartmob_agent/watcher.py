@@ -15,6 +15,7 @@ import logging
 import shutil
 import signal
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from types import MappingProxyType
 import aiohttp
 
 from smartmob_agent import archive, procfile
-from smartmob_agent.child import Child, Reaper
+from smartmob_agent.child import Child, Reaper, stop_marked
 from smartmob_agent.errors import AgentError, ProcfileError, SpawnError
 from smartmob_agent.hub import Hub
 from smartmob_agent.model import (
@@ -38,6 +39,12 @@ from smartmob_agent.policy import BackoffPolicy, cannot_run, next_delay
 log = logging.getLogger(__name__)
 
 S = ProcessState
+#: Set in the environment of every child of a process, with a value of its own: the
+#: descendants that escape its process group are found by it (see :func:`stop_marked`).
+PROCESS_ID_VARIABLE = "SMARTMOB_PROCESS_ID"
+#: How long the pipes of a run that ended may stay open before its leftovers are killed.
+_LEFTOVER_GRACE = 0.05
+
 #: Called as ``listener(watcher, old_state, new_state)`` after every transition.
 Listener = Callable[["Watcher", ProcessState, ProcessState], None]
 
@@ -85,6 +92,7 @@ class Watcher:
         self.spec = spec
         self.workdir = workdir
         self.hub = Hub()
+        self._marker = f"{PROCESS_ID_VARIABLE}={uuid.uuid4().hex}"
         self._runtime = runtime
         self._request_id = request_id
         self.state = S.PENDING
@@ -149,7 +157,9 @@ class Watcher:
             entry = procfile.select(await asyncio.to_thread(_read_procfile, root),
                                     self.spec.process_type)
             runtime = self._runtime
-            env = child_environment(runtime.base_env, entry.env, self.spec.env, runtime.forced_env)
+            forced = dict(runtime.forced_env)
+            forced[PROCESS_ID_VARIABLE] = self._marker.partition("=")[2]
+            env = child_environment(runtime.base_env, entry.env, self.spec.env, forced)
             await self._supervise(entry.command, root, env)
         except AgentError as error:
             self._fail(str(error))
@@ -223,6 +233,7 @@ class Watcher:
                     f"the command of process type {self.spec.process_type!r} cannot run: "
                     f"/bin/sh {exit.describe()}" + (f" ({tail})" if tail else "")
                 )
+            await self._clear_leftovers(child)
             self.restarts += 1
             self.backoff_delay = next_delay(runtime.policy, self.backoff_delay, ran_for)
             if self.backoff_delay > 0:
@@ -257,6 +268,8 @@ class Watcher:
                     self.last_exit = exit
                     log.info("%s: process %d %s on stop", self.spec.slug, child.pid,
                              exit.describe())
+                # descendants that left the group and lost their parent, if any
+                await stop_marked(self._marker, self._runtime.stop_timeout)
                 await _settle(child)
         except TimeoutError:
             # SIGKILL cannot be ignored: only a process stuck in the kernel gets here
@@ -266,6 +279,23 @@ class Watcher:
         finally:
             self._enter(S.STOPPED)  # STOPPING -> STOPPED
             self.hub.close()
+
+    async def _clear_leftovers(self, child: Child) -> None:
+        """After a run ends by itself, kill what escaped its group and holds its pipes.
+
+        The group's leftovers are already gone (see :class:`Child`); a descendant that
+        called ``setsid`` would otherwise keep the old pipes, and its output, for ever.
+        """
+        try:
+            async with asyncio.timeout(_LEFTOVER_GRACE):
+                await child.output_closed()
+            return
+        except TimeoutError:
+            pass
+        killed = await stop_marked(self._marker, 0.0, signal.SIGKILL)
+        if killed:
+            log.info("%s: killed %d leftover process(es) of the last run", self.spec.slug, killed)
+        await _settle(child)
 
     async def remove_files(self) -> None:
         """Delete the process's work folder (after :meth:`stop`)."""

@@ -518,3 +518,37 @@ async def test_spawn_out_of_file_descriptors_backs_off_and_recovers(
     assert seen.count(S.BACKOFF) == 2
     assert S.FAILED not in seen
     assert watcher.error is None
+
+
+async def test_restart_kills_an_escaped_descendant_holding_the_pipes(
+    agent: Agent, archive_server: ArchiveServer
+) -> None:
+    """A setsid descendant of a run that ended is killed before the next run, so its pipes
+    (and its output) do not outlive it."""
+    # the run ends only once the escapee has left the group (it wrote its pid after setsid)
+    escape = (
+        "web: rm -f esc.pid; (setsid sh -c 'echo $$ > esc.pid; exec sleep 1001' &);"
+        " until [ -s esc.pid ]; do sleep 0.01; done; echo escaped $(cat esc.pid); exit 3\n"
+    )
+    url = serve(archive_server, escape)
+    watcher = agent.create(spec(url))
+    output = attach(watcher)
+    first = int((await output.nth(b"escaped", 1)).split()[1])
+    await output.nth(b"escaped", 2)
+    await gone(first)
+
+
+async def test_delete_kills_daemons_that_left_group_and_parent(
+    agent: Agent, archive_server: ArchiveServer
+) -> None:
+    """Delete stops daemonized descendants (double fork, setsid, pipes closed) of the
+    current run and of runs that ended, which neither group nor tree still reaches."""
+    daemon = "(setsid sh -c 'echo daemon $$; exec sleep 1002 >/dev/null 2>&1 </dev/null' &)"
+    url = serve(archive_server, f"web: {daemon}; sleep 0.3; exit 3\n")
+    watcher = agent.create(spec(url))
+    output = attach(watcher)
+    await output.nth(b"daemon", 2)  # one daemon per run: the first run's is still there
+    pids = [int(line.split()[1]) for line in output.starting(b"daemon")]
+    assert pid_alive(pids[0])
+    await agent.delete(watcher.spec.slug)
+    await gone(*pids)
