@@ -59,7 +59,7 @@ nitpicky = True
 _EXTERNAL_MODULES = (
     "aiohttp", "web", "asyncio", "subprocess", "psutil", "pathlib", "collections",
     "typing", "types", "enum", "os", "signal", "tarfile", "zipfile", "yarl", "weakref",
-    "fastjsonschema", "procfile", "argparse", "logging", "http", "urllib",
+    "fastjsonschema", "procfile", "argparse", "logging", "http", "urllib", "threading",
 )
 nitpick_ignore_regex = [
     # the standard library and third-party packages (no intersphinx offline)

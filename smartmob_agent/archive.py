@@ -3,27 +3,37 @@
 Knows nothing of processes. :func:`download` streams a URL to a file, never holding the
 body in memory; :func:`detect_format` recognises zip and tar (plain, gzip, bzip2, xz)
 by their first bytes, whatever the server claimed; :func:`unpack` extracts into a fresh
-folder and refuses any member that could land outside it. Anything unsafe or broken
-raises :class:`~smartmob_agent.errors.ArchiveError` and leaves nothing behind.
+folder and refuses any member that could land outside it, and any archive that passes
+the :class:`UnpackLimits` (checked while reading, so a bomb costs little memory or
+time). Anything unsafe, too big, broken or cancelled raises
+:class:`~smartmob_agent.errors.ArchiveError` and leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import io
 import lzma
 import os
 import shutil
 import stat
 import tarfile
+import threading
 import zipfile
 import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import aiohttp
 from yarl import URL
 
 from smartmob_agent.errors import ArchiveError, DownloadError
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 _CHUNK = 64 * 1024
 
@@ -45,6 +55,20 @@ class DownloadLimits:
     max_bytes: int = 512 * 1024 * 1024
     stall: float = 30.0
     total: float = 600.0
+
+
+@dataclass(frozen=True)
+class UnpackLimits:
+    """Bounds on one unpack, checked while the archive is read.
+
+    Sizes are in bytes of unpacked content; path lengths are in characters of a member
+    name (or link target) as written in the archive.
+    """
+
+    max_members: int = 50_000
+    max_total_bytes: int = 2 * 1024**3
+    max_member_bytes: int = 1024**3
+    max_path_length: int = 1024
 
 
 def display_url(url: str) -> str:
@@ -159,26 +183,36 @@ def detect_format(head: bytes) -> str:
     raise ArchiveError(f"the source is not a zip or tar archive (it is {looks})")
 
 
-def unpack(archive: Path, dest: Path) -> Path:
+def unpack(
+    archive: Path,
+    dest: Path,
+    *,
+    limits: UnpackLimits = UnpackLimits(),
+    cancel: threading.Event | None = None,
+) -> Path:
     """Extract ``archive`` into the new folder ``dest``; return the source root.
 
     The root is ``dest`` itself, or its only entry when the archive holds one top-level
-    folder and nothing else (as GitHub's archives do). Blocking: run it in a thread.
+    folder and nothing else (as GitHub's archives do). Blocking: run it in a thread, and
+    set ``cancel`` to make it stop soon (between members, or between chunks read).
 
     Raises:
-        ArchiveError: unknown format, a corrupt or encrypted archive, or an unsafe
-            member (absolute path, ``..``, a name given twice, a member inside a symbolic
-            link, a link out of the tree, a hard link to anything but an earlier file, a
-            device or fifo); ``dest`` is then removed, so nothing half-written is left.
+        ArchiveError: unknown format, a corrupt or encrypted archive, an unsafe member
+            (absolute path, ``..``, a name given twice, a member inside a symbolic link,
+            a link out of the tree, a hard link to anything but an earlier file, a
+            device or fifo), an archive over one of the ``limits``, or ``cancel`` set;
+            ``dest`` is then removed, so nothing half-written is left.
     """
     with archive.open("rb") as file:
         kind = detect_format(file.read(512))
     dest.mkdir(parents=True)
     try:
+        tally = _Tally(kind, limits, cancel)
+        tally.check_cancel()
         if kind == "zip":
-            _unpack_zip(archive, dest)
+            _unpack_zip(archive, dest, tally)
         else:
-            _unpack_tar(archive, dest, kind)
+            _unpack_tar(archive, dest, tally)
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
@@ -191,6 +225,144 @@ def source_root(folder: Path) -> Path:
     if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink():
         return entries[0]
     return folder
+
+
+#: Most bytes of headers (long names, PAX records, sparse maps) read for one tar member.
+_MAX_HEADER = 256 * 1024
+#: Header bytes allowed per member, on average, over a whole tar archive.
+_HEADER_PER_MEMBER = 4 * 1024
+#: Most bytes read after a tar's last member (end blocks and padding: 10 KiB, usually).
+_MAX_TRAILING = 16 * 1024 * 1024
+
+
+def _shown(name: str) -> str:
+    """A member name for a message, cut short if it is long."""
+    return repr(name if len(name) <= 80 else name[:60] + "...")
+
+
+class _Tally:
+    """The running checks of one unpack: the limits, as the archive is read, and cancel."""
+
+    def __init__(self, kind: str, limits: UnpackLimits, cancel: threading.Event | None) -> None:
+        self.kind = kind
+        self.limits = limits
+        self.cancel = cancel
+        self.members = 0
+        self.total = 0
+        self.header = 0  # header bytes read for the member being read
+        self.headers = 0  # and for the whole archive
+        self.max_headers = _MAX_HEADER + _HEADER_PER_MEMBER * limits.max_members
+
+    def check_cancel(self) -> None:
+        """Raise ArchiveError if unpacking was cancelled."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise ArchiveError("unpacking was cancelled")
+
+    def too_many(self) -> ArchiveError:
+        """The error for an archive with more members than the limit."""
+        return ArchiveError(
+            f"the {self.kind} archive has more than {self.limits.max_members} members "
+            "(the limit)"
+        )
+
+    def member(self, name: str, link: str = "") -> None:
+        """Count one more member, refusing it past the member limit or with a long name."""
+        self.check_cancel()
+        self.header = 0
+        self.members += 1
+        limits = self.limits
+        if self.members > limits.max_members:
+            raise self.too_many()
+        for what, path in (("member name", name), ("link target", link)):
+            if len(path) > limits.max_path_length:
+                raise ArchiveError(
+                    f"the {self.kind} archive has a {what} longer than "
+                    f"{limits.max_path_length} characters (the limit): {_shown(path)}"
+                )
+
+    def add(self, name: str, member_bytes: int, new_bytes: int) -> None:
+        """Count ``new_bytes`` more of the member ``name``, now ``member_bytes`` long."""
+        self.check_cancel()
+        limits = self.limits
+        if member_bytes > limits.max_member_bytes:
+            raise ArchiveError(
+                f"the {self.kind} archive has a member larger than "
+                f"{limits.max_member_bytes} bytes (the limit): {_shown(name)}"
+            )
+        self.total += new_bytes
+        if self.total > limits.max_total_bytes:
+            raise ArchiveError(
+                f"the {self.kind} archive unpacks to more than {limits.max_total_bytes} "
+                "bytes (the limit)"
+            )
+
+    def add_header(self, size: int) -> None:
+        """Count ``size`` bytes of tar headers, refusing a member or archive past its share."""
+        self.check_cancel()
+        self.header += size
+        self.headers += size
+        if self.header > _MAX_HEADER:
+            raise ArchiveError(
+                f"the {self.kind} archive has a member header larger than {_MAX_HEADER} "
+                "bytes (the limit)"
+            )
+        if self.headers > self.max_headers:
+            raise ArchiveError(
+                f"the {self.kind} archive has more than {self.max_headers} bytes of member "
+                "headers (the limit)"
+            )
+
+
+class _CancellableFile(io.FileIO):
+    """The archive file, read-only, that checks for cancellation before every read."""
+
+    def __init__(self, path: Path, check: Callable[[], None]) -> None:
+        super().__init__(path, "rb")
+        self._check = check
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        self._check()
+        return super().read(size)
+
+    def readinto(self, buffer: WriteableBuffer, /) -> int:
+        self._check()
+        return super().readinto(buffer)
+
+
+class _TarStream(io.BufferedIOBase):
+    """The decompressed tar stream, as tarfile reads it.
+
+    While ``scanning`` (reading headers only: tarfile seeks over member contents), every
+    byte read is header, counted by :meth:`_Tally.add_header`: a long name or PAX record
+    is refused before tarfile reads it into memory whole. Every read and seek checks for
+    cancellation (as do the reads of the compressed file underneath, during long seeks).
+    """
+
+    def __init__(self, stream: io.BufferedIOBase, tally: _Tally) -> None:
+        super().__init__()
+        self._stream = stream
+        self._tally = tally
+        self.scanning = True
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        if self.scanning:
+            self._tally.add_header(_MAX_HEADER + 1 if size is None or size < 0 else size)
+        else:  # extracting: tarfile copies contents 16 KiB at a time
+            self._tally.check_cancel()
+        return self._stream.read(size)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET, /) -> int:
+        self._tally.check_cancel()
+        return self._stream.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._stream.tell()
 
 
 @dataclass(frozen=True)
@@ -329,30 +501,74 @@ _READ_ERRORS = (
 )
 
 
-_TAR_MODES: dict[str, Literal["r:", "r:gz", "r:bz2", "r:xz"]] = {
-    "tar": "r:", "tar.gz": "r:gz", "tar.bz2": "r:bz2", "tar.xz": "r:xz",
-}
+def _decompressed(kind: str, raw: io.FileIO) -> io.BufferedIOBase:
+    """The tar stream inside ``raw``, decompressed as it is read."""
+    if kind == "tar.gz":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if kind == "tar.bz2":
+        return bz2.BZ2File(raw)
+    if kind == "tar.xz":
+        return lzma.LZMAFile(raw)
+    return io.BufferedReader(raw)
 
 
-def _unpack_tar(archive: Path, dest: Path, kind: str) -> None:
+def _scan_tar(tar: tarfile.TarFile, tally: _Tally) -> list[tarfile.TarInfo]:
+    """Read the members one at a time, refusing the archive as soon as it passes a limit.
+
+    tarfile keeps only the members read so far, so memory stays within the member limit;
+    declared sizes are exactly what extraction writes.
+    """
+    infos: list[tarfile.TarInfo] = []
+    for info in tar:
+        tally.member(info.name, info.linkname if info.issym() or info.islnk() else "")
+        tally.add(info.name, info.size, info.size)
+        infos.append(info)
+    return infos
+
+
+def _checked(infos: Iterable[tarfile.TarInfo], tally: _Tally) -> Iterator[tarfile.TarInfo]:
+    """``infos``, stopping with ArchiveError before the next one once cancelled."""
+    for info in infos:
+        tally.check_cancel()
+        yield info
+
+
+def _unpack_tar(archive: Path, dest: Path, tally: _Tally) -> None:
+    kind = tally.kind
     try:
-        with tarfile.open(archive, _TAR_MODES[kind]) as tar:
-            infos = tar.getmembers()
-            problem = _check_members([_tar_member(info) for info in infos])
-            if problem:
-                raise ArchiveError(f"the {kind} archive is unsafe to unpack: {problem}")
-            # the "data" filter is a second line of defence: it also refuses links
-            # leaving the tree, devices and fifos, and drops setuid/setgid bits
-            tar.extractall(dest, members=infos, filter="data")
-            # tarfile stops at the end-of-archive blocks; reading on to the end of the
-            # compressed stream checks its CRC, which catches corrupted file contents
-            assert tar.fileobj is not None
-            while tar.fileobj.read(_CHUNK):
-                pass
+        with (
+            _CancellableFile(archive, tally.check_cancel) as raw,
+            _decompressed(kind, raw) as stream,
+        ):
+            tar_stream = _TarStream(stream, tally)
+            with tarfile.open(fileobj=tar_stream, mode="r:") as tar:
+                infos = _scan_tar(tar, tally)
+                tar_stream.scanning = False
+                problem = _check_members([_tar_member(info) for info in infos])
+                if problem:
+                    raise ArchiveError(f"the {kind} archive is unsafe to unpack: {problem}")
+                # the "data" filter is a second line of defence: it also refuses links
+                # leaving the tree, devices and fifos, and drops setuid/setgid bits
+                tar.extractall(dest, members=_checked(infos, tally), filter="data")
+                # tarfile stops at the end-of-archive blocks; reading on to the end of the
+                # compressed stream checks its CRC, which catches corrupted file contents
+                _read_to_end(tar_stream, tally)
     except tarfile.FilterError as error:
         raise ArchiveError(f"the {kind} archive is unsafe to unpack: {error}") from None
     except _READ_ERRORS as error:
         raise _corrupt(kind, error) from None
+
+
+def _read_to_end(stream: _TarStream, tally: _Tally) -> None:
+    """Read what follows the last member (end blocks, padding), up to a limit."""
+    rest = 0
+    while chunk := stream.read(_CHUNK):
+        rest += len(chunk)
+        if rest > _MAX_TRAILING:
+            raise ArchiveError(
+                f"the {tally.kind} archive has more than {_MAX_TRAILING} bytes after its "
+                "last member (the limit)"
+            )
 
 
 #: Longest symbolic link target read from a zip member.
@@ -388,24 +604,35 @@ def _zip_member(zip_file: zipfile.ZipFile, info: zipfile.ZipInfo) -> _Member:
     return _Member(info.filename, "file")
 
 
-def _unpack_zip(archive: Path, dest: Path) -> None:
+def _unpack_zip(archive: Path, dest: Path, tally: _Tally) -> None:
     try:
         with zipfile.ZipFile(archive) as zip_file:
+            # the central directory is in memory already: refuse before writing anything
             infos = zip_file.infolist()
-            members = [_zip_member(zip_file, info) for info in infos]
+            if len(infos) > tally.limits.max_members:
+                raise tally.too_many()
+            members = []
+            for info in infos:
+                tally.member(info.filename)
+                tally.add(info.filename, info.file_size, info.file_size)
+                members.append(_zip_member(zip_file, info))
             problem = _check_members(members)
             if problem:
                 raise ArchiveError(f"the zip archive is unsafe to unpack: {problem}")
+            # declared sizes may lie and entries may share their data: count what is written
+            written = _Tally("zip", tally.limits, tally.cancel)
             for info, member in zip(infos, members, strict=True):
-                _extract_zip_member(zip_file, info, member, dest)
+                written.check_cancel()
+                _extract_zip_member(zip_file, info, member, dest, written)
     except _READ_ERRORS as error:
         raise _corrupt("zip", error) from None
 
 
 def _extract_zip_member(
-    zip_file: zipfile.ZipFile, info: zipfile.ZipInfo, member: _Member, dest: Path
+    zip_file: zipfile.ZipFile, info: zipfile.ZipInfo, member: _Member, dest: Path,
+    written: _Tally,
 ) -> None:
-    """Write one member already checked by :func:`_check_members`."""
+    """Write one member already checked by :func:`_check_members`, counting its bytes."""
     parts = _parts(member.name)
     if not parts:
         return
@@ -419,6 +646,10 @@ def _extract_zip_member(
         return
     # "x": never write through something already there
     with zip_file.open(info) as source, open(target, "xb") as out:
-        shutil.copyfileobj(source, out, _CHUNK)
+        size = 0
+        while chunk := source.read(_CHUNK):
+            size += len(chunk)
+            written.add(member.name, size, len(chunk))
+            out.write(chunk)
     # keep only the executable bits (scripts named in a Procfile need them)
     os.chmod(target, 0o755 if _unix_mode(info) & 0o111 else 0o644)

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import shutil
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -183,14 +184,17 @@ class Watcher:
                 limits=self._runtime.limits, headers=headers,
             )
             self._enter(S.UNPACKING)  # DOWNLOADING -> UNPACKING
-            unpacking = asyncio.ensure_future(
-                asyncio.to_thread(archive.unpack, part, self.workdir / "source")
-            )
+            cancel = threading.Event()
+            unpacking = asyncio.ensure_future(asyncio.to_thread(
+                archive.unpack, part, self.workdir / "source", cancel=cancel
+            ))
             try:
                 return await asyncio.shield(unpacking)
             except asyncio.CancelledError:
-                # a thread cannot be interrupted: let it finish writing before stop()
-                # returns, or it would write again into a work folder being removed
+                # a thread cannot be interrupted: ask it to stop between two members, and
+                # let it finish before stop() returns, or it would write again into a
+                # work folder being removed
+                cancel.set()
                 with contextlib.suppress(Exception):
                     await unpacking
                 raise

@@ -10,7 +10,11 @@ import lzma
 import os
 import socket
 import stat
+import struct
 import tarfile
+import threading
+import time
+import tracemalloc
 import warnings
 import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -24,6 +28,7 @@ from aiohttp.test_utils import TestServer
 
 from smartmob_agent.archive import (
     DownloadLimits,
+    UnpackLimits,
     detect_format,
     display_url,
     download,
@@ -367,6 +372,10 @@ def test_source_root(tmp_path: Path, entries: list[str], expected: str) -> None:
 
 # -- hostile archives --------------------------------------------------------------------
 
+#: Long enough for escape_chain()'s 4000-character names, so the safety check is what
+#: refuses it (the default path-length limit would refuse it first).
+LONG_PATHS = UnpackLimits(max_path_length=10_000)
+
 HOSTILE_TARS: dict[str, tuple[Callable[[Sandbox], list[Entry]], str]] = {
     "dotdot": (lambda box: [reg("../x")], "contains '..'"),
     "dotdot-into-sibling": (lambda box: [reg("../outside/x")], "contains '..'"),
@@ -411,7 +420,7 @@ def test_hostile_tar_is_refused_and_writes_nothing(box: Sandbox, case: str, kind
     entries, reason = HOSTILE_TARS[case]
     archive = box.write(build_tar([reg("Procfile", b"web: x\n"), *entries(box)], kind))
     with pytest.raises(ArchiveError, match=rf"the {kind} archive is unsafe to unpack: ") as caught:
-        unpack(archive, box.dest)
+        unpack(archive, box.dest, limits=LONG_PATHS)
     assert any(part in str(caught.value) for part in reason.split("|")), caught.value
     box.assert_untouched()
     assert not os.path.lexists("/tmp/smartmob-absolute-x")
@@ -471,7 +480,7 @@ def test_hostile_zip_is_refused_and_writes_nothing(box: Sandbox, case: str) -> N
     entries, reason = HOSTILE_ZIPS[case]
     archive = box.write(build_zip([("Procfile", b"web: x\n", FILE), *entries(box)]))
     with pytest.raises(ArchiveError, match="the zip archive is unsafe to unpack: ") as caught:
-        unpack(archive, box.dest)
+        unpack(archive, box.dest, limits=LONG_PATHS)
     assert any(part in str(caught.value) for part in reason.split("|")), caught.value
     box.assert_untouched()
 
@@ -510,6 +519,213 @@ def test_corruption_message_is_one_line(box: Sandbox) -> None:
     with pytest.raises(ArchiveError) as caught:
         unpack(box.write(bz2.compress(b"x" * 1000)), box.dest)
     assert "\n" not in str(caught.value)
+
+
+# -- limits and cancellation -------------------------------------------------------------
+
+
+def assert_refused(box: Sandbox, data: bytes, message: str, **options: object) -> None:
+    """Unpacking ``data`` raises ArchiveError with exactly ``message`` and leaves nothing."""
+    with pytest.raises(ArchiveError) as caught:
+        unpack(box.write(data), box.dest, **options)  # type: ignore[arg-type]
+    assert str(caught.value) == message
+    box.assert_untouched()
+
+
+def numbered(count: int, size: int = 1) -> dict[str, str | bytes]:
+    """``count`` files of ``size`` bytes each."""
+    return {f"f{index:03}": b"x" * size for index in range(count)}
+
+
+@pytest.mark.parametrize("kind", ARCHIVE_KINDS)
+def test_too_many_members_are_refused(box: Sandbox, kind: str) -> None:
+    """An archive with more members than max_members is refused, naming the limit."""
+    assert_refused(
+        box, make_archive(numbered(11), kind),
+        f"the {kind} archive has more than 10 members (the limit)",
+        limits=UnpackLimits(max_members=10),
+    )
+
+
+@pytest.mark.parametrize("kind", ARCHIVE_KINDS)
+def test_total_size_over_the_limit_is_refused(box: Sandbox, kind: str) -> None:
+    """Members that together pass max_total_bytes are refused, naming the limit."""
+    assert_refused(
+        box, make_archive(numbered(3, 400), kind),
+        f"the {kind} archive unpacks to more than 1000 bytes (the limit)",
+        limits=UnpackLimits(max_total_bytes=1000),
+    )
+
+
+@pytest.mark.parametrize("kind", ARCHIVE_KINDS)
+def test_member_over_the_limit_is_refused(box: Sandbox, kind: str) -> None:
+    """One member larger than max_member_bytes is refused, naming it and the limit."""
+    assert_refused(
+        box, make_archive({"small": "x", "big": b"\0" * 1001}, kind),
+        f"the {kind} archive has a member larger than 1000 bytes (the limit): 'big'",
+        limits=UnpackLimits(max_member_bytes=1000),
+    )
+
+
+@pytest.mark.parametrize("kind", ARCHIVE_KINDS)
+def test_path_over_the_limit_is_refused(box: Sandbox, kind: str) -> None:
+    """A member name longer than max_path_length is refused, naming the limit."""
+    assert_refused(
+        box, make_archive({"short": "x", "d/" + "n" * 19: "x"}, kind),
+        f"the {kind} archive has a member name longer than 20 characters (the limit): "
+        f"'d/{'n' * 19}'",
+        limits=UnpackLimits(max_path_length=20),
+    )
+
+
+def test_link_target_over_the_limit_is_refused(box: Sandbox) -> None:
+    """A tar link whose target is longer than max_path_length is refused."""
+    assert_refused(
+        box, build_tar([reg("a"), sym("link", "./" * 10 + "a")], "tar.gz"),
+        "the tar.gz archive has a link target longer than 20 characters (the limit): "
+        f"'{'./' * 10}a'",
+        limits=UnpackLimits(max_path_length=20),
+    )
+
+
+@pytest.mark.parametrize("kind", ARCHIVE_KINDS)
+def test_archive_at_exactly_the_limits_unpacks(box: Sandbox, kind: str) -> None:
+    """Every limit is inclusive: an archive right at all of them unpacks."""
+    files = numbered(4, 250)
+    files["p" * 20] = b""
+    limits = UnpackLimits(
+        max_members=5, max_total_bytes=1000, max_member_bytes=250, max_path_length=20
+    )
+    root = unpack(box.write(make_archive(files, kind)), box.dest, limits=limits)
+    assert sorted(path.name for path in root.iterdir()) == sorted(files)
+
+
+def test_zip_entry_lying_about_its_size_is_refused(box: Sandbox) -> None:
+    """A zip entry declaring fewer bytes than it holds is cut at the declared size and refused."""
+    data = bytearray(build_zip([("big", b"\0" * 100_000, FILE)]))
+    central = data.find(b"PK\x01\x02")
+    struct.pack_into("<I", data, central + 24, 500)  # uncompressed size, central directory
+    struct.pack_into("<I", data, 22, 500)  # and local header
+    assert_refused(
+        box, bytes(data), "the zip archive is corrupt or truncated: Bad CRC-32 for file 'big'",
+        limits=UnpackLimits(max_member_bytes=1000, max_total_bytes=1000),
+    )
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        pytest.param(
+            UnpackLimits(max_member_bytes=1000),
+            "the zip archive has a member larger than 1000 bytes (the limit): 'a'",
+            id="member",
+        ),
+        pytest.param(
+            UnpackLimits(max_total_bytes=1000),
+            "the zip archive unpacks to more than 1000 bytes (the limit)",
+            id="total",
+        ),
+    ],
+)
+def test_zip_is_stopped_by_the_bytes_actually_written(
+    box: Sandbox, monkeypatch: pytest.MonkeyPatch, limits: UnpackLimits, message: str
+) -> None:
+    """Entries that yield more bytes than declared are stopped by the count of bytes written."""
+    data = build_zip([("a", b"1", FILE), ("b", b"2", FILE)])
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda *_, **__: io.BytesIO(b"x" * 600_000))
+    assert_refused(box, data, message, limits=limits)
+
+
+@pytest.mark.parametrize("kind", ARCHIVE_KINDS)
+def test_cancel_set_before_the_call_unpacks_nothing(box: Sandbox, kind: str) -> None:
+    """An already cancelled unpack raises ArchiveError and leaves no destination."""
+    cancel = threading.Event()
+    cancel.set()
+    assert_refused(box, make_archive(FILES, kind), "unpacking was cancelled", cancel=cancel)
+
+
+class CancelAfter(threading.Event):
+    """An event that reads as set from its ``calls``-th is_set() on: a cancel mid-way."""
+
+    def __init__(self, calls: int) -> None:
+        super().__init__()
+        self.calls = calls
+
+    def is_set(self) -> bool:
+        """Count the call; report set once the count is reached."""
+        self.calls -= 1
+        return self.calls <= 0
+
+
+@pytest.mark.parametrize("kind", ARCHIVE_KINDS)
+def test_cancel_during_a_large_member_stops_it(box: Sandbox, kind: str) -> None:
+    """Cancelling in the middle of an 8 MB member stops the unpack and removes it all."""
+    data = make_archive({"Procfile": "web: x\n", "big": b"\0" * 8_000_000}, kind)
+    cancel = CancelAfter(60)
+    assert_refused(box, data, "unpacking was cancelled", cancel=cancel)
+    assert cancel.calls == 0  # checked often enough to stop within a few chunks
+
+
+def test_many_tiny_members_are_refused_in_bounded_memory(box: Sandbox) -> None:
+    """A tar.xz of 200,000 directory entries is refused at the member limit, fast and small."""
+    info = tarfile.TarInfo("d")
+    info.type, info.mode = tarfile.DIRTYPE, 0o755
+    data = lzma.compress(info.tobuf(tarfile.USTAR_FORMAT) * 200_000 + b"\0" * 1024, preset=0)
+    tracemalloc.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(ArchiveError, match=r"more than 1000 members \(the limit\)"):
+            unpack(box.write(data), box.dest, limits=UnpackLimits(max_members=1000))
+        elapsed = time.monotonic() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 5
+    assert peak < 20_000_000
+    box.assert_untouched()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_huge_member_header_is_refused_before_it_is_read(box: Sandbox, fmt: int) -> None:
+    """A 20 MB PAX record or GNU long name is refused before tarfile reads it into memory."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:xz", format=fmt) as tar:
+        info = tarfile.TarInfo("n" * 20_000_000 if fmt == tarfile.GNU_FORMAT else "x")
+        info.pax_headers = {"comment": "c" * 20_000_000} if fmt == tarfile.PAX_FORMAT else {}
+        tar.addfile(info, io.BytesIO(b""))
+    data = buffer.getvalue()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ArchiveError, match=r"has a member header larger than 262144 bytes"):
+            unpack(box.write(data), box.dest)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20_000_000
+    box.assert_untouched()
+
+
+def test_headers_of_the_whole_archive_are_bounded(box: Sandbox) -> None:
+    """PAX records each under the per-member bound still count towards a total for the archive."""
+    entries = []
+    for index in range(20):
+        info, data = reg(f"f{index}", b"x")
+        info.pax_headers = {"comment": "c" * 20_000}
+        entries.append((info, data))
+    assert_refused(
+        box, build_tar(entries, "tar.gz"),
+        "the tar.gz archive has more than 344064 bytes of member headers (the limit)",
+        limits=UnpackLimits(max_members=20),
+    )
+
+def test_data_after_the_last_member_is_bounded(box: Sandbox) -> None:
+    """Megabytes of zeros after a tar's end blocks are refused, not read on forever."""
+    tar = build_tar([reg("Procfile", b"web: x\n")])
+    data = gzip.compress(tar + b"\0" * 17 * 1024 * 1024, compresslevel=1)
+    assert_refused(
+        box, data, "the tar.gz archive has more than 16777216 bytes after its last member "
+        "(the limit)",
+    )
 
 
 # -- download ----------------------------------------------------------------------------

@@ -412,7 +412,8 @@ async def test_stop_during_download_leaves_nothing_behind(
 async def test_stop_during_unpacking_waits_for_the_unpacker(
     agent: Agent, archive_server: ArchiveServer
 ) -> None:
-    """A stop while unpacking returns once nothing writes to the work folder any more."""
+    """A stop while unpacking cancels it and returns once nothing writes to the work folder
+    any more."""
     files: dict[str, str | bytes] = {f"dir{i // 50}/file{i}.txt": "x" for i in range(300)}
     files["Procfile"] = "web: exit 1\n"
     url = archive_server.add("big.tar", make_archive(files, "tar"))
@@ -429,8 +430,9 @@ async def test_stop_during_unpacking_waits_for_the_unpacker(
     await stopping[0]
 
     assert seen == [S.DOWNLOADING, S.UNPACKING, S.STOPPING, S.STOPPED]
-    # the unpacker was not cut short: it had finished by the time stop() returned
-    assert len(list((watcher.workdir / "source").rglob("*.txt"))) == 300
+    # stop() returned once the unpacker was done: cancelled (and cleaned up) or finished,
+    # never half-way
+    assert len(list((watcher.workdir / "source").rglob("*.txt"))) in (0, 300)
     await agent.delete(watcher.spec.slug)
     assert not watcher.workdir.exists()
     # once every worker thread is done, nothing has written there again
