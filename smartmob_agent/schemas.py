@@ -23,32 +23,28 @@ MAX_URL = 4096
 MAX_ENV_ENTRIES = 1000
 MAX_ENV_VALUE = 65536
 
+#: app and node share one rule; each adds its own wording to the description.
+_NAME: dict[str, Any] = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_NAME,
+    "pattern": NAME_PATTERN,
+}
+_NAME_RULE = (
+    f"must be a string of 1 to {MAX_NAME} letters, digits, '_', '.' or '-', "
+    "not starting with '.' or '-' and without '..'"
+)
+
 CREATE_REQUEST: dict[str, Any] = {
     "title": "Create request",
     "type": "object",
     "required": ["app", "node", "process_type", "source_url"],
     "additionalProperties": False,
     "properties": {
-        "app": {
-            "type": "string",
-            "minLength": 1,
-            "maxLength": MAX_NAME,
-            "pattern": NAME_PATTERN,
-            "description": (
-                f"must be a string of 1 to {MAX_NAME} letters, digits, '_', '.' or '-', "
-                "not starting with '.' or '-' and without '..'"
-            ),
-        },
+        "app": {**_NAME, "description": _NAME_RULE},
         "node": {
-            "type": "string",
-            "minLength": 1,
-            "maxLength": MAX_NAME,
-            "pattern": NAME_PATTERN,
-            "description": (
-                f"must be a string of 1 to {MAX_NAME} letters, digits, '_', '.' or '-', "
-                "not starting with '.' or '-' and without '..' (by convention "
-                "'<process_type>.<n>', like 'web.0')"
-            ),
+            **_NAME,
+            "description": f"{_NAME_RULE} (by convention '<process_type>.<n>', like 'web.0')",
         },
         "process_type": {
             "type": "string",
