@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+
+import procfile
 import pytest
 
 from smartmob_agent.errors import ProcfileError
 from smartmob_agent.procfile import (
+    MAX_LINE_CHARS,
+    MAX_PROCESS_TYPES,
     MAX_PROCFILE_BYTES,
     ProcfileEntry,
     decode_procfile,
@@ -70,6 +76,9 @@ def simple(entries: dict[str, ProcfileEntry]) -> dict[str, tuple[str, dict[str, 
                      id="continuation-with-trailing-blanks"),
         pytest.param("web: a \\\r\n  b\r\n", {"web": ("a b", {})}, id="continuation-crlf"),
         pytest.param(f"{'w' * 64}: a\n", {"w" * 64: ("a", {})}, id="longest-name"),
+        pytest.param("web: a\\\\\n", {"web": ("a\\", {})}, id="escaped-backslash-at-end"),
+        pytest.param("web: a\\\\", {"web": ("a\\", {})},
+                     id="escaped-backslash-at-end-no-newline"),
     ],
 )
 def test_parses_valid_procfiles(text: str, expected: dict[str, tuple[str, dict[str, str]]]) -> None:
@@ -117,6 +126,14 @@ def test_entry_env_is_read_only() -> None:
         pytest.param("web: env A-B=2 cmd\n", ['"A-B=2"'], id="env-name-with-dash"),
         pytest.param("web: a\nworker: env B-C=1 x\n", ["Line 2", 'process type "worker"'],
                      id="env-error-names-its-line"),
+        pytest.param("web: a\n\nworker: env A=1 A=2 x\n",
+                     ["Line 3", 'duplicate variable "A"', 'process type "worker"'],
+                     id="duplicate-variable-names-its-line"),
+        pytest.param("web: env A=1 A=2 x\nweb: y\n",
+                     ['Line 2: duplicate process type "web"', 'Line 1: duplicate variable "A"'],
+                     id="duplicate-type-and-variable"),
+        pytest.param("web: env" + " " * 64 + "x" + "=" * 1000 + "\n",
+                     ["Line 1", 'too many blanks or "="'], id="env-line-too-complex"),
     ],
 )
 def test_invalid_procfiles_name_the_problem(text: str, fragments: list[str]) -> None:
@@ -127,6 +144,20 @@ def test_invalid_procfiles_name_the_problem(text: str, fragments: list[str]) -> 
     assert message.startswith("the Procfile is invalid: ")
     for fragment in fragments:
         assert fragment in message
+
+
+def test_each_line_is_handed_to_the_package_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each non-blank logical line goes to the procfile package exactly once."""
+    seen: list[str] = []
+    loads = procfile.loads
+
+    def spy(content: str) -> object:
+        seen.append(content)
+        return loads(content)
+
+    monkeypatch.setattr(procfile, "loads", spy)
+    parse_procfile("web: a\n\n# c: d\nworker: env A=1 b \\\n  c\n")
+    assert seen == ["web: a", "worker: env A=1 b c"]
 
 
 def test_every_invalid_line_is_reported_at_once() -> None:
@@ -150,6 +181,161 @@ def test_every_invalid_name_is_reported_at_once() -> None:
     assert 'Line 3: "c.d"' in message
     assert "Line 4:" in message
     assert '"9=1"' in message
+
+
+def at_limit(head: str, unit: str, tail: str = "") -> str:
+    """A line of exactly MAX_LINE_CHARS characters: head, unit repeated, then tail."""
+    return (head + unit * MAX_LINE_CHARS)[: MAX_LINE_CHARS - len(tail)] + tail
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(at_limit("web: ", "x") + "\n", id="one-line"),
+        pytest.param(at_limit("web: env A=1 ", "x") + "\n", id="env-line"),
+        pytest.param("web: " + "x \\\n" * 600 + "y\n" + at_limit("worker: ", "z") + "\n",
+                     id="continued-lines-joined-under-the-limit"),
+        pytest.param("# " + "x" * 5 * MAX_LINE_CHARS + "\nweb: a\n", id="long-comment"),
+        pytest.param("web: env A=1 curl http://host/?"
+                     + "&".join(f"p{i}={i}" for i in range(40)) + "\n",
+                     id="url-with-many-equals-after-env"),
+        pytest.param("web: env " + " ".join(f"V{i}=x" for i in range(300)) + " run\n",
+                     id="many-env-assignments"),
+    ],
+)
+def test_lines_within_the_limits_parse(text: str) -> None:
+    """Lines up to MAX_LINE_CHARS long, long comments and busy env lines still parse."""
+    assert parse_procfile(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param("web: a\n# c\nworker: " + "x" * MAX_LINE_CHARS + "\n",
+                     f"line 3 is longer than {MAX_LINE_CHARS} characters", id="one-line"),
+        pytest.param("web: a \\\n" + "  b \\\n" * MAX_LINE_CHARS + "  c\n",
+                     f"line 1 is longer than {MAX_LINE_CHARS} characters",
+                     id="continued-line-named-by-its-first-line"),
+        pytest.param("a: " + "x" * MAX_LINE_CHARS + "\nb: y\nc: " + "z" * MAX_LINE_CHARS,
+                     f"lines 1, 3 are longer than {MAX_LINE_CHARS} characters",
+                     id="several-lines"),
+        pytest.param("".join(f"p{i}: run\n" for i in range(MAX_PROCESS_TYPES + 1)),
+                     f"more than {MAX_PROCESS_TYPES} process types", id="too-many-types"),
+        pytest.param("#" * (MAX_PROCFILE_BYTES + 1), f"larger than {MAX_PROCFILE_BYTES} bytes",
+                     id="too-large"),
+    ],
+)
+def test_procfiles_over_a_limit_are_rejected(text: str, message: str) -> None:
+    """A Procfile over a size, line length or process type limit raises ProcfileError."""
+    with pytest.raises(ProcfileError, match=message):
+        parse_procfile(text)
+
+
+def test_most_process_types_parse() -> None:
+    """A Procfile with exactly MAX_PROCESS_TYPES process types parses."""
+    text = "".join(f"p{i}: run\n" for i in range(MAX_PROCESS_TYPES))
+    assert len(parse_procfile(text)) == MAX_PROCESS_TYPES
+
+
+def hardest(head: str, length: int, equals_first: bool) -> str:
+    """A line of length characters: head, then "=" and "a", with as many "=" as still parse.
+
+    "=" at the end of a line make the procfile package backtrack after ``env``, so past a
+    number of them the line is rejected before it reaches the package.
+    """
+    def line(count: int) -> str:
+        equals, filler = "=" * count, "a" * (length - len(head) - count)
+        return head + (equals + filler if equals_first else filler + equals)
+
+    low, high = 0, length - len(head)
+    while low < high:
+        middle = (low + high + 1) // 2
+        try:
+            parse_procfile(line(middle))
+        except ProcfileError as error:
+            if "too many blanks" in str(error):
+                high = middle - 1
+                continue
+        low = middle
+    return line(low)
+
+
+#: Seconds any Procfile within the limits may take to parse (hostile ones used to take minutes).
+FAST = 0.2
+
+
+def assert_fast(text: str) -> None:
+    """Parse text (succeeding or raising ProcfileError) and fail if that is not FAST."""
+    start = time.perf_counter()
+    with contextlib.suppress(ProcfileError):
+        parse_procfile(text)
+    assert time.perf_counter() - start < FAST
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        pytest.param(at_limit("web: env ", "a="), id="env-equals"),
+        pytest.param(at_limit("web: env ", "a=a ", "cmd"), id="env-assignments"),
+        pytest.param(at_limit("web: env ", "=a "), id="env-values-only"),
+        pytest.param(at_limit("web: env ", " ="), id="env-names-only"),
+        pytest.param(at_limit("web: env ", "="), id="env-only-equals"),
+        pytest.param(at_limit("web: env" + " " * 682 + "x", "="), id="blanks-then-equals"),
+        pytest.param(at_limit("web: env" + " " * 1000, "a="), id="more-blanks-then-equals"),
+        pytest.param(at_limit("web: env" + "\t" * 682, "=x"), id="tabs-then-equals"),
+        pytest.param(at_limit("web: env A=1" + " " * 682 + "x", "="),
+                     id="assignment-blanks-then-equals"),
+        pytest.param(at_limit("web: env " + "a" * 1024, "=", " x=y"), id="equals-then-one-blank"),
+        pytest.param(at_limit("web: env", " ", "a=b"), id="blanks-then-assignment"),
+        *(pytest.param(at_limit("web: env y", "a", "=" * count), id=f"last-word-{count}-equals")
+          for count in (16, 32, 48, 64, 128, 512)),
+        pytest.param(hardest("web: env y", MAX_LINE_CHARS, True), id="hardest-equals-first"),
+        pytest.param(hardest("web: env y", MAX_LINE_CHARS, False), id="hardest-equals-last"),
+        pytest.param(hardest("web: env A=1  y", MAX_LINE_CHARS, True),
+                     id="hardest-after-an-assignment"),
+        *(pytest.param(at_limit("web: env" + " " * blanks + "y", "a", "=" * 40),
+                       id=f"{blanks}-blanks-and-40-equals") for blanks in (2, 4, 8, 16)),
+        pytest.param(at_limit("web: ", "env "), id="env-words"),
+        pytest.param(at_limit("web:", " ", "x"), id="blanks-after-colon"),
+        pytest.param(at_limit("", ":"), id="colons"),
+        pytest.param(at_limit("", "a:"), id="words-and-colons"),
+        pytest.param(at_limit("", " :"), id="blanks-and-colons"),
+        pytest.param(at_limit("", ":="), id="colons-and-equals"),
+        pytest.param(at_limit("", "="), id="equals"),
+        pytest.param(at_limit("", "a", ":"), id="colon-at-the-end"),
+    ],
+)
+def test_hostile_lines_at_the_length_limit_parse_fast(line: str) -> None:
+    """A hostile line of MAX_LINE_CHARS characters is parsed or rejected quickly."""
+    assert len(line) == MAX_LINE_CHARS
+    assert_fast(line + "\n")
+
+
+def fill(line: str) -> str:
+    """As many copies of a line starting with "0000" as fit in MAX_PROCFILE_BYTES, numbered."""
+    count = min(MAX_PROCESS_TYPES, MAX_PROCFILE_BYTES // (len(line) + 1))
+    return "".join(f"{number:04}{line[4:]}\n" for number in range(count))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        *(pytest.param(fill(hardest("0000: env" + " " * blanks + "y", length, first)),
+                       id=f"{length}-chars-{blanks}-blanks-equals-{'first' if first else 'last'}")
+          for length, blanks, first in [(64, 1, False), (64, 4, True), (128, 1, True),
+                                        (256, 1, True), (256, 2, False), (512, 1, True),
+                                        (MAX_LINE_CHARS, 1, True), (MAX_LINE_CHARS, 1, False),
+                                        (MAX_LINE_CHARS, 2, True)]),
+        pytest.param(fill(at_limit("0000: env ", "=a ")), id="assignment-lines"),
+        pytest.param(fill(at_limit("0000: env ", "a=a ", "cmd")), id="duplicate-variable-lines"),
+        pytest.param(fill(at_limit("0000: env ", "a=")), id="equals-lines"),
+        pytest.param(fill("0000: env y" + "=" * 80), id="short-equals-lines"),
+    ],
+)
+def test_hostile_procfiles_at_the_size_limit_parse_fast(text: str) -> None:
+    """A Procfile of MAX_PROCFILE_BYTES full of hostile lines is parsed or rejected quickly."""
+    assert len(text.encode()) <= MAX_PROCFILE_BYTES
+    assert_fast(text)
 
 
 @pytest.mark.parametrize(
