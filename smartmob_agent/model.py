@@ -27,6 +27,7 @@ class ProcessState(enum.StrEnum):
     BACKOFF = "backoff"
     STOPPING = "stopping"
     STOPPED = "stopped"
+    EXITED = "exited"
     FAILED = "failed"
 
 
@@ -35,24 +36,32 @@ S = ProcessState
 #: Every legal edge. Anything not listed raises :class:`InvalidTransition`.
 TRANSITIONS: Mapping[ProcessState, frozenset[ProcessState]] = MappingProxyType(
     {
-        # provisioning runs once, in order; any step can fail or be cut short by a stop
-        S.PENDING: frozenset({S.DOWNLOADING, S.FAILED, S.STOPPING}),
+        # provisioning runs in order; any step can fail or be cut short by a stop
+        S.PENDING: frozenset({S.DOWNLOADING, S.STARTING, S.FAILED, S.STOPPING}),
         S.DOWNLOADING: frozenset({S.UNPACKING, S.FAILED, S.STOPPING}),
         S.UNPACKING: frozenset({S.STARTING, S.FAILED, S.STOPPING}),
         # starting -> running once the command is spawned; failed when it cannot be
         # starting -> backoff: the spawn failed for want of resources (fds, memory)
         S.STARTING: frozenset({S.RUNNING, S.BACKOFF, S.FAILED, S.STOPPING}),
         # running -> starting: a run that lasted long enough restarts at once;
-        # running -> backoff: a quick exit waits first; running -> failed: the command
-        # does not exist (sh exit 126/127 at once), so restarting cannot help
-        S.RUNNING: frozenset({S.STARTING, S.BACKOFF, S.FAILED, S.STOPPING}),
+        # running -> backoff: a quick exit waits first; running -> exited: the restart
+        # policy does not restart it; running -> failed: the command does not exist, or
+        # max_restarts failed starts in a row
+        S.RUNNING: frozenset({S.STARTING, S.BACKOFF, S.EXITED, S.FAILED, S.STOPPING}),
+        # backoff -> starting: the delay passed, or a start control cut it short
         S.BACKOFF: frozenset({S.STARTING, S.STOPPING}),
         S.STOPPING: frozenset({S.STOPPED}),
-        # a failed process is still stopped on delete, through the same path as others
-        S.FAILED: frozenset({S.STOPPING}),
-        S.STOPPED: frozenset(),
+        # the resting states: a start control runs it again (pending when its source
+        # is not there yet: a process created with autostart false, or whose
+        # provisioning failed); a stop or delete goes through stopping like any other
+        S.STOPPED: frozenset({S.PENDING, S.STARTING}),
+        S.EXITED: frozenset({S.PENDING, S.STARTING, S.STOPPING}),
+        S.FAILED: frozenset({S.PENDING, S.STARTING, S.STOPPING}),
     }
 )
+
+#: States with no child and nothing scheduled: a start control makes sense in them.
+RESTING_STATES = frozenset({S.STOPPED, S.EXITED, S.FAILED})
 
 
 def check_transition(old: ProcessState, new: ProcessState) -> None:

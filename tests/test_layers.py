@@ -17,14 +17,18 @@ NAME = "smartmob_agent"
 
 PURE_CORE = frozenset({
     "__init__", "errors", "model", "procfile", "policy", "lines", "config",
-    "representations", "frames", "schemas",
+    "representations", "frames", "schemas", "dotenv",
 })
-ADAPTERS = frozenset({"archive", "child", "hub", "proctable"})
+ADAPTERS = frozenset({
+    "archive", "child", "hub", "proctable", "ports", "events", "webhooks", "monitor", "health",
+})
 #: The exceptions to "adapters never import each other": the child finds escaped
-#: descendants through the process table.
-ADAPTER_IMPORTS = {"child": frozenset({"proctable"})}
+#: descendants through the process table; a health command is a child, reaped as one.
+ADAPTER_IMPORTS = {"child": frozenset({"proctable"}), "health": frozenset({"child"})}
 ORCHESTRATION = frozenset({"watcher", "agent"})
-INTERFACES = frozenset({"api", "ws", "links", "server", "cli", "guardian", "__main__"})
+INTERFACES = frozenset({
+    "api", "ws", "links", "server", "cli", "guardian", "__main__", "eventsocket",
+})
 LAYERS = {
     **dict.fromkeys(PURE_CORE, 1),
     **dict.fromkeys(ADAPTERS, 2),

@@ -13,6 +13,7 @@ import pytest
 
 from smartmob_agent.errors import AgentError, InvalidTransition
 from smartmob_agent.model import (
+    RESTING_STATES,
     TRANSITIONS,
     Exit,
     ProcessInfo,
@@ -39,7 +40,7 @@ def test_state_values_are_the_api_contract() -> None:
     """The states are exactly the strings design.md lists, and print as those strings."""
     assert [state.value for state in S] == [
         "pending", "downloading", "unpacking", "starting", "running", "backoff",
-        "stopping", "stopped", "failed",
+        "stopping", "stopped", "exited", "failed",
     ]
     for state in S:
         assert str(state) == state.value
@@ -96,10 +97,12 @@ def test_every_live_state_can_be_stopped(state: ProcessState) -> None:
         check_transition(state, S.STOPPING)
 
 
-def test_stopped_is_final() -> None:
-    """No edge leaves stopped, and no state returns to pending."""
-    assert TRANSITIONS[S.STOPPED] == frozenset()
-    assert all(S.PENDING not in targets for targets in TRANSITIONS.values())
+def test_only_resting_states_start_again() -> None:
+    """Only a process with no child and nothing scheduled goes back to pending or starting
+    by a start control; stopped is left only that way."""
+    assert TRANSITIONS[S.STOPPED] == frozenset({S.PENDING, S.STARTING})
+    back_to_pending = {old for old, targets in TRANSITIONS.items() if S.PENDING in targets}
+    assert back_to_pending == set(RESTING_STATES)
 
 
 def test_every_state_is_reachable_from_pending() -> None:

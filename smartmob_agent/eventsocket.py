@@ -1,0 +1,157 @@
+"""The ``events`` WebSocket: each event of the bus as one JSON text frame.
+
+``GET /events`` (optionally ``?app=<app>`` and/or ``?slug=<slug>``) upgrades to a
+WebSocket that receives every event published from the handshake on, filtered, until the
+client leaves or the agent shuts down (close code 1001). What a client has not yet taken
+is bounded by its :class:`~smartmob_agent.events.EventQueue`: past it, the oldest events
+are dropped and an ``events:dropped`` frame tells the client how many.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import weakref
+from dataclasses import dataclass
+
+from aiohttp import WSCloseCode, web
+from multidict import MultiMapping
+
+from smartmob_agent.errors import InvalidRequest
+from smartmob_agent.events import Event, EventBus, EventQueue
+from smartmob_agent.schemas import MAX_NAME
+
+log = logging.getLogger(__name__)
+
+EVENT_BUS_KEY = web.AppKey("event_bus", EventBus)
+
+#: A slug is ``<app>.<node>``, so it may be twice as long as a name, plus the dot.
+MAX_SLUG = 2 * MAX_NAME + 1
+_FILTERS = {"app": MAX_NAME, "slug": MAX_SLUG}
+_FILTER_VALUE = re.compile(r"[A-Za-z0-9_.-]+")
+#: Seconds between pings; a client that does not answer one within half of it is gone.
+HEARTBEAT = 30.0
+#: Longest wait for a client to take the close frame; a stuck one is then cut off.
+CLOSE_TIMEOUT = 2.0
+
+
+@dataclass(eq=False)
+class EventClient:
+    """One connected ``events`` WebSocket, as the shutdown hook needs to close it."""
+
+    ws: web.WebSocketResponse
+    transport: asyncio.Transport
+
+    async def shutdown(self, code: int, message: bytes) -> None:
+        """Close the WebSocket with ``code``, cutting off a client that does not take it."""
+        if self.ws.closed:
+            return
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.ws.close(code=code, message=message)
+        except TimeoutError:  # the client stopped reading: the close frame cannot drain
+            self.transport.abort()
+
+
+EVENT_CLIENTS_KEY = web.AppKey("event_clients", weakref.WeakSet[EventClient])
+
+
+def read_filters(query: MultiMapping[str]) -> dict[str, str | None]:
+    """Return the ``app`` and ``slug`` filters of a query string (``None`` when absent).
+
+    Raises:
+        InvalidRequest: when one is given twice, empty, too long, or has a character
+            other than letters, digits, ``_``, ``.`` and ``-``.
+    """
+    filters: dict[str, str | None] = {}
+    problems: dict[str, str] = {}
+    for name, longest in _FILTERS.items():
+        values = query.getall(name, [])
+        filters[name] = values[0] if values else None
+        if len(values) > 1:
+            problems[name] = f"give {name} at most once"
+        elif values and not (len(values[0]) <= longest and _FILTER_VALUE.fullmatch(values[0])):
+            problems[name] = f"must be 1 to {longest} letters, digits, '_', '.' or '-'"
+    if problems:
+        detail = "; ".join(f"{name} {problem}" for name, problem in problems.items())
+        raise InvalidRequest(f"bad filter on /events: {detail}", problems)
+    return filters
+
+
+async def events_socket(request: web.Request) -> web.WebSocketResponse:
+    """Stream the bus's events, one JSON object per text frame, until either side leaves.
+
+    Raises:
+        InvalidRequest: for a bad ``app`` or ``slug`` filter, or a request that is not a
+            WebSocket handshake (answered before any upgrade, as a JSON 400).
+    """
+    filters = read_filters(request.query)
+    ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=4096)
+    if not ws.can_prepare(request).ok:
+        raise InvalidRequest(f"{request.path} is a WebSocket: connect with a WebSocket client")
+    # subscribe before the handshake, so a client sees every event published after it
+    queue = request.app[EVENT_BUS_KEY].subscribe(app=filters["app"], slug=filters["slug"])
+    try:
+        await ws.prepare(request)
+        assert request.transport is not None, "a prepared WebSocket has a transport"
+        client = EventClient(ws, request.transport)
+        request.app[EVENT_CLIENTS_KEY].add(client)
+        sender = asyncio.get_running_loop().create_task(_send_events(client, queue))
+        try:
+            async for _message in ws:
+                pass  # client frames carry nothing
+        finally:
+            # ends the sender, unless it is closing the socket: let it finish that
+            queue.close()
+            try:
+                await asyncio.wait([sender], timeout=CLOSE_TIMEOUT)
+            finally:
+                sender.cancel()
+                request.app[EVENT_CLIENTS_KEY].discard(client)
+    finally:
+        queue.close()
+        if queue.dropped:
+            log.info("an events client missed %d event(s)", queue.dropped)
+    return ws
+
+
+async def _send_events(client: EventClient, queue: EventQueue) -> None:
+    """Send each event of ``queue``; close with 1001 when the bus closes."""
+    try:
+        async for event in queue:
+            text = _encode(event)
+            if text is not None:
+                # waits while the client lags; meanwhile its queue drops the oldest
+                await client.ws.send_str(text)
+    except ConnectionResetError:  # the client went away mid-send
+        return
+    await client.shutdown(WSCloseCode.GOING_AWAY, b"event bus closed")
+
+
+def _encode(event: Event) -> str | None:
+    try:
+        return json.dumps(event, separators=(",", ":"))
+    except (TypeError, ValueError):  # a bug of the publisher: drop that event, not the client
+        log.exception("the %s event is not JSON; not sent", event.get("event"))
+        return None
+
+
+async def close_event_sockets(app: web.Application) -> None:
+    """``on_shutdown``: tell every events client that the agent is going away (1001)."""
+    clients: weakref.WeakSet[EventClient] = app[EVENT_CLIENTS_KEY]
+    await asyncio.gather(*(
+        client.shutdown(WSCloseCode.GOING_AWAY, b"agent shutting down")
+        for client in list(clients)
+    ))
+
+
+def add_routes(app: web.Application) -> None:
+    """Add ``GET /events`` (named ``events``) and the shutdown hook that closes its sockets.
+
+    The application must hold the bus under :data:`EVENT_BUS_KEY`.
+    """
+    app[EVENT_CLIENTS_KEY] = weakref.WeakSet()
+    app.router.add_get("/events", events_socket, name="events")
+    app.on_shutdown.append(close_event_sockets)
