@@ -1,8 +1,9 @@
 """The registry of every process on this machine: the only object the web layer uses.
 
-:class:`Agent` creates, lists, finds and deletes :class:`~smartmob_agent.watcher.Watcher`
-objects, owns what they share (the HTTP client session, the reaper, the state folder)
-and stops them all on shutdown.
+:class:`Agent` creates, lists, finds, controls and deletes
+:class:`~smartmob_agent.watcher.Watcher` objects, owns what they share (the HTTP client
+session, the reaper, the state folder, the ports, the tree monitor, the event bus and
+the webhooks) and stops them all on shutdown.
 """
 
 from __future__ import annotations
@@ -12,22 +13,33 @@ import builtins
 import logging
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
 from smartmob_agent import archive
 from smartmob_agent.child import Reaper
 from smartmob_agent.config import Settings
-from smartmob_agent.errors import Conflict, NotFound
+from smartmob_agent.errors import AgentError, Conflict, NotFound
+from smartmob_agent.events import EventBus, make_event
 from smartmob_agent.model import ProcessInfo, Spec
+from smartmob_agent.monitor import Monitor
+from smartmob_agent.ports import PortAllocator
 from smartmob_agent.watcher import Runtime, Watcher
+from smartmob_agent.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
 #: Set in every child's environment; the guardian finds the agent's descendants by it.
 AGENT_ID_VARIABLE = "SMARTMOB_AGENT_ID"
+#: The agent's own secrets: never passed on to children.
+SECRET_VARIABLES = frozenset({"SMARTMOB_WEBHOOK_SECRET"})
+#: How long a shutdown gives the webhooks to deliver the last events.
+WEBHOOK_GRACE = 2.0
+#: The bulk actions, by the name the API uses.
+BULK_ACTIONS = ("start", "stop", "restart", "delete")
 
 
 class Agent:
@@ -52,10 +64,16 @@ class Agent:
         self.settings = settings
         self.id = uuid.uuid4().hex
         self.reaper = reaper or Reaper()
-        self._base_env = dict(os.environ if base_env is None else base_env)
+        environ = os.environ if base_env is None else base_env
+        self._base_env = {k: v for k, v in environ.items() if k not in SECRET_VARIABLES}
         self._watchers: dict[str, Watcher] = {}
         self._session: aiohttp.ClientSession | None = None
         self._runtime: Runtime | None = None
+        self.ports = PortAllocator()
+        self.monitor = Monitor(settings.monitor_interval)
+        #: every lifecycle event of every process (see :mod:`smartmob_agent.events`)
+        self.events = EventBus()
+        self.webhooks: Webhooks | None = None
 
     @property
     def processes_dir(self) -> Path:
@@ -77,14 +95,44 @@ class Agent:
                 total=self.settings.download_timeout,
             ),
             stop_timeout=self.settings.stop_timeout,
+            monitor=self.monitor,
+            emit=self._emit,
         )
+        self.monitor.start()
+        secret = self.settings.webhook_secret
+        self.webhooks = Webhooks(
+            self._session, self.settings.webhook,
+            secret=None if secret is None else secret.encode(),
+        )
+        self.events.add_listener(self._notify)
 
     async def close(self) -> None:
         """Stop every process (each with the full stop sequence), then release resources."""
         await self.stop_all()
+        self.events.close()
+        await self.monitor.close()
+        if self.webhooks is not None:
+            await self.webhooks.close(WEBHOOK_GRACE)
         if self._session is not None:
             await self._session.close()
         self.reaper.close()
+
+    def _emit(self, watcher: Watcher, kind: str, fields: Mapping[str, Any]) -> None:
+        spec = watcher.spec
+        extra = dict(fields)
+        pid = extra.pop("pid", watcher.pid)  # an exit names the child that ended
+        self.events.publish(make_event(
+            kind, slug=spec.slug, app=spec.app, node=spec.node,
+            process_type=spec.process_type, pid=pid, state=watcher.state.value, **extra,
+        ))
+
+    def _notify(self, event: Mapping[str, Any]) -> None:
+        """Hand an event to the webhooks: the agent's own and the process's ``notify``."""
+        if self.webhooks is None:
+            return
+        watcher = self._watchers.get(event.get("slug", ""))
+        extra = watcher.spec.options.notify if watcher is not None else ()
+        self.webhooks.submit(event, extra)
 
     async def __aenter__(self) -> Agent:
         await self.start()
@@ -105,11 +153,23 @@ class Agent:
         slug = spec.slug
         if slug in self._watchers:
             raise Conflict(f"a process named {slug!r} already exists; delete it first")
-        watcher = Watcher(spec, self.processes_dir / slug, self._runtime, request_id)
+        port = self._port_for(spec)
+        watcher = Watcher(spec, self.processes_dir / slug, self._runtime, request_id, port)
         self._watchers[slug] = watcher
         watcher.start()
         log.info("%s: created (process type %r)", slug, spec.process_type)
         return watcher
+
+    def _port_for(self, spec: Spec) -> int | None:
+        """A free port for ``PORT``, or the one the request's ``env`` sets (if a port)."""
+        given = spec.env.get("PORT")
+        if given is None:
+            return self.ports.allocate(spec.slug)
+        try:
+            self.ports.reserve(spec.slug, int(given))
+        except ValueError:  # not a port number: the program's business, not ours
+            return None
+        return int(given)
 
     def get(self, slug: str) -> Watcher:
         """Return the watcher of ``slug``.
@@ -139,12 +199,46 @@ class Agent:
         watcher = self.get(slug)
         try:
             await watcher.stop()
+            watcher.close()
             # files go before the name is freed, so a new process of that name starts clean
             await watcher.remove_files()
         finally:  # even if interrupted: a slug must never be stuck half-deleted
             if self._watchers.get(slug) is watcher:
                 del self._watchers[slug]
+                self.ports.release(slug)
                 log.info("%s: deleted", slug)
+
+    def select(self, app: str | None) -> builtins.list[Watcher]:
+        """Every watcher of ``app`` (of every app for ``None``), in creation order."""
+        return [w for w in self._watchers.values() if app is None or w.spec.app == app]
+
+    async def bulk(self, action: str, app: str | None) -> builtins.list[dict[str, Any]]:
+        """Apply a control (or delete) to every process of ``app`` (every process for
+        ``None``) at once; one process's conflict does not stop the others.
+
+        Returns:
+            One outcome per process, in creation order: ``{"slug", "ok"}`` and, when it
+            did not apply, ``"error"``.
+        """
+        watchers = self.select(app)
+        actions: dict[str, Callable[[Watcher], Awaitable[None]]] = {
+            "start": Watcher.request_start,
+            "stop": Watcher.request_stop,
+            "restart": Watcher.request_restart,
+            "delete": lambda w: self.delete(w.spec.slug),
+        }
+        act = actions[action]
+        results = await asyncio.gather(*(act(w) for w in watchers), return_exceptions=True)
+        outcomes: builtins.list[dict[str, Any]] = []
+        for watcher, result in zip(watchers, results, strict=True):
+            outcome: dict[str, Any] = {"slug": watcher.spec.slug, "ok": result is None}
+            if isinstance(result, AgentError):
+                outcome["error"] = str(result)
+            elif isinstance(result, BaseException):
+                log.error("%s: %s failed: %r", watcher.spec.slug, action, result)
+                outcome["error"] = "internal error of the agent; see its log"
+            outcomes.append(outcome)
+        return outcomes
 
     async def stop_all(self) -> None:
         """Stop every process at once and wait until all are gone."""

@@ -18,7 +18,14 @@ from smartmob_agent.agent import Agent
 from smartmob_agent.errors import InvalidRequest
 from smartmob_agent.links import RequestLinks
 from smartmob_agent.model import Spec
-from smartmob_agent.schemas import create_request
+from smartmob_agent.schemas import (
+    bulk_request,
+    create_request,
+    parse_bulk,
+    parse_options,
+    signal_request,
+)
+from smartmob_agent.watcher import Watcher
 
 routes = web.RouteTableDef()
 
@@ -42,7 +49,7 @@ async def read_json(request: web.Request, *, allow_empty: bool = False) -> Any:
             return {}
         raise InvalidRequest("the request body is empty: send a JSON object")
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_no_constant)
     except UnicodeDecodeError:
         raise InvalidRequest("the request body is not UTF-8 text") from None
     except json.JSONDecodeError as error:
@@ -54,6 +61,10 @@ async def read_json(request: web.Request, *, allow_empty: bool = False) -> Any:
         raise InvalidRequest("the request body is nested too deeply") from None
     except ValueError as error:  # e.g. an integer of thousands of digits
         raise InvalidRequest(f"the request body is not usable JSON: {error}") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 @routes.get("/", name="index")
@@ -79,6 +90,7 @@ async def create_process(request: web.Request) -> web.Response:
         process_type=data["process_type"],
         source_url=data["source_url"],
         env=MappingProxyType(dict(data.get("env", {}))),
+        options=parse_options(data),
     )
     watcher = _agent(request).create(spec, request_id=request.get(REQUEST_ID_KEY))
     links = RequestLinks(request)
@@ -106,3 +118,79 @@ async def delete_process(request: web.Request) -> web.Response:
         raise InvalidRequest("the delete request must be a JSON object (usually {})")
     await agent.delete(slug)
     return web.json_response({})
+
+
+async def _control_target(request: web.Request) -> Watcher:
+    """The watcher a control names (404 first), once its body is known to be an object."""
+    watcher = _agent(request).get(request.match_info["slug"])
+    body = await read_json(request, allow_empty=True)
+    if not isinstance(body, dict) or body:
+        raise InvalidRequest("this control takes no fields: send {} or nothing")
+    return watcher
+
+
+def _status(request: web.Request, watcher: Watcher) -> web.Response:
+    return web.json_response(docs.process_document(watcher.info(), RequestLinks(request)))
+
+
+@routes.post("/start-process/{slug}", name="start")
+async def start_process(request: web.Request) -> web.Response:
+    """Start a stopped, exited or failed process, or end a backoff now."""
+    watcher = await _control_target(request)
+    await watcher.request_start()
+    return _status(request, watcher)
+
+
+@routes.post("/stop-process/{slug}", name="stop")
+async def stop_process(request: web.Request) -> web.Response:
+    """Stop a process and keep it, stopped; answers once its child is gone."""
+    watcher = await _control_target(request)
+    await watcher.request_stop()
+    return _status(request, watcher)
+
+
+@routes.post("/restart-process/{slug}", name="restart")
+async def restart_process(request: web.Request) -> web.Response:
+    """Stop a process, wait until its child is gone, and start it again."""
+    watcher = await _control_target(request)
+    await watcher.request_restart()
+    return _status(request, watcher)
+
+
+@routes.post("/signal-process/{slug}", name="signal")
+async def signal_process(request: web.Request) -> web.Response:
+    """Send a signal (``{"signal": "HUP"}``) to a running process's group."""
+    watcher = _agent(request).get(request.match_info["slug"])
+    data = signal_request.validate(await read_json(request))
+    await watcher.request_signal(data["signal"])
+    return _status(request, watcher)
+
+
+async def _bulk(request: web.Request, action: str) -> web.Response:
+    app = parse_bulk(bulk_request.validate(await read_json(request)))
+    outcomes = await _agent(request).bulk(action, app)
+    return web.json_response({"processes": outcomes})
+
+
+@routes.post("/start-processes", name="bulk_start")
+async def bulk_start(request: web.Request) -> web.Response:
+    """Start every process of an app (``{"app": ...}``) or every one (``{"all": true}``)."""
+    return await _bulk(request, "start")
+
+
+@routes.post("/stop-processes", name="bulk_stop")
+async def bulk_stop(request: web.Request) -> web.Response:
+    """Stop every process of an app, or every one."""
+    return await _bulk(request, "stop")
+
+
+@routes.post("/restart-processes", name="bulk_restart")
+async def bulk_restart(request: web.Request) -> web.Response:
+    """Restart every process of an app, or every one."""
+    return await _bulk(request, "restart")
+
+
+@routes.post("/delete-processes", name="bulk_delete")
+async def bulk_delete(request: web.Request) -> web.Response:
+    """Delete every process of an app, or every one."""
+    return await _bulk(request, "delete")

@@ -42,6 +42,8 @@ TRANSIENT_SPAWN_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, er
 _PR_SET_CHILD_SUBREAPER = 36
 #: Longest wait for processes to vanish after SIGKILL (a process stuck in the kernel).
 _KILL_WAIT = 5.0
+#: Input waiting for a child that does not read its stdin; beyond this, input is refused.
+MAX_STDIN_BUFFER = 64 * 1024
 
 
 def become_subreaper() -> bool:
@@ -141,6 +143,9 @@ class Child:
         self._stopping = False
         self._open_streams = 0
         self._streams_closed = asyncio.Event()
+        self._stdin = bytearray()
+        if popen.stdin is not None:
+            os.set_blocking(popen.stdin.fileno(), False)
         for stream, pipe in (("stdout", popen.stdout), ("stderr", popen.stderr)):
             assert pipe is not None
             self._read(stream, pipe.fileno(), LineSplitter(max_line))
@@ -155,8 +160,12 @@ class Child:
         sink: Sink,
         reaper: Reaper,
         max_line: int = DEFAULT_MAX_LINE,
+        umask: int | None = None,
     ) -> Child:
         """Start ``/bin/sh -c command`` in ``cwd`` with exactly ``env``.
+
+        Its stdin is a pipe the agent keeps open for :meth:`write_input`; ``umask`` (if
+        given) is set in the child before it runs the shell.
 
         Raises:
             SpawnError: if the shell could not be started (missing folder, no /bin/sh).
@@ -166,12 +175,13 @@ class Child:
                 ["/bin/sh", "-c", command],
                 cwd=cwd,
                 env=dict(env),
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 bufsize=0,  # read with os.read(): buffered readers would hold unused memory
                 start_new_session=True,
                 close_fds=True,
+                umask=-1 if umask is None else umask,
             )
         except OSError as error:
             raise SpawnError(
@@ -184,7 +194,7 @@ class Child:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(popen.pid, signal.SIGKILL)
             popen.wait()
-            for pipe in (popen.stdout, popen.stderr):
+            for pipe in (popen.stdin, popen.stdout, popen.stderr):
                 if pipe is not None:
                     pipe.close()
             raise SpawnError(
@@ -194,6 +204,51 @@ class Child:
         child = cls(popen, sink, max_line)
         reaper.redirect(popen.pid, child._on_exit)
         return child
+
+    # -- input ----------------------------------------------------------------------------
+
+    def write_input(self, data: bytes) -> bool:
+        """Queue ``data`` for the child's stdin, never blocking the agent.
+
+        Returns:
+            ``False`` (and writes nothing) if the child has exited, closed its stdin, or
+            left more than :data:`MAX_STDIN_BUFFER` bytes unread.
+        """
+        pipe = self._popen.stdin
+        if pipe is None or pipe.closed or self.exited:
+            return False
+        if len(self._stdin) + len(data) > MAX_STDIN_BUFFER:
+            return False
+        waiting = bool(self._stdin)
+        self._stdin += data
+        if not waiting:
+            self._flush_input()
+        return True
+
+    def _flush_input(self) -> None:
+        pipe = self._popen.stdin
+        if pipe is None or pipe.closed:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            written = os.write(pipe.fileno(), self._stdin)
+        except BlockingIOError:
+            written = 0
+        except OSError:  # the child closed its stdin (EPIPE): input has nowhere to go
+            self._close_input()
+            return
+        del self._stdin[:written]
+        if self._stdin:
+            loop.add_writer(pipe.fileno(), self._flush_input)
+        else:
+            loop.remove_writer(pipe.fileno())
+
+    def _close_input(self) -> None:
+        pipe = self._popen.stdin
+        if pipe is not None and not pipe.closed:
+            asyncio.get_running_loop().remove_writer(pipe.fileno())
+            pipe.close()
+        self._stdin.clear()
 
     # -- output -------------------------------------------------------------------------
 
@@ -250,6 +305,7 @@ class Child:
         if not self._stopping:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
+        self._close_input()
         self._exit.set_result(exit)
 
     @property

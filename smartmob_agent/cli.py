@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(
             option.flag, dest=option.name, metavar=option.metavar, default=None,
             help=f"{option.help} [{option.env}]",
+            action="append" if option.repeat else "store",
         )
     return parser
 

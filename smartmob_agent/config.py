@@ -29,6 +29,9 @@ class Settings:
     download_stall: float = 30.0
     download_timeout: float = 600.0
     log_level: str = "info"
+    webhook: tuple[str, ...] = ()
+    webhook_secret: str | None = None
+    monitor_interval: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class Option:
     parse: Callable[[str], Any]
     metavar: str
     help: str
+    #: the flag may be given many times; the variable holds values separated by spaces
+    repeat: bool = False
 
 
 def _integer(text: str) -> int:
@@ -97,6 +102,20 @@ def _folder(text: str) -> Path:
     return Path(text)
 
 
+def _webhook(text: str) -> str:
+    url = text.strip()
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in {"http", "https"} or not rest or any(c.isspace() for c in url):
+        raise ValueError("must be an http:// or https:// URL")
+    return url
+
+
+def _secret(text: str) -> str:
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
 OPTIONS: tuple[Option, ...] = (
     Option("host", "--host", "SMARTMOB_HOST", _host, "ADDRESS",
            "address to listen on (default: 127.0.0.1)"),
@@ -116,12 +135,23 @@ OPTIONS: tuple[Option, ...] = (
            "SECONDS", "give up a download that takes longer than this (default: 600)"),
     Option("log_level", "--log-level", "SMARTMOB_LOG_LEVEL", _level, "LEVEL",
            "least severe log level written to stderr (default: info)"),
+    Option("webhook", "--webhook", "SMARTMOB_WEBHOOK", _webhook, "URL",
+           "POST every process event as JSON to this URL; repeat for more URLs (the "
+           "variable takes them separated by spaces)", repeat=True),
+    Option("webhook_secret", "--webhook-secret", "SMARTMOB_WEBHOOK_SECRET", _secret,
+           "SECRET", "sign webhook bodies with HMAC-SHA256 and this key, in the "
+           "X-Smartmob-Signature header"),
+    Option("monitor_interval", "--monitor-interval", "SMARTMOB_MONITOR_INTERVAL", _positive,
+           "SECONDS", "how often CPU and memory of every process tree are sampled "
+           "(default: 2)"),
 )
 
 assert {option.name for option in OPTIONS} == {f.name for f in fields(Settings)}
 
 
-def settings_from(flags: Mapping[str, str | None], environ: Mapping[str, str]) -> Settings:
+def settings_from(
+    flags: Mapping[str, str | list[str] | None], environ: Mapping[str, str]
+) -> Settings:
     """Build :class:`Settings` from flag values (``None`` when not given) and environment.
 
     Raises:
@@ -138,7 +168,12 @@ def settings_from(flags: Mapping[str, str | None], environ: Mapping[str, str]) -
         if raw is None:
             continue
         try:
-            values[option.name] = option.parse(raw)
+            if option.repeat:
+                given = raw.split() if isinstance(raw, str) else raw
+                values[option.name] = tuple(option.parse(item) for item in given)
+            else:
+                assert isinstance(raw, str)
+                values[option.name] = option.parse(raw)
         except ValueError as error:
             problems[source] = f"{raw!r} is not valid: {error}"
     if problems:

@@ -17,8 +17,9 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from typing import Any
+
+from smartmob_agent.representations import format_time
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +33,6 @@ DEFAULT_MAXSIZE = 1000
 
 Event = dict[str, Any]
 Listener = Callable[[Event], None]
-
-
-def format_time(timestamp: float) -> str:
-    """Return a POSIX timestamp as ISO 8601 UTC with milliseconds, ending in ``Z``.
-
-    >>> format_time(1796148000.1234)
-    '2026-12-01T18:00:00.123Z'
-    """
-    moment = datetime.fromtimestamp(timestamp, UTC)
-    return moment.isoformat(timespec="milliseconds").removesuffix("+00:00") + "Z"
 
 
 def make_event(

@@ -101,6 +101,66 @@ class Exit:
         return f"exited with code {self.code}"
 
 
+class RestartPolicy(enum.StrEnum):
+    """When a child that ended is started again (the ``restart`` option)."""
+
+    #: whatever the exit: the seed's rule, "restart until deleted"
+    ALWAYS = "always"
+    #: only after an exit code not in ``exit_codes``, or death by a signal
+    ON_FAILURE = "on-failure"
+    NEVER = "never"
+
+
+#: What a ``health`` check does not say: seconds between probes, seconds a probe may take,
+#: failed probes in a row before a restart.
+HEALTH_DEFAULTS: Mapping[str, float | int] = MappingProxyType(
+    {"interval": 10, "timeout": 5, "failures": 3}
+)
+
+#: Signals a ``stop_signal`` (and the ``signal`` control) may name, without ``SIG``.
+SIGNAL_NAMES = ("TERM", "INT", "QUIT", "HUP", "KILL", "USR1", "USR2")
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """The exponential restart delay, in seconds (the ``backoff`` option)."""
+
+    initial: float = 0.1
+    maximum: float = 30.0
+
+
+@dataclass(frozen=True)
+class Options:
+    """How one process is supervised: the optional fields of a create request.
+
+    Every field has the default a create request without it gets. ``stop_timeout`` of
+    ``None`` means the agent's :option:`--stop-timeout`; ``health`` is the request's
+    ``health`` object as given (the watcher turns it into a check).
+    """
+
+    restart: RestartPolicy = RestartPolicy.ALWAYS
+    exit_codes: frozenset[int] = frozenset({0})
+    max_restarts: int | None = None
+    start_seconds: float = 1.0
+    backoff: Backoff = Backoff()
+    stop_signal: str = "TERM"
+    stop_timeout: float | None = None
+    working_dir: str | None = None
+    umask: int | None = None
+    autostart: bool = True
+    health: Mapping[str, object] | None = None
+    notify: tuple[str, ...] = ()
+
+    def is_clean(self, exit: Exit) -> bool:
+        """Tell whether ``exit`` counts as a clean one (a code in ``exit_codes``)."""
+        return exit.code >= 0 and exit.code in self.exit_codes
+
+    @property
+    def signal_number(self) -> int:
+        """The number of :attr:`stop_signal`."""
+        return int(signal.Signals[f"SIG{self.stop_signal}"])
+
+
 @dataclass(frozen=True)
 class Spec:
     """What a create request asked for. Frozen: a process never changes its spec."""
@@ -110,11 +170,23 @@ class Spec:
     process_type: str
     source_url: str
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    options: Options = Options()
 
     @property
     def slug(self) -> str:
         """The process's unique name: ``<app>.<node>``."""
         return f"{self.app}.{self.node}"
+
+
+@dataclass(frozen=True)
+class ExitRecord:
+    """One past exit of a child: how it ended, when (epoch seconds), after how long, and
+    why the agent ended it, if it did (``"stopped"``, ``"unhealthy: ..."``)."""
+
+    exit: Exit
+    at: float
+    ran_for: float
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -126,4 +198,22 @@ class ProcessInfo:
     pid: int | None
     error: str | None
     restarts: int
-    last_exit: Exit | None
+    last_exit: ExitRecord | None
+    #: the last few exits, oldest first (the last one included)
+    exits: tuple[ExitRecord, ...] = ()
+    #: epoch seconds the current child was spawned at, while there is one
+    started_at: float | None = None
+    #: seconds the current child has run, while there is one
+    uptime: float | None = None
+    port: int | None = None
+    healthy: bool | None = None
+    #: the current child's whole process tree, as last sampled (None before a sample)
+    cpu_percent: float | None = None
+    memory_rss: int | None = None
+    #: while in backoff: the delay being waited, and when (epoch) the next start is due
+    backoff_delay: float | None = None
+    next_start_at: float | None = None
+    #: while in backoff, failed or exited: the last lines of output before the last exit
+    output_tail: tuple[str, ...] = ()
+    #: the stop timeout in force: the process's own, else the agent's
+    stop_timeout: float | None = None

@@ -8,9 +8,10 @@ and the routes). Nothing in this module knows about HTTP.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from smartmob_agent.model import ProcessInfo
+from smartmob_agent.model import ExitRecord, Options, ProcessInfo
 
 
 class Linker(Protocol):
@@ -24,10 +25,57 @@ class Linker(Protocol):
 
 
 #: Relations of the index document, in the order shown.
-INDEX_RELATIONS = ("list", "create")
+INDEX_RELATIONS = (
+    "list", "create", "events", "bulk_start", "bulk_stop", "bulk_restart", "bulk_delete",
+)
 #: Relations of a process status document. ``status`` is ``details`` under the name the
 #: seed's reference table uses; both are served.
-PROCESS_RELATIONS = ("details", "status", "attach", "delete")
+PROCESS_RELATIONS = (
+    "details", "status", "attach", "delete", "start", "stop", "restart", "signal",
+)
+
+
+def format_time(timestamp: float) -> str:
+    """Return a POSIX timestamp as ISO 8601 UTC with milliseconds, ending in ``Z``.
+
+    >>> format_time(1796148000.1234)
+    '2026-12-01T18:00:00.123Z'
+    """
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return moment.isoformat(timespec="milliseconds").removesuffix("+00:00") + "Z"
+
+
+def _seconds(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def exit_document(record: ExitRecord) -> dict[str, Any]:
+    """One exit: ``{"code", "signal", "at", "ran_for", "reason"}``."""
+    return {
+        "code": record.exit.code,
+        "signal": record.exit.signal,
+        "at": format_time(record.at),
+        "ran_for": round(record.ran_for, 3),
+        "reason": record.reason,
+    }
+
+
+def options_document(options: Options, stop_timeout: float | None) -> dict[str, Any]:
+    """The supervision options in force, spelt as a create request spells them."""
+    return {
+        "restart": options.restart.value,
+        "exit_codes": sorted(options.exit_codes),
+        "max_restarts": options.max_restarts,
+        "start_seconds": options.start_seconds,
+        "backoff": {"initial": options.backoff.initial, "max": options.backoff.maximum},
+        "stop_signal": options.stop_signal,
+        "stop_timeout": stop_timeout,
+        "working_dir": options.working_dir,
+        "umask": None if options.umask is None else f"{options.umask:04o}",
+        "autostart": options.autostart,
+        "health": None if options.health is None else dict(options.health),
+        "notify": list(options.notify),
+    }
 
 
 def index_document(links: Linker) -> dict[str, Any]:
@@ -38,7 +86,7 @@ def index_document(links: Linker) -> dict[str, Any]:
 def process_document(info: ProcessInfo, links: Linker) -> dict[str, Any]:
     """Return the process status document of one process."""
     spec = info.spec
-    exit = info.last_exit
+    last = info.last_exit
     document: dict[str, Any] = {
         "app": spec.app,
         "node": spec.node,
@@ -47,8 +95,22 @@ def process_document(info: ProcessInfo, links: Linker) -> dict[str, Any]:
         "state": info.state.value,
         "pid": info.pid,
         "error": info.error,
+        "port": info.port,
+        "started_at": None if info.started_at is None else format_time(info.started_at),
+        "uptime": _seconds(info.uptime),
         "restarts": info.restarts,
-        "last_exit": None if exit is None else {"code": exit.code, "signal": exit.signal},
+        "last_exit": None if last is None else exit_document(last),
+        "exits": [exit_document(record) for record in info.exits],
+        "cpu_percent": info.cpu_percent,
+        "memory_rss": info.memory_rss,
+        "healthy": info.healthy,
+        "backoff_delay": _seconds(info.backoff_delay),
+        "next_start_at": (
+            None if info.next_start_at is None else format_time(info.next_start_at)
+        ),
+        "output_tail": list(info.output_tail),
+        # nested: "restart" is both an option and a link relation
+        "options": options_document(spec.options, info.stop_timeout),
     }
     for relation in PROCESS_RELATIONS:
         document[relation] = links.process(relation, spec.slug)

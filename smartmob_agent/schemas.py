@@ -15,6 +15,13 @@ from typing import Any
 import fastjsonschema
 
 from smartmob_agent.errors import InvalidRequest
+from smartmob_agent.model import (
+    HEALTH_DEFAULTS,
+    SIGNAL_NAMES,
+    Backoff,
+    Options,
+    RestartPolicy,
+)
 
 #: app and node: a path component that cannot be ``.``/``..`` or hide a separator.
 NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9_.-]*$"
@@ -34,6 +41,101 @@ _NAME_RULE = (
     f"must be a string of 1 to {MAX_NAME} letters, digits, '_', '.' or '-', "
     "not starting with '.' or '-' and without '..'"
 )
+
+MAX_SECONDS = 86400
+MAX_NOTIFY = 10
+
+_SECONDS_RULE = f"a number of seconds from 0 to {MAX_SECONDS}"
+_URL_PATTERN = r"^[hH][tT][tT][pP][sS]?://[^/?#\s][^\s]*$"
+_SIGNAL: dict[str, Any] = {"type": "string", "enum": list(SIGNAL_NAMES)}
+_SIGNAL_RULE = "must be one of " + ", ".join(SIGNAL_NAMES) + " (a signal name without SIG)"
+
+#: The optional supervision fields of a create request (see :class:`Options`).
+OPTION_PROPERTIES: dict[str, Any] = {
+    "restart": {
+        "type": "string",
+        "enum": [policy.value for policy in RestartPolicy],
+        "description": "must be one of 'always', 'on-failure' or 'never'",
+    },
+    "exit_codes": {
+        "type": "array",
+        "maxItems": 256,
+        "items": {"type": "integer", "minimum": 0, "maximum": 255},
+        "description": "must be an array of exit codes, integers from 0 to 255",
+    },
+    "max_restarts": {
+        "type": ["integer", "null"],
+        "minimum": 0,
+        "maximum": 1_000_000,
+        "description": "must be null (never give up) or an integer from 0 to 1000000",
+    },
+    "start_seconds": {
+        "type": "number",
+        "minimum": 0,
+        "maximum": MAX_SECONDS,
+        "description": f"must be {_SECONDS_RULE}",
+    },
+    "backoff": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "initial": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SECONDS},
+            "max": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SECONDS},
+        },
+        "description": (
+            "must be an object with 'initial' and/or 'max', numbers of seconds above 0 "
+            f"and at most {MAX_SECONDS}, initial not above max"
+        ),
+    },
+    "stop_signal": {**_SIGNAL, "description": _SIGNAL_RULE},
+    "stop_timeout": {
+        "type": "number",
+        "minimum": 0,
+        "maximum": MAX_SECONDS,
+        "description": f"must be {_SECONDS_RULE}",
+    },
+    "working_dir": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 1024,
+        "pattern": r"^(?!/)(?!(.*/)?\.\.(/|$))[^\x00\\]*$",
+        "description": (
+            "must be a relative path inside the source, without '..', a leading '/', "
+            "backslashes or NUL (at most 1024 characters)"
+        ),
+    },
+    "umask": {
+        "type": "string",
+        "pattern": r"^0?[0-7]{1,3}$",
+        "description": "must be an octal string such as '022' or '0077'",
+    },
+    "autostart": {"type": "boolean", "description": "must be true or false"},
+    "health": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "http": {"type": "string", "pattern": r"^/[^\s]*$", "maxLength": 1024},
+            "command": {"type": "string", "minLength": 1, "maxLength": 4096,
+                        "pattern": r"^[^\x00]*$"},
+            "interval": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SECONDS},
+            "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SECONDS},
+            "failures": {"type": "integer", "minimum": 1, "maximum": 1000},
+        },
+        "oneOf": [{"required": ["http"]}, {"required": ["command"]}],
+        "description": (
+            "must be an object with exactly one of 'http' (a path starting with '/', "
+            "probed on the process's PORT) and 'command' (a shell command), and "
+            "optionally 'interval' and 'timeout' (seconds above 0) and 'failures' (an "
+            "integer from 1 to 1000)"
+        ),
+    },
+    "notify": {
+        "type": "array",
+        "maxItems": MAX_NOTIFY,
+        "items": {"type": "string", "maxLength": MAX_URL, "pattern": _URL_PATTERN},
+        "description": f"must be an array of at most {MAX_NOTIFY} http:// or https:// URLs",
+    },
+}
 
 CREATE_REQUEST: dict[str, Any] = {
     "title": "Create request",
@@ -56,7 +158,7 @@ CREATE_REQUEST: dict[str, Any] = {
         "source_url": {
             "type": "string",
             "maxLength": MAX_URL,
-            "pattern": r"^[hH][tT][tT][pP][sS]?://[^/?#\s][^\s]*$",
+            "pattern": _URL_PATTERN,
             "description": (
                 f"must be an http:// or https:// URL of a zip or tar archive, at most "
                 f"{MAX_URL} characters, without spaces"
@@ -77,6 +179,25 @@ CREATE_REQUEST: dict[str, Any] = {
                 f"{MAX_ENV_ENTRIES} entries, values up to {MAX_ENV_VALUE} characters)"
             ),
         },
+        **OPTION_PROPERTIES,
+    },
+}
+
+SIGNAL_REQUEST: dict[str, Any] = {
+    "title": "Signal request",
+    "type": "object",
+    "required": ["signal"],
+    "additionalProperties": False,
+    "properties": {"signal": {**_SIGNAL, "description": _SIGNAL_RULE}},
+}
+
+BULK_REQUEST: dict[str, Any] = {
+    "title": "Bulk request",
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "app": {**_NAME, "description": f"{_NAME_RULE}: the app whose processes to act on"},
+        "all": {"const": True, "description": "must be true: act on every process"},
     },
 }
 
@@ -168,4 +289,52 @@ def _json_type(value: Any) -> str:
     return "an object"
 
 
+def parse_options(data: Mapping[str, Any]) -> Options:
+    """Build the :class:`Options` of a create request already checked by its schema.
+
+    Raises:
+        InvalidRequest: for what a schema cannot say (a backoff whose initial delay is
+            above its maximum).
+    """
+    defaults = Options()
+    backoff = data.get("backoff", {})
+    initial = float(backoff.get("initial", defaults.backoff.initial))
+    maximum = float(backoff.get("max", max(defaults.backoff.maximum, initial)))
+    if initial > maximum:
+        problem = {"backoff": f"has initial {initial:g} s above max {maximum:g} s"}
+        raise InvalidRequest("invalid fields in the request: backoff", problem)
+    umask = data.get("umask")
+    stop_timeout = data.get("stop_timeout")
+    return Options(
+        restart=RestartPolicy(data.get("restart", defaults.restart)),
+        exit_codes=frozenset(data.get("exit_codes", defaults.exit_codes)),
+        max_restarts=data.get("max_restarts"),
+        start_seconds=float(data.get("start_seconds", defaults.start_seconds)),
+        backoff=Backoff(initial=initial, maximum=maximum),
+        stop_signal=data.get("stop_signal", defaults.stop_signal),
+        stop_timeout=None if stop_timeout is None else float(stop_timeout),
+        working_dir=data.get("working_dir"),
+        umask=None if umask is None else int(umask, 8),
+        autostart=data.get("autostart", defaults.autostart),
+        health=None if "health" not in data else {**HEALTH_DEFAULTS, **data["health"]},
+        notify=tuple(data.get("notify", ())),
+    )
+
+
+def parse_bulk(data: Mapping[str, Any]) -> str | None:
+    """Return the app a bulk request names, or ``None`` for ``{"all": true}``.
+
+    Raises:
+        InvalidRequest: unless exactly one of ``app`` and ``all`` is given.
+    """
+    if ("app" in data) == ("all" in data):
+        raise InvalidRequest(
+            'a bulk request names exactly one of "app" (one app\'s processes) and '
+            '"all": true (every process)'
+        )
+    return data.get("app")
+
+
 create_request = RequestSchema(CREATE_REQUEST)
+signal_request = RequestSchema(SIGNAL_REQUEST)
+bulk_request = RequestSchema(BULK_REQUEST)

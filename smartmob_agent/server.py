@@ -15,11 +15,12 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from smartmob_agent import errors
+from smartmob_agent import errors, eventsocket
 from smartmob_agent import ws as _ws  # noqa: F401  (registers the attach route)
 from smartmob_agent.agent import Agent
 from smartmob_agent.api import AGENT_KEY, REQUEST_ID_KEY, routes
 from smartmob_agent.config import Settings
+from smartmob_agent.ports import PortsExhausted
 from smartmob_agent.representations import error_document
 from smartmob_agent.ws import SOCKETS_KEY, close_all
 
@@ -30,6 +31,7 @@ ERROR_STATUS: tuple[tuple[type[errors.AgentError], int], ...] = (
     (errors.InvalidRequest, 400),
     (errors.NotFound, 404),
     (errors.Conflict, 409),
+    (PortsExhausted, 503),  # the machine is out of ports; try again later
     (errors.InvalidTransition, 500),  # a bug of the agent, not of the client
 )
 
@@ -123,7 +125,9 @@ def make_app(settings: Settings, agent: Agent | None = None) -> web.Application:
     app[AGENT_KEY] = agent if agent is not None else Agent(settings)
     app[SETTINGS_KEY] = settings
     app[SOCKETS_KEY] = weakref.WeakSet()
+    app[eventsocket.EVENT_BUS_KEY] = app[AGENT_KEY].events
     app.add_routes(routes)
+    eventsocket.add_routes(app)
     app.on_shutdown.append(close_all)
     if owned:
         app.cleanup_ctx.append(_agent_lifecycle)

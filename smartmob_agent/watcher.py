@@ -1,41 +1,58 @@
-"""The life of one process over time: provision once, then run and restart until stopped.
+"""The life of one process over time: provision, then run and restart as its options say.
 
 A :class:`Watcher` owns one process resource: it downloads and unpacks the source,
-reads the Procfile, then spawns :class:`~smartmob_agent.child.Child` after child,
-restarting with backoff, until :meth:`Watcher.stop`. Every change of state goes through
-:meth:`Watcher._enter`, which checks the transition table and tells the listeners, and
-is driven by a real event: a step finishing, a child spawned, a child's exit.
+reads the Procfile and ``.env``, then spawns :class:`~smartmob_agent.child.Child` after
+child, restarting as :func:`~smartmob_agent.policy.decide` says, until it is stopped.
+Every change of state goes through :meth:`Watcher._enter`, which checks the transition
+table, tells the listeners and publishes a ``process:state`` event; each is driven by a
+real event: a step finishing, a child spawned, a child's exit, a control.
+
+The controls (:meth:`Watcher.request_start`, :meth:`~Watcher.request_stop`,
+:meth:`~Watcher.request_restart`, :meth:`~Watcher.request_signal`) run one at a time
+under a lock, so two clients clicking "restart" at once get two restarts in a row, never
+two children.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import random
 import shutil
 import signal
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import aiohttp
 
-from smartmob_agent import archive, procfile
+from smartmob_agent import archive, dotenv, procfile
 from smartmob_agent.child import Child, Reaper, stop_marked
-from smartmob_agent.errors import AgentError, ProcfileError, SpawnError
+from smartmob_agent.errors import AgentError, Conflict, ProcfileError, SpawnError
+from smartmob_agent.health import HealthCheck, HealthMonitor, ProbeResult, probe_command, probe_http
 from smartmob_agent.hub import Hub
 from smartmob_agent.model import (
+    RESTING_STATES,
+    Backoff,
     Exit,
+    ExitRecord,
+    Options,
     ProcessInfo,
     ProcessState,
+    RestartPolicy,
     Spec,
     check_transition,
 )
-from smartmob_agent.policy import BackoffPolicy, cannot_run, next_delay
+from smartmob_agent.monitor import Monitor
+from smartmob_agent.policy import Action, BackoffPolicy, backoff_policy, decide, next_delay
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +62,17 @@ S = ProcessState
 PROCESS_ID_VARIABLE = "SMARTMOB_PROCESS_ID"
 #: How long the pipes of a run that ended may stay open before its leftovers are killed.
 _LEFTOVER_GRACE = 0.05
+#: Exits kept for the status document.
+EXIT_HISTORY = 10
+#: Output lines shown with a crash (``output_tail``).
+OUTPUT_TAIL = 10
+#: The most a ``.env`` file may hold.
+_DOTENV_LIMIT = dotenv.MAX_DOTENV_BYTES
 
 #: Called as ``listener(watcher, old_state, new_state)`` after every transition.
 Listener = Callable[["Watcher", ProcessState, ProcessState], None]
+#: Called as ``emit(watcher, kind, fields)`` for each event (see :mod:`.events`).
+Emitter = Callable[["Watcher", str, Mapping[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -60,10 +85,15 @@ class Runtime:
     #: set after every other layer: what the agent relies on cannot be overridden
     forced_env: Mapping[str, str] = field(default_factory=dict)
     limits: archive.DownloadLimits = archive.DownloadLimits()  # noqa: RUF009 (frozen)
-    policy: BackoffPolicy = BackoffPolicy()  # noqa: RUF009 (frozen)
+    #: overrides every process's backoff options when set (tests use a fast series)
+    policy: BackoffPolicy | None = None
     stop_timeout: float = 10.0
     clock: Callable[[], float] = time.monotonic
+    wall_clock: Callable[[], float] = time.time
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    jitter: Callable[[], float] = random.random
+    monitor: Monitor | None = None
+    emit: Emitter | None = None
 
 
 def child_environment(
@@ -71,10 +101,22 @@ def child_environment(
     procfile_env: Mapping[str, str],
     request_env: Mapping[str, str],
     forced: Mapping[str, str] = MappingProxyType({}),
+    dotenv_env: Mapping[str, str] = MappingProxyType({}),
 ) -> dict[str, str]:
-    """Merge the environments of a child: the agent's, the Procfile line's, the request's,
-    then the variables the agent relies on (its id, which the guardian looks for)."""
-    return {**base, **procfile_env, **request_env, **forced}
+    """Merge the environments of a child, later layers winning: the agent's own, the
+    source's ``.env``, the Procfile line's, the request's ``env``, then the variables the
+    agent sets itself (its ids, which the guardian looks for, and ``PORT`` unless the
+    request set it)."""
+    return {**base, **dotenv_env, **procfile_env, **request_env, **forced}
+
+
+@dataclass(frozen=True)
+class _Command:
+    """What a run executes, fixed once the source is provisioned."""
+
+    command: str
+    cwd: Path
+    env: Mapping[str, str]
 
 
 class Watcher:
@@ -85,41 +127,99 @@ class Watcher:
         workdir: a folder of its own (created here, removed by :meth:`remove_files`).
         runtime: shared collaborators and policy.
         request_id: the id of the create request, sent along with the download.
+        port: the ``PORT`` of its children, kept across restarts; set in their
+            environment unless the request's ``env`` sets ``PORT`` itself.
     """
 
     def __init__(
-        self, spec: Spec, workdir: Path, runtime: Runtime, request_id: str | None = None
+        self,
+        spec: Spec,
+        workdir: Path,
+        runtime: Runtime,
+        request_id: str | None = None,
+        port: int | None = None,
     ) -> None:
         self.spec = spec
         self.workdir = workdir
+        self.port = port
         self.hub = Hub()
         self._marker = f"{PROCESS_ID_VARIABLE}={uuid.uuid4().hex}"
         self._runtime = runtime
         self._request_id = request_id
-        self.state = S.PENDING
+        options = spec.options
+        self._stop_timeout = (
+            runtime.stop_timeout if options.stop_timeout is None else options.stop_timeout
+        )
+        self._health = None if options.health is None else HealthCheck.from_json(options.health)
+        # created stopped: nothing is downloaded until a start control
+        self.state = S.PENDING if options.autostart else S.STOPPED
         self.error: str | None = None
         self.restarts = 0
-        self.last_exit: Exit | None = None
+        self.exits: deque[ExitRecord] = deque(maxlen=EXIT_HISTORY)
         self.backoff_delay = 0.0
+        self.next_start_at: float | None = None
+        self.failed_starts = 0
+        self.healthy: bool | None = None
         self._child: Child | None = None
+        self._started_at: float | None = None  # wall clock, of the current child
+        self._command: _Command | None = None
+        self._restart_reason: str | None = None
+        self._recorded_pid: int | None = None  # the child whose exit is in self.exits
+        self._unhealthy_task: asyncio.Task[None] | None = None
         self._listeners: list[Listener] = []
         self._task: asyncio.Task[None] | None = None
-        self._stopping: asyncio.Task[None] | None = None
+        self._health_task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._deleted = False
 
     # -- observation -----------------------------------------------------------------------
 
+    @property
+    def pid(self) -> int | None:
+        """The pid of the current child while it lives, else ``None``."""
+        child = self._child
+        return child.pid if child is not None and not child.exited else None
+
+    @property
+    def last_exit(self) -> Exit | None:
+        """How the last child ended, if one did."""
+        return self.exits[-1].exit if self.exits else None
+
     def info(self) -> ProcessInfo:
         """Return a snapshot of the process for the API."""
-        child = self._child
-        pid = child.pid if child is not None and not child.exited else None
+        pid = self.pid
+        state = self.state
+        usage = None
+        monitor = self._runtime.monitor
+        if pid is not None and monitor is not None:
+            usage = monitor.usage(pid)
+        started_at = self._started_at if pid is not None else None
+        crashed = state in (S.BACKOFF, S.FAILED, S.EXITED)
         return ProcessInfo(
             spec=self.spec,
-            state=self.state,
+            state=state,
             pid=pid,
             error=self.error,
             restarts=self.restarts,
-            last_exit=self.last_exit,
+            last_exit=self.exits[-1] if self.exits else None,
+            exits=tuple(self.exits),
+            started_at=started_at,
+            uptime=None if started_at is None
+            else max(0.0, self._runtime.wall_clock() - started_at),
+            port=self.port,
+            healthy=self.healthy,
+            cpu_percent=None if usage is None else usage.cpu_percent,
+            memory_rss=None if usage is None else usage.memory_rss,
+            backoff_delay=self.backoff_delay if state is S.BACKOFF else None,
+            next_start_at=self.next_start_at if state is S.BACKOFF else None,
+            output_tail=self._output_tail() if crashed else (),
+            stop_timeout=self._stop_timeout,
         )
+
+    def _output_tail(self) -> tuple[str, ...]:
+        recent = list(self.hub.recent)[-OUTPUT_TAIL:]
+        return tuple(line.decode(errors="replace") for line in recent)
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(watcher, old, new)`` after each state change."""
@@ -130,6 +230,10 @@ class Watcher:
         if listener in self._listeners:
             self._listeners.remove(listener)
 
+    def _emit(self, kind: str, **fields: Any) -> None:
+        if self._runtime.emit is not None:
+            self._runtime.emit(self, kind, fields)
+
     def _enter(self, new: ProcessState) -> None:
         old = self.state
         check_transition(old, new)
@@ -137,31 +241,35 @@ class Watcher:
         log.debug("%s: %s -> %s", self.spec.slug, old, new)
         for listener in self._listeners:
             listener(self, old, new)
+        self._emit("process:state", previous=old.value)
+        if new is S.RUNNING:
+            self._emit("process:online")
 
     def _fail(self, reason: str) -> None:
         self.error = reason
         log.warning("%s failed: %s", self.spec.slug, reason)
         self._enter(S.FAILED)
+        self._emit("process:exception", error=reason)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Begin provisioning and supervising in a task this watcher owns."""
-        assert self._task is None, "a watcher starts once"
+        """Begin provisioning and supervising, unless created with ``autostart: false``."""
+        if self.state is S.PENDING:
+            self._launch()
+
+    def _launch(self) -> None:
+        assert self._task is None or self._task.done(), "one run task at a time"
+        self._wake.clear()
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"watcher {self.spec.slug}"
         )
 
     async def _run(self) -> None:
         try:
-            root = await self._provision()
-            entry = procfile.select(await asyncio.to_thread(_read_procfile, root),
-                                    self.spec.process_type)
-            runtime = self._runtime
-            forced = dict(runtime.forced_env)
-            forced[PROCESS_ID_VARIABLE] = self._marker.partition("=")[2]
-            env = child_environment(runtime.base_env, entry.env, self.spec.env, forced)
-            await self._supervise(entry.command, root, env)
+            if self._command is None:
+                self._command = await self._provision()
+            await self._supervise(self._command)
         except AgentError as error:
             self._fail(str(error))
         except asyncio.CancelledError:
@@ -170,9 +278,25 @@ class Watcher:
             log.exception("%s: unexpected error", self.spec.slug)
             self._fail(f"internal error of the agent: {type(error).__name__}: {error}")
 
-    async def _provision(self) -> Path:
+    async def _provision(self) -> _Command:
+        """Download and unpack the source, read its Procfile and ``.env``."""
+        root = await self._fetch()
+        entries, dotenv_env = await asyncio.to_thread(_read_source, root)
+        entry = procfile.select(entries, self.spec.process_type)
+        cwd = _working_dir(root, self.spec.options.working_dir)
+        runtime = self._runtime
+        forced = dict(runtime.forced_env)
+        forced[PROCESS_ID_VARIABLE] = self._marker.partition("=")[2]
+        if self.port is not None and "PORT" not in self.spec.env:
+            forced["PORT"] = str(self.port)
+        env = child_environment(
+            runtime.base_env, entry.env, self.spec.env, forced, dotenv_env
+        )
+        return _Command(entry.command, cwd, MappingProxyType(env))
+
+    async def _fetch(self) -> Path:
         """Download and unpack the source; return its root folder."""
-        if self.workdir.exists():  # left by an earlier agent on this state folder
+        if self.workdir.exists():  # left by an earlier run or agent on this state folder
             await asyncio.to_thread(shutil.rmtree, self.workdir, True)
         self.workdir.mkdir(parents=True, exist_ok=True)
         part = self.workdir / "source.part"
@@ -202,14 +326,19 @@ class Watcher:
             with contextlib.suppress(FileNotFoundError):
                 await asyncio.to_thread(part.unlink)
 
-    async def _supervise(self, command: str, cwd: Path, env: Mapping[str, str]) -> None:
-        """Run the command, and again each time it exits, until cancelled by stop()."""
+    async def _supervise(self, command: _Command) -> None:
+        """Run the command, and again each time it exits, until the policy says no or a
+        stop cancels this task."""
         runtime = self._runtime
+        options = self.spec.options
+        policy = runtime.policy or backoff_policy(options)
         while True:
-            self._enter(S.STARTING)  # UNPACKING/RUNNING/BACKOFF -> STARTING
+            if self.state is not S.STARTING:  # a start control may have entered it
+                self._enter(S.STARTING)  # PENDING/UNPACKING/RUNNING/BACKOFF -> STARTING
             try:
                 child = Child.spawn(
-                    command, cwd=cwd, env=env, sink=self.hub.publish, reaper=runtime.reaper
+                    command.command, cwd=command.cwd, env=command.env,
+                    sink=self.hub.publish, reaper=runtime.reaper, umask=options.umask,
                 )
             except SpawnError as error:
                 if not error.transient:
@@ -217,72 +346,274 @@ class Watcher:
                 # out of fds, memory or processes: that may pass, so try again later
                 self.error = str(error)
                 log.warning("%s: %s; trying again", self.spec.slug, error)
-                self.backoff_delay = next_delay(runtime.policy, self.backoff_delay, 0.0)
-                self._enter(S.BACKOFF)  # STARTING -> BACKOFF
-                await runtime.sleep(self.backoff_delay)
+                self.backoff_delay = next_delay(policy, self.backoff_delay, 0.0)
+                await self._back_off(self.backoff_delay)  # STARTING -> BACKOFF
                 continue
             self._child = child
             self.error = None
+            self._restart_reason = None
             started = runtime.clock()
+            self._started_at = runtime.wall_clock()
+            if runtime.monitor is not None:
+                runtime.monitor.track(child.pid)
             self._enter(S.RUNNING)  # STARTING -> RUNNING
-            exit = await child.wait()
+            self._start_health(command)
+            try:
+                exit = await child.wait()
+            finally:
+                await self._stop_health()
+                if runtime.monitor is not None:
+                    runtime.monitor.untrack(child.pid)
             ran_for = runtime.clock() - started
-            self.last_exit = exit
-            log.info("%s: process %d %s after %.3f s", self.spec.slug, child.pid,
-                     exit.describe(), ran_for)
-            if cannot_run(exit, ran_for, runtime.policy):
-                await _settle(child)
+            if not await self._after_exit(child, exit, ran_for, policy):
+                return
+
+    async def _after_exit(
+        self, child: Child, exit: Exit, ran_for: float, policy: BackoffPolicy
+    ) -> bool:
+        """Record an exit and act on the policy's decision; ``True`` to run again."""
+        runtime = self._runtime
+        options = self.spec.options
+        record = ExitRecord(exit, runtime.wall_clock(), ran_for, self._restart_reason)
+        self.exits.append(record)
+        self._recorded_pid = child.pid
+        log.info("%s: process %d %s after %.3f s", self.spec.slug, child.pid,
+                 exit.describe(), ran_for)
+        if runtime.policy is not None:  # a test's series replaces the options' one
+            options = _with_policy(options, runtime.policy)
+        if self._restart_reason is not None:
+            # restarted on purpose: at once, whatever the policy, and not a failed start
+            ran_for = max(ran_for, options.start_seconds)
+            options = dataclasses.replace(options, restart=RestartPolicy.ALWAYS)
+        decision = decide(
+            options, exit, ran_for, self.failed_starts, self.backoff_delay, runtime.jitter()
+        )
+        self.failed_starts = decision.failed_starts
+        self._emit("process:exit", pid=child.pid, code=exit.code, signal=exit.signal,
+                   ran_for=round(ran_for, 3))
+        if decision.action is Action.FAIL:
+            await _settle(child)
+            if decision.reason == "cannot run":
                 tail = self.hub.recent[-1].decode(errors="replace") if self.hub.recent else ""
                 raise AgentError(
                     f"the command of process type {self.spec.process_type!r} cannot run: "
                     f"/bin/sh {exit.describe()}" + (f" ({tail})" if tail else "")
                 )
-            await self._clear_leftovers(child)
-            self.restarts += 1
-            self.backoff_delay = next_delay(runtime.policy, self.backoff_delay, ran_for)
-            if self.backoff_delay > 0:
-                self._enter(S.BACKOFF)  # RUNNING -> BACKOFF
-                await runtime.sleep(self.backoff_delay)
+            raise AgentError(decision.reason)
+        await self._clear_leftovers(child)
+        if decision.action is Action.EXIT:
+            self._enter(S.EXITED)  # RUNNING -> EXITED
+            return False
+        self.restarts += 1
+        self.backoff_delay = decision.delay
+        if decision.delay > 0:
+            await self._back_off(decision.wait)  # RUNNING -> BACKOFF
+        return True
+
+    async def _back_off(self, wait: float) -> None:
+        """Wait in ``backoff`` for ``wait`` seconds, or until a start control cuts it short."""
+        self.next_start_at = self._runtime.wall_clock() + wait
+        self._enter(S.BACKOFF)
+        self._wake.clear()
+        sleeping = asyncio.ensure_future(self._runtime.sleep(wait))
+        woken = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({sleeping, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeping.cancel()
+            woken.cancel()
+            self.next_start_at = None
+
+    # -- health --------------------------------------------------------------------------------
+
+    def _start_health(self, command: _Command) -> None:
+        check = self._health
+        if check is None:
+            return
+        self.healthy = None
+        runtime = self._runtime
+        port = self.port
+
+        async def probe() -> ProbeResult:
+            if check.http is not None:
+                if port is None:
+                    return ProbeResult(False, "the process has no usable PORT to probe")
+                return await probe_http(runtime.session, port, check.http, check.timeout)
+            assert check.command is not None
+            return await probe_command(
+                check.command, command.cwd, command.env, check.timeout, reaper=runtime.reaper
+            )
+
+        def on_change(healthy: bool | None) -> None:
+            self.healthy = healthy
+
+        monitor = HealthMonitor(check, probe, on_change, self._on_unhealthy)
+        self._health_task = asyncio.get_running_loop().create_task(
+            monitor.run(), name=f"health {self.spec.slug}"
+        )
+
+    async def _stop_health(self) -> None:
+        task, self._health_task = self._health_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _on_unhealthy(self, reason: str) -> None:
+        log.warning("%s: %s; restarting it", self.spec.slug, reason)
+        self._unhealthy_task = asyncio.get_running_loop().create_task(
+            self._restart_unhealthy(reason), name=f"unhealthy {self.spec.slug}"
+        )
+
+    async def _restart_unhealthy(self, reason: str) -> None:
+        async with self._lock:
+            child = self._child
+            if self.state is not S.RUNNING or child is None or child.exited:
+                return  # it exited or was stopped meanwhile: nothing to restart
+            # the run loop sees the exit and restarts it at once, as after a long run
+            self._restart_reason = f"unhealthy: {reason}"
+            await child.stop(self.spec.options.signal_number, self._stop_timeout)
+
+    # -- controls ------------------------------------------------------------------------------
+
+    async def request_start(self) -> None:
+        """Start a resting process again, or cut a backoff short; backoff and the count of
+        failed starts begin afresh.
+
+        Raises:
+            Conflict: the process is already starting or running, or is being stopped.
+        """
+        async with self._lock:
+            self._start_now()
+
+    def _start_now(self) -> None:
+        state = self.state
+        if state is S.BACKOFF:
+            self._reset_backoff()
+            self._wake.set()
+            return
+        if state not in RESTING_STATES:
+            raise Conflict(
+                f"process {self.spec.slug!r} is {state}: start applies to a stopped, "
+                "exited, failed or backoff process"
+            )
+        self._reset_backoff()
+        self.error = None
+        self._enter(S.STARTING if self._command is not None else S.PENDING)
+        self._launch()
+
+    def _reset_backoff(self) -> None:
+        self.backoff_delay = 0.0
+        self.failed_starts = 0
+
+    async def request_stop(self) -> None:
+        """Stop the process and keep it (state ``stopped``, no restarts).
+
+        Raises:
+            Conflict: it is already stopped or stopping.
+        """
+        async with self._lock:
+            if self.state in (S.STOPPED, S.STOPPING):
+                raise Conflict(f"process {self.spec.slug!r} is already {self.state}")
+            await self._halt()
+
+    async def request_restart(self) -> None:
+        """Stop the process (waiting until its old child and descendants are gone), then
+        start it again.
+
+        Raises:
+            Conflict: it is being stopped.
+        """
+        async with self._lock:
+            if self.state is S.STOPPING:
+                raise Conflict(f"process {self.spec.slug!r} is stopping")
+            if self.state is not S.STOPPED:
+                await self._halt()
+            self._start_now()
+
+    async def request_signal(self, name: str) -> None:
+        """Send ``SIG<name>`` to the child's process group and descendants; the restart
+        policy applies as usual to what follows.
+
+        Raises:
+            Conflict: no child is running.
+        """
+        async with self._lock:
+            child = self._child
+            if self.state is not S.RUNNING or child is None or child.exited:
+                raise Conflict(
+                    f"process {self.spec.slug!r} is {self.state}: only a running process "
+                    "can be signalled"
+                )
+            child.send_signal(signal.Signals[f"SIG{name}"])
+
+    def send_input(self, text: str) -> bool:
+        """Write ``text`` and a newline to the running child's stdin.
+
+        Returns:
+            ``False`` if no child is running or it is not reading its input.
+        """
+        child = self._child
+        if child is None or child.exited:
+            return False
+        return child.write_input(text.encode() + b"\n")
 
     async def stop(self) -> None:
-        """Stop the process (whatever it is doing) and wait until it is gone.
+        """Bring the process to ``stopped`` whatever it is doing, and wait until its child
+        and descendants are gone; used by delete and shutdown.
 
-        Safe to call many times and concurrently: every caller waits for the same stop.
+        Safe to call many times and concurrently: the later callers find it stopped.
         """
-        if self._stopping is None:
-            self._stopping = asyncio.get_running_loop().create_task(
-                self._stop(), name=f"stop {self.spec.slug}"
-            )
-        await asyncio.shield(self._stopping)
+        async with self._lock:
+            if self.state is not S.STOPPED:
+                await self._halt()
 
-    async def _stop(self) -> None:
+    async def _halt(self) -> None:
+        """Cancel the run and stop the child with the stop sequence (lock held)."""
         self._enter(S.STOPPING)  # any live state -> STOPPING
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            self._task = None
+        await self._stop_health()
         child = self._child
         try:
             if child is not None:
-                if child.exited and self.state is not S.FAILED:
-                    # it exited while the supervision task was being cancelled
-                    self.last_exit = await child.wait()
                 if not child.exited:
-                    exit = await child.stop(signal.SIGTERM, self._runtime.stop_timeout)
-                    self.last_exit = exit
-                    log.info("%s: process %d %s on stop", self.spec.slug, child.pid,
-                             exit.describe())
+                    exit = await child.stop(self.spec.options.signal_number, self._stop_timeout)
+                    self._record_stop(child, exit)
+                elif self._recorded_pid != child.pid:
+                    # it exited while the supervision task was being cancelled
+                    self._record_stop(child, await child.wait())
                 # descendants that left the group and lost their parent, if any
-                await stop_marked(self._marker, self._runtime.stop_timeout)
+                await stop_marked(self._marker, self._stop_timeout)
                 await _settle(child)
+                if self._runtime.monitor is not None:
+                    self._runtime.monitor.untrack(child.pid)
         except TimeoutError:
             # SIGKILL cannot be ignored: only a process stuck in the kernel gets here
             assert child is not None
             self.error = f"process {child.pid} did not exit even after SIGKILL"
             log.error("%s: %s", self.spec.slug, self.error)
         finally:
+            self._child = None
+            self.healthy = None
             self._enter(S.STOPPED)  # STOPPING -> STOPPED
-            self.hub.close()
+
+    def _record_stop(self, child: Child, exit: Exit) -> None:
+        started = self._started_at or self._runtime.wall_clock()
+        now = self._runtime.wall_clock()
+        self.exits.append(ExitRecord(exit, now, max(0.0, now - started), "stopped"))
+        self._recorded_pid = child.pid
+        log.info("%s: process %d %s on stop", self.spec.slug, child.pid, exit.describe())
+        self._emit("process:exit", pid=child.pid, code=exit.code, signal=exit.signal,
+                   ran_for=round(max(0.0, now - started), 3))
+
+    def close(self) -> None:
+        """End the output stream: attached clients are told the process is gone."""
+        self._deleted = True
+        self.hub.close()
 
     async def _clear_leftovers(self, child: Child) -> None:
         """After a run ends by itself, kill what escaped its group and holds its pipes.
@@ -306,6 +637,15 @@ class Watcher:
         await asyncio.to_thread(shutil.rmtree, self.workdir, True)
 
 
+def _with_policy(options: Options, policy: BackoffPolicy) -> Options:
+    """The options with the backoff series of ``policy`` (a test seam)."""
+    return dataclasses.replace(
+        options,
+        backoff=Backoff(initial=policy.initial, maximum=policy.maximum),
+        start_seconds=policy.reset_after,
+    )
+
+
 async def _settle(child: Child, timeout: float = 1.0) -> None:
     """Give the pipes a moment to deliver the last lines, then stop reading them.
 
@@ -316,6 +656,24 @@ async def _settle(child: Child, timeout: float = 1.0) -> None:
             await child.output_closed()
     except TimeoutError:
         child.close_output()
+
+
+def _working_dir(root: Path, relative: str | None) -> Path:
+    """The folder a process runs in: ``relative`` inside ``root``, which it may not leave
+    (through ``..`` or a symbolic link)."""
+    if relative is None:
+        return root
+    target = (root / relative).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise ProcfileError(f"working_dir {relative!r} leads outside the source")
+    if not target.is_dir():
+        raise ProcfileError(f"working_dir {relative!r} is not a folder of the source")
+    return target
+
+
+def _read_source(root: Path) -> tuple[dict[str, procfile.ProcfileEntry], dict[str, str]]:
+    """Read the Procfile and the optional ``.env`` at the root of the source."""
+    return _read_procfile(root), _read_dotenv(root)
 
 
 def _read_procfile(root: Path) -> dict[str, procfile.ProcfileEntry]:
@@ -329,3 +687,14 @@ def _read_procfile(root: Path) -> dict[str, procfile.ProcfileEntry]:
         raise ProcfileError(f"the Procfile cannot be read: {error.strerror}") from None
     return procfile.parse_procfile(procfile.decode_procfile(data))
 
+
+def _read_dotenv(root: Path) -> dict[str, str]:
+    path = root / ".env"
+    try:
+        with open(path, "rb") as file:
+            data = file.read(_DOTENV_LIMIT + 1)
+    except FileNotFoundError:
+        return {}
+    except (IsADirectoryError, PermissionError) as error:
+        raise dotenv.DotenvError(f"the .env file cannot be read: {error.strerror}") from None
+    return dotenv.parse_dotenv(dotenv.decode_dotenv(data))

@@ -1,4 +1,5 @@
-"""The ``attach`` WebSocket: each output line of a process as one text frame.
+"""The ``attach`` WebSocket: each output line of a process as one text frame, and each
+text frame a client sends as one line of the process's stdin.
 
 Lines travel as pre-encoded frames written straight to the connection's transport, a
 whole batch in one write (see :mod:`smartmob_agent.frames`), which is what lets one
@@ -13,7 +14,7 @@ import asyncio
 import logging
 import weakref
 
-from aiohttp import WSCloseCode, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from smartmob_agent.api import AGENT_KEY, routes
 from smartmob_agent.frames import encode_text_frames
@@ -26,6 +27,14 @@ MAX_BUFFER = 1024 * 1024
 CLOSE_TIMEOUT = 2.0
 #: First and longest wait before trying again to tell a lagging client what it missed.
 NOTICE_RETRY = (0.05, 1.0)
+#: Largest frame a client may send (one line of input).
+MAX_INPUT_FRAME = 64 * 1024
+#: What a client is told when its input cannot reach the process.
+INPUT_NOT_DELIVERED = (
+    b"[smartmob-agent] input not delivered: no child is running, it closed its stdin, "
+    b"or it has not read the input already sent"
+)
+INPUT_NOT_TEXT = b"[smartmob-agent] input not delivered: send input as text frames"
 
 
 def dropped_notice(count: int) -> bytes:
@@ -124,17 +133,22 @@ SOCKETS_KEY = web.AppKey("websockets", weakref.WeakSet[WebSocketSubscriber])
 
 @routes.get("/attach-console/{slug}", name="attach")
 async def attach_console(request: web.Request) -> web.WebSocketResponse:
-    """Stream the process's output, one line per text frame, from now until it is deleted."""
+    """Stream the process's output, one line per text frame, from now until it is deleted;
+    write each text frame the client sends, with a newline, to the process's stdin."""
     watcher = request.app[AGENT_KEY].get(request.match_info["slug"])
     # no compression: frames are written pre-encoded, which an extension would break
-    ws = web.WebSocketResponse(compress=False, max_msg_size=64 * 1024)
+    ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_INPUT_FRAME)
     await ws.prepare(request)
     subscriber = WebSocketSubscriber(ws, request)
     request.app[SOCKETS_KEY].add(subscriber)
     watcher.hub.subscribe(subscriber)
     try:
-        async for _message in ws:
-            pass  # client frames carry nothing yet
+        async for message in ws:
+            if message.type is WSMsgType.TEXT:
+                if not watcher.send_input(message.data):
+                    subscriber.send_lines("agent", [INPUT_NOT_DELIVERED])
+            elif message.type is WSMsgType.BINARY:
+                subscriber.send_lines("agent", [INPUT_NOT_TEXT])
     finally:
         watcher.hub.unsubscribe(subscriber)
         subscriber.cancel_notice()

@@ -64,13 +64,18 @@ async def test_walkthrough_of_the_seed(client: Client, agent: Agent, web_app: st
     """The seed document's walkthrough works as written, with absolute links."""
     base = str(client.make_url("/")).rstrip("/")
     links = await index(client)
-    assert links == {"create": f"{base}/create-process", "list": f"{base}/list-processes"}
+    ws_base = base.replace("http://", "ws://")
+    assert links == {
+        "create": f"{base}/create-process", "list": f"{base}/list-processes",
+        "events": f"{ws_base}/events",
+        "bulk_start": f"{base}/start-processes", "bulk_stop": f"{base}/stop-processes",
+        "bulk_restart": f"{base}/restart-processes", "bulk_delete": f"{base}/delete-processes",
+    }
     assert await get_json(client, links["list"]) == {"processes": []}
 
     response = await client.session.post(links["create"], data=json.dumps(request(web_app)))
     assert response.status == 201
     process = await response.json()
-    ws_base = base.replace("http://", "ws://")
     assert response.headers["Location"] == f"{base}/process-status/myapp.web.0"
     assert process["app"] == "myapp"
     assert process["node"] == "web.0"

@@ -71,7 +71,8 @@ def test_flag_wins_over_environment(option: Any) -> None:
         "host": ("10.0.0.1", "10.0.0.2"), "port": ("1", "2"), "state_dir": ("a", "b"),
         "stop_timeout": ("1", "2"), "max_body": ("1", "2"), "max_download": ("1", "2"),
         "download_stall": ("1", "2"), "download_timeout": ("1", "2"),
-        "log_level": ("error", "debug"),
+        "log_level": ("error", "debug"), "webhook": (["http://a/"], "http://b/"),
+        "webhook_secret": ("s1", "s2"), "monitor_interval": ("1", "2"),
     }
     flag, env = good[option.name]
     from_both = settings_from({option.name: flag}, {option.env: env})

@@ -21,10 +21,10 @@ from smartmob_agent.events import (
     EventBus,
     EventQueue,
     EventQueueClosed,
-    format_time,
     make_event,
 )
 from smartmob_agent.eventsocket import CLOSE_TIMEOUT, EVENT_BUS_KEY, EVENT_CLIENTS_KEY, add_routes
+from smartmob_agent.representations import format_time
 from smartmob_agent.server import error_middleware
 from tests.helpers import eventually
 from tests.test_ws_functional import open_stuck_client
