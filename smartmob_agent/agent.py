@@ -165,9 +165,12 @@ class Agent:
         given = spec.env.get("PORT")
         if given is None:
             return self.ports.allocate(spec.slug)
+        # only plain digits: int() would also take " 80", "8_0" and non-ASCII digits
+        if not (given.isascii() and given.isdigit()):
+            return None  # not a port number: the program's business, not ours
         try:
             self.ports.reserve(spec.slug, int(given))
-        except ValueError:  # not a port number: the program's business, not ours
+        except ValueError:  # 0 or above 65535
             return None
         return int(given)
 

@@ -222,8 +222,8 @@ class Child:
         waiting = bool(self._stdin)
         self._stdin += data
         if not waiting:
-            self._flush_input()
-        return True
+            self._flush_input()  # closes the pipe if the child closed its end (EPIPE)
+        return not pipe.closed
 
     def _flush_input(self) -> None:
         pipe = self._popen.stdin

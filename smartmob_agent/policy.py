@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 from smartmob_agent.model import Exit, Options, RestartPolicy
 
+#: A run shorter than this is a failed start whatever ``start_seconds`` says, so that even
+#: with ``start_seconds: 0`` a crash loop backs off instead of spinning.
+MIN_START_SECONDS = 0.1
 #: The share of a delay that random jitter may take off, so that processes which crash
 #: together do not all restart in the same millisecond.
 JITTER = 0.25
@@ -56,9 +59,10 @@ def cannot_run(exit: Exit, ran_for: float, policy: BackoffPolicy) -> bool:
     """Tell whether an exit means the command itself cannot run (not found, not executable).
 
     Restarting such a command only repeats the same error, so the process fails instead.
-    Only a quick exit counts: a long-running program may legitimately exit with 127.
+    Only a quick exit counts (under ``reset_after``, and under 1 s whatever it is): a
+    long-running program may legitimately exit with 127.
     """
-    return exit.code in SHELL_CANNOT_RUN and ran_for < policy.reset_after
+    return exit.code in SHELL_CANNOT_RUN and ran_for < max(policy.reset_after, 1.0)
 
 
 def backoff_policy(options: Options) -> BackoffPolicy:
@@ -66,7 +70,7 @@ def backoff_policy(options: Options) -> BackoffPolicy:
     return BackoffPolicy(
         initial=options.backoff.initial,
         maximum=options.backoff.maximum,
-        reset_after=options.start_seconds,
+        reset_after=max(options.start_seconds, MIN_START_SECONDS),
     )
 
 
@@ -117,7 +121,7 @@ def decide(
             :data:`JITTER` of the delay off the wait.
     """
     policy = backoff_policy(options)
-    failed = ran_for < options.start_seconds
+    failed = ran_for < policy.reset_after
     count = failed_starts + 1 if failed else 0
     if cannot_run(exit, ran_for, policy):
         return Decision(Action.FAIL, failed_starts=count, reason="cannot run")

@@ -298,17 +298,28 @@ def parse_options(data: Mapping[str, Any]) -> Options:
     """
     defaults = Options()
     backoff = data.get("backoff", {})
-    initial = float(backoff.get("initial", defaults.backoff.initial))
-    maximum = float(backoff.get("max", max(defaults.backoff.maximum, initial)))
+    given_max = backoff.get("max")
+    # a default never conflicts with what the request gave
+    default_initial = defaults.backoff.initial
+    if given_max is not None:
+        default_initial = min(default_initial, given_max)
+    initial = float(backoff.get("initial", default_initial))
+    maximum = float(given_max if given_max is not None
+                    else max(defaults.backoff.maximum, initial))
     if initial > maximum:
-        problem = {"backoff": f"has initial {initial:g} s above max {maximum:g} s"}
+        problem = {"backoff": (
+            f"must have initial not above max (got initial {initial:g} s, "
+            f"max {maximum:g} s)"
+        )}
         raise InvalidRequest("invalid fields in the request: backoff", problem)
+    max_restarts = data.get("max_restarts")
     umask = data.get("umask")
     stop_timeout = data.get("stop_timeout")
     return Options(
         restart=RestartPolicy(data.get("restart", defaults.restart)),
-        exit_codes=frozenset(data.get("exit_codes", defaults.exit_codes)),
-        max_restarts=data.get("max_restarts"),
+        # JSON's 2.0 passes as an integer: keep ints, so 2.0 never shows as "2.0"
+        exit_codes=frozenset(int(code) for code in data.get("exit_codes", defaults.exit_codes)),
+        max_restarts=None if max_restarts is None else int(max_restarts),
         start_seconds=float(data.get("start_seconds", defaults.start_seconds)),
         backoff=Backoff(initial=initial, maximum=maximum),
         stop_signal=data.get("stop_signal", defaults.stop_signal),

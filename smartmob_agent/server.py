@@ -47,7 +47,7 @@ def status_of(error: errors.AgentError) -> int:
 
 
 def _body(error: errors.AgentError) -> dict[str, object]:
-    if status_of(error) >= 500:
+    if status_of(error) == 500:  # a bug of the agent; a 503 is the machine's state
         log.error("internal error: %s", error)
         return error_document("internal error of the agent; see its log")
     extra = {"fields": error.fields} if isinstance(error, errors.InvalidRequest) else {}

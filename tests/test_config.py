@@ -55,6 +55,12 @@ def test_settings_are_frozen() -> None:
         pytest.param("download_timeout", "60", 60.0, id="download-timeout"),
         pytest.param("log_level", "DEBUG", "debug", id="log-level-any-case"),
         pytest.param("log_level", "warning", "warning", id="log-level-warning"),
+        pytest.param("webhook", "http://127.0.0.1:9/hook", ("http://127.0.0.1:9/hook",),
+                     id="webhook"),
+        pytest.param("webhook", "http://a/ https://b/", ("http://a/", "https://b/"),
+                     id="webhooks-separated-by-spaces"),
+        pytest.param("webhook_secret", "s3cret", "s3cret", id="webhook-secret"),
+        pytest.param("monitor_interval", "0.5", 0.5, id="monitor-interval"),
     ],
 )
 def test_each_option_from_flag_and_from_environment(name: str, text: str, value: Any) -> None:
@@ -152,3 +158,17 @@ def test_every_invalid_value_is_named_at_once() -> None:
     assert set(caught.value.fields) == {"--port", "--stop-timeout", "SMARTMOB_LOG_LEVEL"}
     for source in caught.value.fields:
         assert source in str(caught.value)
+
+
+def test_webhook_flag_repeats() -> None:
+    """--webhook given many times (argparse's list) gives every URL, in order."""
+    urls = ["http://127.0.0.1:9/a", "https://example.invalid/b"]
+    assert settings_from({"webhook": urls}, {}).webhook == tuple(urls)
+
+
+@pytest.mark.parametrize("url", ["ftp://x/", "http://", "hook", "http://a b/"])
+def test_bad_webhook_url_is_named(url: str) -> None:
+    """A webhook that is not an http(s) URL is refused with the flag named."""
+    with pytest.raises(InvalidRequest) as caught:
+        settings_from({"webhook": [url]}, {})
+    assert "--webhook" in caught.value.fields
