@@ -68,6 +68,7 @@ class Agent:
         self._base_env = {k: v for k, v in environ.items() if k not in SECRET_VARIABLES}
         self._watchers: dict[str, Watcher] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._webhook_session: aiohttp.ClientSession | None = None
         self._runtime: Runtime | None = None
         self.ports = PortAllocator()
         self.monitor = Monitor(settings.monitor_interval)
@@ -100,8 +101,11 @@ class Agent:
         )
         self.monitor.start()
         secret = self.settings.webhook_secret
+        # a session of their own: hanging receivers must not take the connections that
+        # downloads and health probes need
+        self._webhook_session = aiohttp.ClientSession()
         self.webhooks = Webhooks(
-            self._session, self.settings.webhook,
+            self._webhook_session, self.settings.webhook,
             secret=None if secret is None else secret.encode(),
         )
         self.events.add_listener(self._notify)
@@ -113,6 +117,8 @@ class Agent:
         await self.monitor.close()
         if self.webhooks is not None:
             await self.webhooks.close(WEBHOOK_GRACE)
+        if self._webhook_session is not None:
+            await self._webhook_session.close()
         if self._session is not None:
             await self._session.close()
         self.reaper.close()

@@ -10,11 +10,12 @@ are dropped and an ``events:dropped`` frame tells the client how many.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import WSCloseCode, web
 from multidict import MultiMapping
@@ -39,20 +40,25 @@ CLOSE_TIMEOUT = 2.0
 
 @dataclass(eq=False)
 class EventClient:
-    """One connected ``events`` WebSocket, as the shutdown hook needs to close it."""
+    """One connected ``events`` WebSocket, as the shutdown hook needs to close it.
+
+    Only the handler closes the socket: aiohttp drops the connection without waiting
+    for the client's close frame when ``close()`` runs while another task waits in
+    ``receive()``. :meth:`shutdown` asks the handler to close, and waits until it did.
+    """
 
     ws: web.WebSocketResponse
     transport: asyncio.Transport
+    leave: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    code: int = WSCloseCode.GOING_AWAY
+    message: bytes = b"agent shutting down"
 
     async def shutdown(self, code: int, message: bytes) -> None:
-        """Close the WebSocket with ``code``, cutting off a client that does not take it."""
-        if self.ws.closed:
-            return
-        try:
-            async with asyncio.timeout(CLOSE_TIMEOUT):
-                await self.ws.close(code=code, message=message)
-        except TimeoutError:  # the client stopped reading: the close frame cannot drain
-            self.transport.abort()
+        """Have the handler close the WebSocket with ``code``; return once it has."""
+        self.code, self.message = code, message
+        self.leave.set()
+        await self.done.wait()
 
 
 EVENT_CLIENTS_KEY = web.AppKey("event_clients", weakref.WeakSet[EventClient])
@@ -98,18 +104,27 @@ async def events_socket(request: web.Request) -> web.WebSocketResponse:
         assert request.transport is not None, "a prepared WebSocket has a transport"
         client = EventClient(ws, request.transport)
         request.app[EVENT_CLIENTS_KEY].add(client)
-        sender = asyncio.get_running_loop().create_task(_send_events(client, queue))
+        loop = asyncio.get_running_loop()
+        reader = loop.create_task(_discard_frames(ws))
+        sender = loop.create_task(_send_events(ws, queue))
+        leaving = loop.create_task(client.leave.wait())
         try:
-            async for _message in ws:
-                pass  # client frames carry nothing
+            await asyncio.wait({reader, sender, leaving}, return_when=asyncio.FIRST_COMPLETED)
+            if sender.done() and not sender.cancelled() and sender.exception() is None:
+                client.code, client.message = WSCloseCode.GOING_AWAY, b"event bus closed"
+            if not reader.done():  # the client did not leave: close it, as only we may
+                await _cancel(reader)
+                await _cancel(sender)
+                try:
+                    async with asyncio.timeout(CLOSE_TIMEOUT):
+                        await ws.close(code=client.code, message=client.message)
+                except TimeoutError:  # the client stopped reading: the frame cannot drain
+                    client.transport.abort()
         finally:
-            # ends the sender, unless it is closing the socket: let it finish that
-            queue.close()
-            try:
-                await asyncio.wait([sender], timeout=CLOSE_TIMEOUT)
-            finally:
-                sender.cancel()
-                request.app[EVENT_CLIENTS_KEY].discard(client)
+            for task in (reader, sender, leaving):
+                task.cancel()
+            client.done.set()
+            request.app[EVENT_CLIENTS_KEY].discard(client)
     finally:
         queue.close()
         if queue.dropped:
@@ -117,17 +132,26 @@ async def events_socket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def _send_events(client: EventClient, queue: EventQueue) -> None:
-    """Send each event of ``queue``; close with 1001 when the bus closes."""
-    try:
+async def _discard_frames(ws: web.WebSocketResponse) -> None:
+    """Read until the client leaves; its frames carry nothing."""
+    async for _message in ws:
+        pass
+
+
+async def _send_events(ws: web.WebSocketResponse, queue: EventQueue) -> None:
+    """Send each event of ``queue``; returns when the bus closes or the client went away."""
+    with contextlib.suppress(ConnectionResetError):  # the client went away mid-send
         async for event in queue:
             text = _encode(event)
             if text is not None:
                 # waits while the client lags; meanwhile its queue drops the oldest
-                await client.ws.send_str(text)
-    except ConnectionResetError:  # the client went away mid-send
-        return
-    await client.shutdown(WSCloseCode.GOING_AWAY, b"event bus closed")
+                await ws.send_str(text)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
 
 
 def _encode(event: Event) -> str | None:

@@ -458,6 +458,7 @@ class Watcher:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self.healthy = None  # no child: nothing to be healthy
 
     def _on_unhealthy(self, reason: str) -> None:
         log.warning("%s: %s; restarting it", self.spec.slug, reason)
