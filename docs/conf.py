@@ -60,6 +60,7 @@ _EXTERNAL_MODULES = (
     "aiohttp", "web", "asyncio", "subprocess", "psutil", "pathlib", "collections",
     "typing", "types", "enum", "os", "signal", "tarfile", "zipfile", "yarl", "weakref",
     "fastjsonschema", "procfile", "argparse", "logging", "http", "urllib", "threading",
+    "multidict", "hmac", "hashlib", "socket", "queue", "datetime",
 )
 nitpick_ignore_regex = [
     # the standard library and third-party packages (no intersphinx offline)
@@ -130,6 +131,30 @@ def _google_docstrings(
     """
     if what not in {"data", "attribute", "property"}:
         napoleon._process_docstring(app, what, name, obj, options, lines)
+        _untype_returns(lines)
+
+
+def _untype_returns(lines: list[str]) -> None:
+    """Put back the words napoleon took for the type of a ``Returns:`` section.
+
+    The docstrings give no return type there (the signature shows it), but napoleon reads
+    a first line such as ``One outcome per process, in creation order: ...`` as ``type:
+    description``, and the "type" becomes an unresolvable reference. So every ``:rtype:``
+    it made is joined back to the front of its ``:returns:`` text.
+    """
+    for index, line in enumerate(lines):
+        if not line.startswith(":rtype: "):
+            continue
+        words = line.removeprefix(":rtype: ")
+        for back in range(index - 1, -1, -1):
+            if lines[back].startswith(":returns: "):
+                rest = lines[back].removeprefix(":returns: ")
+                lines[back] = f":returns: {words}: {rest}"
+                del lines[index]
+                break
+        else:
+            lines[index] = f":returns: {words}"
+        return
 
 
 def _readable_defaults(

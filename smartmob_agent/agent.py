@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 #: Set in every child's environment; the guardian finds the agent's descendants by it.
 AGENT_ID_VARIABLE = "SMARTMOB_AGENT_ID"
-#: The agent's own secrets: never passed on to children.
-SECRET_VARIABLES = frozenset({"SMARTMOB_WEBHOOK_SECRET"})
+#: The agent's own secrets (webhook URLs often carry tokens): never passed on to children.
+SECRET_VARIABLES = frozenset({"SMARTMOB_WEBHOOK_SECRET", "SMARTMOB_WEBHOOK"})
 #: How long a shutdown gives the webhooks to deliver the last events.
 WEBHOOK_GRACE = 2.0
 #: The bulk actions, by the name the API uses.
@@ -207,7 +207,7 @@ class Agent:
         """
         watcher = self.get(slug)
         try:
-            await watcher.stop()
+            await watcher.stop(final=True)
             watcher.close()
             # files go before the name is freed, so a new process of that name starts clean
             await watcher.remove_files()

@@ -132,6 +132,11 @@ async def serve(settings: Settings) -> None:
         log.info("stopping: shutting down every process")
     finally:
         try:
+            # stop listening, then stop every process while the events and attach clients
+            # are still connected, so they see the stops; then close them (1001)
+            for listening in list(runner.sites):
+                await listening.stop()
+            await agent.stop_all()
             await runner.cleanup()
         finally:
             try:

@@ -52,7 +52,10 @@ def make_event(
     Args:
         kind: one of :data:`EVENT_KINDS`.
         pid: the pid of the process's current child, if it has one.
-        state: the process's state after what happened.
+        state: the process's state when the event is published: after the change for
+            ``process:state``, ``process:online`` and ``process:exception``, but still the
+            state the child ran in (``running``, ``stopping``) for ``process:exit``, whose
+            state change follows.
         clock: the wall clock (a seam for tests); not a field of the event.
         extra: the fields particular to the kind: ``code``, ``signal`` and ``ran_for``
             for ``process:exit``, ``error`` for ``process:exception``.

@@ -271,6 +271,10 @@ class RequestSchema:
         path = list(error.path or ())[1:]
         if path and isinstance(value, dict):
             return f"{_json_type(error.value)} for {'.'.join(map(str, path))!r}"
+        if path and isinstance(value, list) and str(path[0]).isdigit():
+            index = int(path[0])
+            if index < len(value):
+                return f"{_json_type(value[index])} at position {index}"
         return _json_type(value)
 
 
@@ -281,7 +285,8 @@ def _json_type(value: Any) -> str:
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, (int, float)):
-        return "a number"
+        text = repr(value)
+        return f"the number {text}" if len(text) <= 20 else "a number"
     if isinstance(value, str):
         return f"the string {value[:40]!r}" + ("..." if len(value) > 40 else "")
     if isinstance(value, list):

@@ -488,9 +488,11 @@ class Watcher:
             self._start_now()
 
     def _start_now(self) -> None:
+        self._refuse_if_deleted()
         state = self.state
         if state is S.BACKOFF:
             self._reset_backoff()
+            self._enter(S.STARTING)  # the run loop, woken, spawns at once
             self._wake.set()
             return
         if state not in RESTING_STATES:
@@ -514,6 +516,7 @@ class Watcher:
             Conflict: it is already stopped or stopping.
         """
         async with self._lock:
+            self._refuse_if_deleted()
             if self.state in (S.STOPPED, S.STOPPING):
                 raise Conflict(f"process {self.spec.slug!r} is already {self.state}")
             await self._halt()
@@ -526,10 +529,11 @@ class Watcher:
             Conflict: it is being stopped.
         """
         async with self._lock:
+            self._refuse_if_deleted()
             if self.state is S.STOPPING:
                 raise Conflict(f"process {self.spec.slug!r} is stopping")
             if self.state is not S.STOPPED:
-                await self._halt()
+                await self._halt("restarted")
             self._start_now()
 
     async def request_signal(self, name: str) -> None:
@@ -540,6 +544,7 @@ class Watcher:
             Conflict: no child is running.
         """
         async with self._lock:
+            self._refuse_if_deleted()
             child = self._child
             if self.state is not S.RUNNING or child is None or child.exited:
                 raise Conflict(
@@ -559,18 +564,29 @@ class Watcher:
             return False
         return child.write_input(text.encode() + b"\n")
 
-    async def stop(self) -> None:
+    def _refuse_if_deleted(self) -> None:
+        if self._deleted:
+            raise Conflict(f"process {self.spec.slug!r} is being deleted")
+
+    async def stop(self, *, final: bool = False) -> None:
         """Bring the process to ``stopped`` whatever it is doing, and wait until its child
-        and descendants are gone; used by delete and shutdown.
+        and descendants are gone; used by delete (``final``: no control may start it
+        again) and shutdown.
 
         Safe to call many times and concurrently: the later callers find it stopped.
         """
         async with self._lock:
+            if final:
+                self._deleted = True
             if self.state is not S.STOPPED:
                 await self._halt()
 
-    async def _halt(self) -> None:
-        """Cancel the run and stop the child with the stop sequence (lock held)."""
+    async def _halt(self, reason: str = "stopped") -> None:
+        """Cancel the run and stop the child with the stop sequence (lock held).
+
+        ``reason`` is recorded with the child's exit.
+        """
+        self.error = None  # whatever failed before, the process is now just stopped
         self._enter(S.STOPPING)  # any live state -> STOPPING
         if self._task is not None:
             self._task.cancel()
@@ -583,10 +599,10 @@ class Watcher:
             if child is not None:
                 if not child.exited:
                     exit = await child.stop(self.spec.options.signal_number, self._stop_timeout)
-                    self._record_stop(child, exit)
+                    self._record_stop(child, exit, reason)
                 elif self._recorded_pid != child.pid:
                     # it exited while the supervision task was being cancelled
-                    self._record_stop(child, await child.wait())
+                    self._record_stop(child, await child.wait(), reason)
                 # descendants that left the group and lost their parent, if any
                 await stop_marked(self._marker, self._stop_timeout)
                 await _settle(child)
@@ -602,10 +618,10 @@ class Watcher:
             self.healthy = None
             self._enter(S.STOPPED)  # STOPPING -> STOPPED
 
-    def _record_stop(self, child: Child, exit: Exit) -> None:
+    def _record_stop(self, child: Child, exit: Exit, reason: str) -> None:
         started = self._started_at or self._runtime.wall_clock()
         now = self._runtime.wall_clock()
-        self.exits.append(ExitRecord(exit, now, max(0.0, now - started), "stopped"))
+        self.exits.append(ExitRecord(exit, now, max(0.0, now - started), reason))
         self._recorded_pid = child.pid
         log.info("%s: process %d %s on stop", self.spec.slug, child.pid, exit.describe())
         self._emit("process:exit", pid=child.pid, code=exit.code, signal=exit.signal,
@@ -613,7 +629,6 @@ class Watcher:
 
     def close(self) -> None:
         """End the output stream: attached clients are told the process is gone."""
-        self._deleted = True
         self.hub.close()
 
     async def _clear_leftovers(self, child: Child) -> None:

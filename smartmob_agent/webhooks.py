@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import aiohttp
+from yarl import URL
 
 from smartmob_agent import __version__
 
@@ -39,6 +40,18 @@ WARN_INTERVAL = 60.0
 JITTER = 0.25
 
 USER_AGENT = f"smartmob-agent/{__version__}"
+
+
+#: Client errors worth retrying: the receiver was busy, not refusing the event.
+RETRIED_CLIENT_ERRORS = frozenset({408, 429})
+
+
+def shown(url: str) -> str:
+    """``url`` without user, password or query (where tokens live), for logs."""
+    try:
+        return str(URL(url).with_user(None).with_query(None).with_fragment(None))
+    except (ValueError, TypeError):
+        return "(an unusable URL)"
 
 
 def sign(secret: bytes, body: bytes) -> str:
@@ -141,7 +154,7 @@ class Webhooks:
                 target.last_warning = now
                 log.warning(
                     "webhook %s: does not keep up; %d event(s) dropped so far (it keeps the "
-                    "latest %d)", url, target.dropped, self._max_queue,
+                    "latest %d)", shown(url), target.dropped, self._max_queue,
                 )
         target.pending.append(delivery)
         if target.task is None:
@@ -191,16 +204,20 @@ class Webhooks:
                     if 200 <= response.status < 300:
                         return True
                     problem = f"it answered {response.status} {response.reason}"
+                    if 400 <= response.status < 500 and (
+                        response.status not in RETRIED_CLIENT_ERRORS
+                    ):
+                        break  # the receiver refuses this event (a wrong secret, say)
             except aiohttp.InvalidURL:
-                log.warning("webhook %s: not a usable URL; the %s event is not sent", url,
-                            delivery.kind)
+                log.warning("webhook %s: not a usable URL; the %s event is not sent",
+                            shown(url), delivery.kind)
                 return False
             except TimeoutError:
                 problem = f"it did not answer within {self._timeout} s"
             except (aiohttp.ClientError, OSError) as error:
                 problem = str(error) or type(error).__name__
-        log.warning("webhook %s: gave up on a %s event after %d attempt(s); last, %s", url,
-                    delivery.kind, self._max_attempts, problem)
+        log.warning("webhook %s: gave up on a %s event after %d attempt(s); last, %s",
+                    shown(url), delivery.kind, attempt, problem)
         return False
 
     def delay(self, retry: int) -> float:

@@ -265,10 +265,10 @@ HOSTILE = 60 * 1024
 def test_hostile_text_parses_fast(text: str) -> None:
     """Hostile text near the size limit is parsed or rejected quickly."""
     assert len(text) <= MAX_DOTENV_BYTES
-    start = time.perf_counter()
+    start = time.thread_time()  # CPU time: a loaded machine must not make it fail
     with contextlib.suppress(DotenvError):
         parse_dotenv(text)
-    assert time.perf_counter() - start < FAST
+    assert time.thread_time() - start < FAST
 
 
 @pytest.mark.parametrize(

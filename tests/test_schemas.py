@@ -71,7 +71,7 @@ def test_valid_bodies_pass(changes: dict[str, Any]) -> None:
 
 BAD_FIELDS = [
     # (field, bad value, fragment of the reason)
-    ("app", 1, "got a number"),
+    ("app", 1, "got the number 1"),
     ("app", None, "got null"),
     ("app", True, "got a boolean"),
     ("app", ["shop"], "got an array"),
@@ -90,20 +90,20 @@ BAD_FIELDS = [
     ("app", "shop\n", "'shop\\n'"),
     ("app", "sh\x00op", "letters"),
     ("app", "café", "letters"),
-    ("node", 0, "got a number"),
+    ("node", 0, "got the number 0"),
     ("node", "", "web.0"),
     ("node", "../../etc", "'../../etc'"),
     ("node", "web..0", "without '..'"),
     ("node", "web/0", "letters"),
     ("node", "n" * (MAX_NAME + 1), "1 to 100"),
-    ("process_type", 5, "got a number"),
+    ("process_type", 5, "got the number 5"),
     ("process_type", "", "1 to 64"),
     ("process_type", "w" * 65, "1 to 64"),
     ("process_type", "web.1", "Procfile entry"),
     ("process_type", "web 1", "Procfile entry"),
     ("process_type", "web\n", "Procfile entry"),
     ("process_type", "../web", "Procfile entry"),
-    ("source_url", 42, "got a number"),
+    ("source_url", 42, "got the number 42"),
     ("source_url", "", "http://"),
     ("source_url", "ftp://127.0.0.1/a.zip", "'ftp://127.0.0.1/a.zip'"),
     ("source_url", "file:///etc/passwd", "http://"),
@@ -117,7 +117,7 @@ BAD_FIELDS = [
     ("env", "A=1", "got the string 'A=1'"),
     ("env", ["A=1"], "got an array"),
     ("env", None, "got null"),
-    ("env", {"A": 1}, "got a number for 'A'"),
+    ("env", {"A": 1}, "got the number 1 for 'A'"),
     ("env", {"A": None}, "got null for 'A'"),
     ("env", {"A": True}, "got a boolean for 'A'"),
     ("env", {"A": ["x"]}, "got an array for 'A'"),
@@ -196,8 +196,8 @@ def test_empty_object_names_every_required_field() -> None:
         pytest.param([], "an array", id="array"),
         pytest.param([VALID], "an array", id="array-of-valid"),
         pytest.param("shop", "the string 'shop'", id="string"),
-        pytest.param(3, "a number", id="number"),
-        pytest.param(1.5, "a number", id="float"),
+        pytest.param(3, "the number 3", id="number"),
+        pytest.param(1.5, "the number 1.5", id="float"),
         pytest.param(None, "null", id="null"),
         pytest.param(True, "a boolean", id="boolean"),
     ],
@@ -222,7 +222,7 @@ BAD_OPTIONS = [
     ("stop_signal", "SIGTERM", "got the string 'SIGTERM'"),
     ("stop_signal", "term", "without SIG"),
     ("stop_signal", "STOP", "one of TERM, INT"),
-    ("stop_signal", 15, "got a number"),
+    ("stop_signal", 15, "got the number 15"),
     ("stop_timeout", -1, "from 0 to 86400"),
     ("stop_timeout", 86401, "from 0 to 86400"),
     ("stop_timeout", "10", "got the string '10'"),
@@ -241,7 +241,7 @@ BAD_OPTIONS = [
     ("umask", "0o22", "octal string"),
     ("umask", "07777", "octal string"),
     ("umask", "", "octal string"),
-    ("umask", 18, "got a number"),
+    ("umask", 18, "got the number 18"),
     ("restart", "sometimes", "one of 'always', 'on-failure' or 'never'"),
     ("restart", "Always", "got the string 'Always'"),
     ("restart", None, "got null"),
@@ -249,22 +249,22 @@ BAD_OPTIONS = [
     ("exit_codes", [-1], "integers from 0 to 255"),
     ("exit_codes", [True], "integers from 0 to 255"),
     ("exit_codes", ["0"], "integers from 0 to 255"),
-    ("exit_codes", 0, "got a number"),
+    ("exit_codes", 0, "got the number 0"),
     ("exit_codes", [0] * 257, "an array"),
     ("max_restarts", -1, "integer from 0 to 1000000"),
     ("max_restarts", True, "got a boolean"),
-    ("max_restarts", 1.5, "got a number"),
+    ("max_restarts", 1.5, "got the number 1.5"),
     ("max_restarts", 1_000_001, "integer from 0 to 1000000"),
     ("max_restarts", "3", "got the string '3'"),
-    ("backoff", {"initial": 0}, "got a number for 'initial'"),
-    ("backoff", {"max": -1}, "got a number for 'max'"),
+    ("backoff", {"initial": 0}, "got the number 0 for 'initial'"),
+    ("backoff", {"max": -1}, "got the number -1 for 'max'"),
     ("backoff", {"initial": "1"}, "for 'initial'"),
     ("backoff", {"initial": 1, "factor": 2}, "'initial' and/or 'max'"),
-    ("backoff", 1, "got a number"),
+    ("backoff", 1, "got the number 1"),
     ("health", {"http": "/h", "command": "true"}, "exactly one of 'http'"),
     ("health", {}, "exactly one of 'http'"),
     ("health", {"interval": 5}, "exactly one of 'http'"),
-    ("health", {"http": "/h", "failures": 0}, "got a number for 'failures'"),
+    ("health", {"http": "/h", "failures": 0}, "got the number 0 for 'failures'"),
     ("health", {"http": "/h", "failures": True}, "got a boolean for 'failures'"),
     ("health", {"http": "h"}, "got the string 'h' for 'http'"),
     ("health", {"http": "/a b"}, "for 'http'"),
@@ -275,7 +275,7 @@ BAD_OPTIONS = [
     ("notify", ["ftp://x"], "http:// or https:// URLs"),
     ("notify", "http://x", "got the string 'http://x'"),
     ("notify", ["http://"], "http:// or https:// URLs"),
-    ("notify", ["http://x/a b"], "got an array"),
+    ("notify", ["http://x/a b"], "got the string 'http://x/a b' at position 0"),
     ("notify", ["http://x"] * 11, "at most 10"),
     ("autostart", "yes", "got the string 'yes'"),
     ("autostart", 1, "must be true or false"),
@@ -439,7 +439,7 @@ def test_signal_request_accepts_each_name(name: str) -> None:
         pytest.param({"signal": "SIGHUP"}, {"signal": "got the string 'SIGHUP'"}, id="sig"),
         pytest.param({"signal": "hup"}, {"signal": "without SIG"}, id="lowercase"),
         pytest.param({"signal": "STOP"}, {"signal": "one of TERM"}, id="not-allowed"),
-        pytest.param({"signal": 9}, {"signal": "got a number"}, id="number"),
+        pytest.param({"signal": 9}, {"signal": "got the number 9"}, id="number"),
         pytest.param({"signal": None}, {"signal": "got null"}, id="null"),
     ],
 )
@@ -474,10 +474,10 @@ def test_bulk_request_names_an_app_or_all(body: dict[str, Any], app: str | None)
     ("body", "fields"),
     [
         pytest.param({"all": False}, {"all": "must be true"}, id="all-false"),
-        pytest.param({"all": 1}, {"all": "got a number"}, id="all-one"),
+        pytest.param({"all": 1}, {"all": "got the number 1"}, id="all-one"),
         pytest.param({"all": "true"}, {"all": "got the string 'true'"}, id="all-string"),
         pytest.param({"app": ".."}, {"app": "without '..'"}, id="bad-app"),
-        pytest.param({"app": 3}, {"app": "got a number"}, id="app-number"),
+        pytest.param({"app": 3}, {"app": "got the number 3"}, id="app-number"),
         pytest.param({"app": "x", "every": True}, {"every": "is not a known field"},
                      id="extra-field"),
     ],
@@ -536,3 +536,17 @@ async def test_non_finite_numbers_are_refused(
     assert response.status == 400
     assert f"{constant} is not a JSON number" in (await response.json())["error"]
     assert agent.list() == []
+
+
+def test_a_bad_array_item_is_pointed_at() -> None:
+    """A wrong item of an array is named with its position and value."""
+    with pytest.raises(InvalidRequest) as caught:
+        create_request.validate({**VALID, "exit_codes": [0, 256]})
+    assert "(got the number 256 at position 1)" in caught.value.fields["exit_codes"]
+
+
+def test_a_huge_number_is_not_quoted_whole() -> None:
+    """A number of many digits is described, not echoed."""
+    with pytest.raises(InvalidRequest) as caught:
+        create_request.validate({**VALID, "stop_timeout": 10**30})
+    assert caught.value.fields["stop_timeout"].endswith("(got a number)")

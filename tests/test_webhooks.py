@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from smartmob_agent.events import make_event
-from smartmob_agent.webhooks import Webhooks, sign
+from smartmob_agent.webhooks import Webhooks, shown, sign
 
 #: Short delays between attempts, so retries cost the suite little time.
 FAST_RETRY = (0.01, 0.02)
@@ -46,7 +46,8 @@ class Receiver:
     """A webhook endpoint on 127.0.0.1.
 
     ``/ok`` accepts; ``/flaky`` answers 500 twice then accepts; ``/fail`` always answers
-    500; ``/hang`` never answers.
+    500; ``/refuse`` always answers 401; ``/busy`` answers 429 once then accepts;
+    ``/hang`` never answers.
     """
 
     server: TestServer
@@ -84,6 +85,10 @@ async def receiver(
             served.changed.notify_all()
         if request.path == "/hang":
             await served.release.wait()
+        if request.path == "/refuse":
+            return web.Response(status=401, text="bad signature")
+        if request.path == "/busy" and len(served.at("/busy")) <= 1:
+            return web.Response(status=429, text="slow down")
         if request.path == "/fail" or (
             request.path == "/flaky" and len(served.at("/flaky")) <= 2
         ):
@@ -304,3 +309,23 @@ async def test_an_event_that_is_not_json_is_logged_not_sent(
     await hooks.close(grace=10)
     assert [json.loads(hit.body) for hit in receiver.at("/ok")] == [event(1)]
     assert "not JSON" in caplog.text
+
+
+async def test_a_refusal_is_not_retried_but_too_many_requests_is(
+    receiver: Receiver, session: aiohttp.ClientSession
+) -> None:
+    """A 4xx answer (a wrong secret, say) gives the event up at once; 429 (and 408) mean
+    "later", so the event is sent again."""
+    hooks = Webhooks(session, [receiver.url("/refuse"), receiver.url("/busy")],
+                     retry=FAST_RETRY)
+    hooks.submit(event(1))
+    await hooks.close(grace=10)
+    assert len(receiver.at("/refuse")) == 1
+    assert hooks.stats()[receiver.url("/refuse")]["failed"] == 1
+    assert len(receiver.at("/busy")) == 2
+    assert hooks.stats()[receiver.url("/busy")]["delivered"] == 1
+
+
+def test_logged_urls_hide_credentials_and_query() -> None:
+    """Webhook URLs in logs lose user, password and query, where tokens live."""
+    assert shown("https://bot:s3cret@hooks.example/x?token=abc#f") == "https://hooks.example/x"
