@@ -67,6 +67,7 @@ class Agent:
         environ = os.environ if base_env is None else base_env
         self._base_env = {k: v for k, v in environ.items() if k not in SECRET_VARIABLES}
         self._watchers: dict[str, Watcher] = {}
+        self._deletions: dict[Watcher, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
         self._webhook_session: aiohttp.ClientSession | None = None
         self._runtime: Runtime | None = None
@@ -205,13 +206,28 @@ class Agent:
         Raises:
             NotFound: no such process.
         """
-        watcher = self.get(slug)
+        await self._delete(self.get(slug))
+
+    async def _delete(self, watcher: Watcher) -> None:
+        """Delete ``watcher``; concurrent deletes of it all wait for the one deletion."""
+        deletion = self._deletions.get(watcher)
+        if deletion is None:
+            deletion = asyncio.get_running_loop().create_task(
+                self._forget(watcher), name=f"delete {watcher.spec.slug}"
+            )
+            self._deletions[watcher] = deletion
+            deletion.add_done_callback(lambda _: self._deletions.pop(watcher, None))
+        # shielded: a client that goes away must not leave the slug half-deleted
+        await asyncio.shield(deletion)
+
+    async def _forget(self, watcher: Watcher) -> None:
+        slug = watcher.spec.slug
         try:
             await watcher.stop(final=True)
             watcher.close()
             # files go before the name is freed, so a new process of that name starts clean
             await watcher.remove_files()
-        finally:  # even if interrupted: a slug must never be stuck half-deleted
+        finally:  # even if it failed: a slug must never be stuck half-deleted
             if self._watchers.get(slug) is watcher:
                 del self._watchers[slug]
                 self.ports.release(slug)
@@ -234,7 +250,7 @@ class Agent:
             "start": Watcher.request_start,
             "stop": Watcher.request_stop,
             "restart": Watcher.request_restart,
-            "delete": lambda w: self.delete(w.spec.slug),
+            "delete": self._delete,
         }
         act = actions[action]
         results = await asyncio.gather(*(act(w) for w in watchers), return_exceptions=True)

@@ -357,13 +357,13 @@ class Watcher:
             if runtime.monitor is not None:
                 runtime.monitor.track(child.pid)
             self._enter(S.RUNNING)  # STARTING -> RUNNING
-            self._start_health(command)
+            self._start_health(command, child)
             try:
                 exit = await child.wait()
             finally:
-                await self._stop_health()
                 if runtime.monitor is not None:
                     runtime.monitor.untrack(child.pid)
+                await self._stop_health()
             ran_for = runtime.clock() - started
             if not await self._after_exit(child, exit, ran_for, policy):
                 return
@@ -400,6 +400,11 @@ class Watcher:
                     f"/bin/sh {exit.describe()}" + (f" ({tail})" if tail else "")
                 )
             raise AgentError(decision.reason)
+        unhealthy = self._unhealthy_task
+        if self._restart_reason is not None and unhealthy is not None:
+            # the health restart is still giving the old run's descendants their stop
+            # timeout (it ends with SIGKILL): do not cut it short, nor start a new child
+            await asyncio.wait({unhealthy})
         await self._clear_leftovers(child)
         if decision.action is Action.EXIT:
             self._enter(S.EXITED)  # RUNNING -> EXITED
@@ -426,7 +431,7 @@ class Watcher:
 
     # -- health --------------------------------------------------------------------------------
 
-    def _start_health(self, command: _Command) -> None:
+    def _start_health(self, command: _Command, child: Child) -> None:
         check = self._health
         if check is None:
             return
@@ -447,7 +452,9 @@ class Watcher:
         def on_change(healthy: bool | None) -> None:
             self.healthy = healthy
 
-        monitor = HealthMonitor(check, probe, on_change, self._on_unhealthy)
+        monitor = HealthMonitor(
+            check, probe, on_change, lambda reason: self._on_unhealthy(child, reason)
+        )
         self._health_task = asyncio.get_running_loop().create_task(
             monitor.run(), name=f"health {self.spec.slug}"
         )
@@ -456,20 +463,29 @@ class Watcher:
         task, self._health_task = self._health_task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # not `await task` under suppress(CancelledError): if the caller (the run task)
+            # is cancelled meanwhile, Task.cancel() is forwarded to the awaited health task
+            # and the caller's own cancellation would be swallowed here
+            await asyncio.wait({task})
         self.healthy = None  # no child: nothing to be healthy
 
-    def _on_unhealthy(self, reason: str) -> None:
+    def _on_unhealthy(self, child: Child, reason: str) -> None:
         log.warning("%s: %s; restarting it", self.spec.slug, reason)
-        self._unhealthy_task = asyncio.get_running_loop().create_task(
-            self._restart_unhealthy(reason), name=f"unhealthy {self.spec.slug}"
+        task = asyncio.get_running_loop().create_task(
+            self._restart_unhealthy(child, reason), name=f"unhealthy {self.spec.slug}"
         )
+        task.add_done_callback(self._log_task_failure)
+        self._unhealthy_task = task
 
-    async def _restart_unhealthy(self, reason: str) -> None:
+    def _log_task_failure(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: %s failed", self.spec.slug, task.get_name(),
+                      exc_info=task.exception())
+
+    async def _restart_unhealthy(self, child: Child, reason: str) -> None:
         async with self._lock:
-            child = self._child
-            if self.state is not S.RUNNING or child is None or child.exited:
+            # the child it judged, not whatever runs now (a restart may have replaced it)
+            if self._child is not child or self.state is not S.RUNNING or child.exited:
                 return  # it exited or was stopped meanwhile: nothing to restart
             # the run loop sees the exit and restarts it at once, as after a long run
             self._restart_reason = f"unhealthy: {reason}"
@@ -588,14 +604,19 @@ class Watcher:
         """
         self.error = None  # whatever failed before, the process is now just stopped
         self._enter(S.STOPPING)  # any live state -> STOPPING
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        await self._stop_health()
-        child = self._child
-        try:
+        child: Child | None = None
+        try:  # whatever happens below, the process must not stay in STOPPING
+            task, self._task = self._task, None
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+                except Exception:  # a bug of the run task: log it, stop all the same
+                    log.exception("%s: the run task failed", self.spec.slug)
+            await self._stop_health()
+            child = self._child
             if child is not None:
                 if not child.exited:
                     exit = await child.stop(self.spec.options.signal_number, self._stop_timeout)
