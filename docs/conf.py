@@ -60,7 +60,7 @@ _EXTERNAL_MODULES = (
     "aiohttp", "web", "asyncio", "subprocess", "psutil", "pathlib", "collections",
     "typing", "types", "enum", "os", "signal", "tarfile", "zipfile", "yarl", "weakref",
     "fastjsonschema", "procfile", "argparse", "logging", "http", "urllib", "threading",
-    "multidict", "hmac", "hashlib", "socket", "queue", "datetime",
+    "multidict", "sqlite3", "hmac", "hashlib", "socket", "queue", "datetime",
 )
 nitpick_ignore_regex = [
     # the standard library and third-party packages (no intersphinx offline)

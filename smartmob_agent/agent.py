@@ -20,13 +20,16 @@ from typing import Any
 import aiohttp
 
 from smartmob_agent import archive
-from smartmob_agent.child import Reaper
+from smartmob_agent.child import Reaper, start_time, stop_marked, stop_survivor
 from smartmob_agent.config import Settings
 from smartmob_agent.errors import AgentError, Conflict, NotFound
 from smartmob_agent.events import EventBus, make_event
-from smartmob_agent.model import ProcessInfo, Spec
+from smartmob_agent.model import ProcessInfo, ProcessState, Spec
 from smartmob_agent.monitor import Monitor
 from smartmob_agent.ports import PortAllocator
+from smartmob_agent.representations import request_document
+from smartmob_agent.schemas import create_request, spec_from_request
+from smartmob_agent.store import Record, Store, StoreError
 from smartmob_agent.watcher import Runtime, Watcher
 from smartmob_agent.webhooks import Webhooks
 
@@ -68,6 +71,7 @@ class Agent:
         self._base_env = {k: v for k, v in environ.items() if k not in SECRET_VARIABLES}
         self._watchers: dict[str, Watcher] = {}
         self._deletions: dict[Watcher, asyncio.Task[None]] = {}
+        self.store: Store | None = None
         self._session: aiohttp.ClientSession | None = None
         self._webhook_session: aiohttp.ClientSession | None = None
         self._runtime: Runtime | None = None
@@ -83,8 +87,15 @@ class Agent:
         return self.settings.state_dir / "processes"
 
     async def start(self) -> None:
-        """Prepare the state folder and the HTTP client used for downloads."""
+        """Prepare the state folder and the HTTP clients, and bring back every process the
+        state database holds.
+
+        Raises:
+            StoreError: the state database cannot be used (the message says what to do).
+            OSError: the state folder cannot be created.
+        """
         self.processes_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store.open(self.settings.state_dir)
         self._session = aiohttp.ClientSession(auto_decompress=True)
         self._runtime = Runtime(
             session=self._session,
@@ -110,10 +121,67 @@ class Agent:
             secret=None if secret is None else secret.encode(),
         )
         self.events.add_listener(self._notify)
+        await self._restore()
+
+    async def _restore(self) -> None:
+        """Bring every process of the state database back to its desired state, after
+        stopping whatever an earlier agent left running (never two copies)."""
+        store = self.store
+        assert store is not None, "the store is opened first"
+        assert self._runtime is not None, "the runtime is built first"
+        records = store.load()
+        previous = store.get_value("agent_id")
+        store.set_value("agent_id", self.id)
+        timeout = self.settings.stop_timeout
+        if previous is not None:
+            # everything the earlier agent started carries its id, wherever it went
+            left = await stop_marked(f"{AGENT_ID_VARIABLE}={previous}", timeout)
+            if left:
+                log.warning("stopped %d process(es) left running by the previous agent", left)
+        survivors = await asyncio.gather(*(
+            stop_survivor(r.pid, r.pid_started, timeout)
+            for r in records if r.pid is not None and r.pid_started is not None
+        ))
+        if any(survivors):
+            log.warning("stopped %d child(ren) of the previous agent found by pid and "
+                        "start time", sum(survivors))
+        for record in records:
+            try:
+                spec = spec_from_request(create_request.validate(record.request))
+            except AgentError as error:
+                raise StoreError(
+                    f"the state database {store.path} holds a request for "
+                    f"{record.slug!r} this agent cannot read ({error}): start the agent "
+                    "that wrote it, or move the database aside"
+                ) from None
+            if record.port is not None:
+                self.ports.reserve(spec.slug, record.port)
+            watcher = Watcher(
+                spec, self.processes_dir / spec.slug, self._runtime, None, record.port,
+                process_id=record.process_id, stopped=record.desired == "stopped",
+                reuse_source=True, restarts=record.restarts,
+            )
+            self._register(watcher)
+        if records:
+            log.info("brought back %d process(es) from %s", len(records), store.path)
+
+    def _register(self, watcher: Watcher) -> None:
+        self._watchers[watcher.spec.slug] = watcher
+        watcher.add_listener(self._remember_child)
+        watcher.start()
+
+    def _remember_child(self, watcher: Watcher, old: ProcessState, new: ProcessState) -> None:
+        """Write each new child's pid and start time, so a later agent can tell it apart."""
+        pid = watcher.pid
+        if new is not ProcessState.RUNNING or pid is None or self.store is None:
+            return
+        self.store.set_child(watcher.spec.slug, pid, start_time(pid), watcher.restarts)
 
     async def close(self) -> None:
         """Stop every process (each with the full stop sequence), then release resources."""
         await self.stop_all()
+        if self.store is not None:
+            self.store.close()
         self.events.close()
         await self.monitor.close()
         if self.webhooks is not None:
@@ -160,10 +228,18 @@ class Agent:
         slug = spec.slug
         if slug in self._watchers:
             raise Conflict(f"a process named {slug!r} already exists; delete it first")
+        assert self.store is not None
         port = self._port_for(spec)
         watcher = Watcher(spec, self.processes_dir / slug, self._runtime, request_id, port)
-        self._watchers[slug] = watcher
-        watcher.start()
+        try:  # on disk before the API answers
+            self.store.add(Record(
+                slug, request_document(spec),
+                "running" if spec.options.autostart else "stopped", watcher.process_id, port,
+            ))
+        except StoreError:
+            self.ports.release(slug)
+            raise
+        self._register(watcher)
         log.info("%s: created (process type %r)", slug, spec.process_type)
         return watcher
 
@@ -223,6 +299,8 @@ class Agent:
     async def _forget(self, watcher: Watcher) -> None:
         slug = watcher.spec.slug
         try:
+            if self.store is not None:  # first: a deleted process never comes back
+                self.store.remove(slug)
             await watcher.stop(final=True)
             watcher.close()
             # files go before the name is freed, so a new process of that name starts clean
@@ -232,6 +310,25 @@ class Agent:
                 del self._watchers[slug]
                 self.ports.release(slug)
                 log.info("%s: deleted", slug)
+
+    async def control(self, watcher: Watcher, action: str) -> None:
+        """Apply a ``start``, ``stop`` or ``restart`` control and record the process's
+        desired state (``stop`` keeps it stopped across agent restarts).
+
+        Raises:
+            Conflict: the control makes no sense in the process's state.
+        """
+        if action == "start":
+            await watcher.request_start()
+        elif action == "stop":
+            await watcher.request_stop()
+        elif action == "restart":
+            await watcher.request_restart()
+        else:
+            raise ValueError(f"unknown control {action!r}")
+        if self.store is not None and self._watchers.get(watcher.spec.slug) is watcher:
+            desired = "stopped" if action == "stop" else "running"
+            self.store.set_desired(watcher.spec.slug, desired)
 
     def select(self, app: str | None) -> builtins.list[Watcher]:
         """Every watcher of ``app`` (of every app for ``None``), in creation order."""
@@ -247,9 +344,9 @@ class Agent:
         """
         watchers = self.select(app)
         actions: dict[str, Callable[[Watcher], Awaitable[None]]] = {
-            "start": Watcher.request_start,
-            "stop": Watcher.request_stop,
-            "restart": Watcher.request_restart,
+            "start": lambda w: self.control(w, "start"),
+            "stop": lambda w: self.control(w, "stop"),
+            "restart": lambda w: self.control(w, "restart"),
             "delete": self._delete,
         }
         act = actions[action]

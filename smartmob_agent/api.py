@@ -8,7 +8,6 @@ and turned into JSON responses by the middleware in :mod:`smartmob_agent.server`
 from __future__ import annotations
 
 import json
-from types import MappingProxyType
 from typing import Any
 
 from aiohttp import web
@@ -17,13 +16,12 @@ from smartmob_agent import representations as docs
 from smartmob_agent.agent import Agent
 from smartmob_agent.errors import InvalidRequest
 from smartmob_agent.links import RequestLinks
-from smartmob_agent.model import Spec
 from smartmob_agent.schemas import (
     bulk_request,
     create_request,
     parse_bulk,
-    parse_options,
     signal_request,
+    spec_from_request,
 )
 from smartmob_agent.watcher import Watcher
 
@@ -83,15 +81,7 @@ async def list_processes(request: web.Request) -> web.Response:
 @routes.post("/create-process", name="create")
 async def create_process(request: web.Request) -> web.Response:
     """Create a process from a create request; 201 with its status document."""
-    data = create_request.validate(await read_json(request))
-    spec = Spec(
-        app=data["app"],
-        node=data["node"],
-        process_type=data["process_type"],
-        source_url=data["source_url"],
-        env=MappingProxyType(dict(data.get("env", {}))),
-        options=parse_options(data),
-    )
+    spec = spec_from_request(create_request.validate(await read_json(request)))
     watcher = _agent(request).create(spec, request_id=request.get(REQUEST_ID_KEY))
     links = RequestLinks(request)
     document = docs.process_document(watcher.info(), links)
@@ -137,7 +127,7 @@ def _status(request: web.Request, watcher: Watcher) -> web.Response:
 async def start_process(request: web.Request) -> web.Response:
     """Start a stopped, exited or failed process, or end a backoff now."""
     watcher = await _control_target(request)
-    await watcher.request_start()
+    await _agent(request).control(watcher, "start")
     return _status(request, watcher)
 
 
@@ -145,7 +135,7 @@ async def start_process(request: web.Request) -> web.Response:
 async def stop_process(request: web.Request) -> web.Response:
     """Stop a process and keep it, stopped; answers once its child is gone."""
     watcher = await _control_target(request)
-    await watcher.request_stop()
+    await _agent(request).control(watcher, "stop")
     return _status(request, watcher)
 
 
@@ -153,7 +143,7 @@ async def stop_process(request: web.Request) -> web.Response:
 async def restart_process(request: web.Request) -> web.Response:
     """Stop a process, wait until its child is gone, and start it again."""
     watcher = await _control_target(request)
-    await watcher.request_restart()
+    await _agent(request).control(watcher, "restart")
     return _status(request, watcher)
 
 

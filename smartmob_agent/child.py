@@ -42,6 +42,8 @@ TRANSIENT_SPAWN_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, er
 _PR_SET_CHILD_SUBREAPER = 36
 #: Longest wait for processes to vanish after SIGKILL (a process stuck in the kernel).
 _KILL_WAIT = 5.0
+#: How far two readings of one process's start time may differ (clock ticks of 10 ms).
+_START_TIME_SLACK = 0.05
 #: Input waiting for a child that does not read its stdin; beyond this, input is refused.
 MAX_STDIN_BUFFER = 64 * 1024
 
@@ -449,6 +451,58 @@ async def stop_marked(marker: str, timeout: float, sig: int = signal.SIGTERM) ->
         for fd in fds.values():
             os.close(fd)
     return len(fds)
+
+
+def start_time(pid: int) -> float | None:
+    """When ``pid`` started (seconds since the epoch), or ``None`` if it is gone.
+
+    With the pid, it names one process for good: a pid is reused, a (pid, start time)
+    pair is not.
+    """
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
+
+
+async def stop_survivor(pid: int, started: float, timeout: float) -> bool:
+    """Stop a child that outlived an earlier agent, if ``pid`` still names it.
+
+    Sends SIGTERM to its process group and its descendants, waits up to ``timeout``
+    seconds, then SIGKILLs what is left. Returns whether it was found.
+    """
+    found = start_time(pid)
+    if found is None or abs(found - started) > _START_TIME_SLACK:
+        return False  # gone, or the pid now names another process
+    try:
+        members = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return False
+    fds: dict[int, int] = {}
+    for process in members:
+        with contextlib.suppress(OSError):
+            fds[process.pid] = os.pidfd_open(process.pid)
+    try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+        for fd in fds.values():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                signal.pidfd_send_signal(fd, signal.SIGTERM)
+        try:
+            async with asyncio.timeout(timeout):
+                await _wait_pidfds(fds.values())
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            for fd in fds.values():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+            async with asyncio.timeout(_KILL_WAIT):
+                await _wait_pidfds(fds.values())
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return True
 
 
 def _process_group(pid: int) -> int | None:

@@ -26,6 +26,7 @@ from smartmob_agent.child import Reaper, become_subreaper
 from smartmob_agent.config import OPTIONS, Settings, settings_from
 from smartmob_agent.errors import InvalidRequest
 from smartmob_agent.server import make_app
+from smartmob_agent.store import StoreError
 
 log = logging.getLogger("smartmob_agent")
 
@@ -101,6 +102,8 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await agent.start()
+    except StoreError as error:
+        raise SystemExit(f"smartmob-agent: {error}") from None
     except OSError as error:
         raise SystemExit(
             f"smartmob-agent: cannot use the state folder {settings.state_dir}: "

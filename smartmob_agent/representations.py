@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from smartmob_agent.model import ExitRecord, Options, ProcessInfo
+from smartmob_agent.model import ExitRecord, Options, ProcessInfo, Spec
 
 
 class Linker(Protocol):
@@ -114,6 +114,21 @@ def process_document(info: ProcessInfo, links: Linker) -> dict[str, Any]:
     }
     for relation in PROCESS_RELATIONS:
         document[relation] = links.process(relation, spec.slug)
+    return document
+
+
+def request_document(spec: Spec) -> dict[str, Any]:
+    """The create request that makes ``spec`` again (what the state database keeps)."""
+    options = options_document(spec.options, spec.options.stop_timeout)
+    document: dict[str, Any] = {
+        "app": spec.app,
+        "node": spec.node,
+        "process_type": spec.process_type,
+        "source_url": spec.source_url,
+        "env": dict(spec.env),
+        # fields a request may not give as null are left out when unset
+        **{k: v for k, v in options.items() if v is not None or k == "max_restarts"},
+    }
     return document
 
 

@@ -10,6 +10,7 @@ Each property's ``description`` doubles as the error sentence shown to users.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import fastjsonschema
@@ -21,6 +22,7 @@ from smartmob_agent.model import (
     Backoff,
     Options,
     RestartPolicy,
+    Spec,
 )
 
 #: app and node: a path component that cannot be ``.``/``..`` or hide a separator.
@@ -334,6 +336,22 @@ def parse_options(data: Mapping[str, Any]) -> Options:
         autostart=data.get("autostart", defaults.autostart),
         health=None if "health" not in data else {**HEALTH_DEFAULTS, **data["health"]},
         notify=tuple(data.get("notify", ())),
+    )
+
+
+def spec_from_request(data: Mapping[str, Any]) -> Spec:
+    """Build the :class:`Spec` of a create request already checked by its schema.
+
+    Raises:
+        InvalidRequest: see :func:`parse_options`.
+    """
+    return Spec(
+        app=data["app"],
+        node=data["node"],
+        process_type=data["process_type"],
+        source_url=data["source_url"],
+        env=MappingProxyType(dict(data.get("env", {}))),
+        options=parse_options(data),
     )
 
 

@@ -22,6 +22,7 @@ from smartmob_agent.api import AGENT_KEY, REQUEST_ID_KEY, routes
 from smartmob_agent.config import Settings
 from smartmob_agent.ports import PortsExhausted
 from smartmob_agent.representations import error_document
+from smartmob_agent.store import StoreError
 from smartmob_agent.ws import SOCKETS_KEY, close_all
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ ERROR_STATUS: tuple[tuple[type[errors.AgentError], int], ...] = (
     (errors.NotFound, 404),
     (errors.Conflict, 409),
     (PortsExhausted, 503),  # the machine is out of ports; try again later
+    (StoreError, 503),  # the state database cannot be written (disk full, ...)
     (errors.InvalidTransition, 500),  # a bug of the agent, not of the client
 )
 

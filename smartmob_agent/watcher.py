@@ -129,6 +129,12 @@ class Watcher:
         request_id: the id of the create request, sent along with the download.
         port: the ``PORT`` of its children, kept across restarts; set in their
             environment unless the request's ``env`` sets ``PORT`` itself.
+        process_id: the value of :data:`PROCESS_ID_VARIABLE` for its children (a new one
+            by default; an agent bringing a process back passes the one it had).
+        stopped: created ``stopped`` (default: unless ``autostart``).
+        reuse_source: use the source a previous agent unpacked in ``workdir``, if it
+            finished unpacking it, instead of downloading it again.
+        restarts: the restart count to start from.
     """
 
     def __init__(
@@ -138,12 +144,19 @@ class Watcher:
         runtime: Runtime,
         request_id: str | None = None,
         port: int | None = None,
+        *,
+        process_id: str | None = None,
+        stopped: bool | None = None,
+        reuse_source: bool = False,
+        restarts: int = 0,
     ) -> None:
         self.spec = spec
         self.workdir = workdir
         self.port = port
         self.hub = Hub()
-        self._marker = f"{PROCESS_ID_VARIABLE}={uuid.uuid4().hex}"
+        self.process_id = process_id or uuid.uuid4().hex
+        self._marker = f"{PROCESS_ID_VARIABLE}={self.process_id}"
+        self._reuse_source = reuse_source
         self._runtime = runtime
         self._request_id = request_id
         options = spec.options
@@ -152,9 +165,11 @@ class Watcher:
         )
         self._health = None if options.health is None else HealthCheck.from_json(options.health)
         # created stopped: nothing is downloaded until a start control
-        self.state = S.PENDING if options.autostart else S.STOPPED
+        if stopped is None:
+            stopped = not options.autostart
+        self.state = S.STOPPED if stopped else S.PENDING
         self.error: str | None = None
-        self.restarts = 0
+        self.restarts = restarts
         self.exits: deque[ExitRecord] = deque(maxlen=EXIT_HISTORY)
         self.backoff_delay = 0.0
         self.next_start_at: float | None = None
@@ -296,6 +311,11 @@ class Watcher:
 
     async def _fetch(self) -> Path:
         """Download and unpack the source; return its root folder."""
+        if self._reuse_source:
+            self._reuse_source = False  # once: a later start after a failure fetches again
+            root = await asyncio.to_thread(_unpacked_root, self.workdir)
+            if root is not None:
+                return root
         if self.workdir.exists():  # left by an earlier run or agent on this state folder
             await asyncio.to_thread(shutil.rmtree, self.workdir, True)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -313,7 +333,7 @@ class Watcher:
                 archive.unpack, part, self.workdir / "source", cancel=cancel
             ))
             try:
-                return await asyncio.shield(unpacking)
+                root = await asyncio.shield(unpacking)
             except asyncio.CancelledError:
                 # a thread cannot be interrupted: ask it to stop between two members, and
                 # let it finish before stop() returns, or it would write again into a
@@ -322,6 +342,8 @@ class Watcher:
                 with contextlib.suppress(Exception):
                     await unpacking
                 raise
+            await asyncio.to_thread(_mark_unpacked, self.workdir, root)
+            return root
         finally:
             with contextlib.suppress(FileNotFoundError):
                 await asyncio.to_thread(part.unlink)
@@ -693,6 +715,28 @@ async def _settle(child: Child, timeout: float = 1.0) -> None:
             await child.output_closed()
     except TimeoutError:
         child.close_output()
+
+
+#: Written in a work folder once its source is completely unpacked: the source root,
+#: relative to ``source/``.
+UNPACKED_MARK = "unpacked"
+
+
+def _mark_unpacked(workdir: Path, root: Path) -> None:
+    (workdir / UNPACKED_MARK).write_text(str(root.relative_to(workdir / "source")) + "\n")
+
+
+def _unpacked_root(workdir: Path) -> Path | None:
+    """The source root an earlier agent finished unpacking in ``workdir``, if any."""
+    try:
+        relative = (workdir / UNPACKED_MARK).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    source = (workdir / "source").resolve()
+    root = (source / relative).resolve()
+    if not root.is_relative_to(source) or not root.is_dir():
+        return None
+    return root
 
 
 def _working_dir(root: Path, relative: str | None) -> Path:

@@ -1,0 +1,221 @@
+"""The agent's durable state: one SQLite database in the state folder (the storage adapter).
+
+What survives an agent restart is each process's *desired* state, written before the API
+answers: the create request as it was accepted, whether the process should run or stay
+stopped, its ``PORT``, its restart count, and the pid and start time of its current
+child (so that a child that outlived its agent is recognised, and stopped, never run
+twice). Deleting a process deletes its row first: it never comes back.
+
+The database is in WAL mode, written by one connection from the event loop's thread (each
+write is a few hundred microseconds on a local disk), and its schema carries a version,
+upgraded in place by :data:`MIGRATIONS`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from smartmob_agent.errors import AgentError
+
+#: Each step upgrades the schema by one version; step ``i`` brings it to version ``i + 1``.
+#: One SQL statement each, run in the same transaction as the version change.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE processes (
+        slug TEXT PRIMARY KEY,
+        position INTEGER NOT NULL,
+        request TEXT NOT NULL,
+        desired TEXT NOT NULL CHECK (desired IN ('running', 'stopped')),
+        process_id TEXT NOT NULL,
+        port INTEGER,
+        restarts INTEGER NOT NULL DEFAULT 0,
+        pid INTEGER,
+        pid_started REAL
+    )
+    """,
+    "CREATE TABLE agent (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+DATABASE_NAME = "agent.db"
+
+
+class StoreError(AgentError):
+    """The state database cannot be opened or used; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One process as the database holds it.
+
+    Attributes:
+        slug: its name.
+        request: the create request as accepted (JSON object).
+        desired: ``"running"`` or ``"stopped"``.
+        process_id: the value of ``SMARTMOB_PROCESS_ID`` in its children's environment,
+            kept for its whole life.
+        port: its ``PORT``, if the agent gave it one.
+        restarts: how many times it was restarted, over every agent run.
+        pid: the pid of its last child, while that child may be alive.
+        pid_started: that child's start time (seconds since the epoch, as the kernel
+            reports it), which tells it from a later process that reused the pid.
+    """
+
+    slug: str
+    request: Mapping[str, Any]
+    desired: str
+    process_id: str
+    port: int | None = None
+    restarts: int = 0
+    pid: int | None = None
+    pid_started: float | None = None
+
+
+class Store:
+    """The state database of one state folder. Open with :meth:`open`.
+
+    Raises:
+        StoreError: from every method, when the database cannot be read or written.
+    """
+
+    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+        self._db = connection
+        self.path = path
+
+    @classmethod
+    def open(cls, state_dir: Path) -> Store:
+        """Open (creating if needed) the database of ``state_dir`` and bring its schema up
+        to date.
+
+        Raises:
+            StoreError: the file is not a database, is corrupt, is locked by another
+                agent, or comes from a newer version of the agent.
+        """
+        path = state_dir / DATABASE_NAME
+        try:
+            connection = sqlite3.connect(path, isolation_level=None, timeout=0.5)
+        except sqlite3.Error as error:
+            raise StoreError(_advice(path, error)) from None
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            # NORMAL: a power cut may lose the last writes, never corrupt the database
+            connection.execute("PRAGMA synchronous=NORMAL")
+            # a second agent on the same folder would run every process twice
+            connection.execute("PRAGMA locking_mode=EXCLUSIVE")
+            connection.execute("BEGIN IMMEDIATE")
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                connection.execute("ROLLBACK")
+                raise StoreError(
+                    f"the state database {path} was written by a newer smartmob-agent "
+                    f"(schema {version}, this one knows up to {SCHEMA_VERSION}): upgrade "
+                    "the agent, or start it with another --state-dir"
+                )
+            for step in MIGRATIONS[version:]:
+                connection.execute(step)
+            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            connection.execute("COMMIT")
+            connection.execute("PRAGMA quick_check").fetchone()
+            # it holds every request's env, secrets included: for the agent's user only
+            path.chmod(0o600)
+        except (sqlite3.Error, OSError) as error:
+            connection.close()
+            raise StoreError(_advice(path, error)) from None
+        except StoreError:
+            connection.close()
+            raise
+        return cls(connection, path)
+
+    def close(self) -> None:
+        """Close the database (writes are already on disk)."""
+        self._db.close()
+
+    def _run(self, sql: str, parameters: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        try:
+            return self._db.execute(sql, parameters)
+        except sqlite3.Error as error:
+            raise StoreError(f"the state database {self.path} cannot be written: {error}") from None
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def load(self) -> list[Record]:
+        """Every process, in creation order."""
+        rows = self._run(
+            "SELECT slug, request, desired, process_id, port, restarts, pid, pid_started "
+            "FROM processes ORDER BY position"
+        ).fetchall()
+        records = []
+        for slug, request, desired, process_id, port, restarts, pid, pid_started in rows:
+            try:
+                data = json.loads(request)
+            except ValueError:
+                raise StoreError(
+                    f"the state database {self.path} holds an unreadable request for "
+                    f"{slug!r}: " + _WHAT_TO_DO.format(path=self.path)
+                ) from None
+            records.append(
+                Record(slug, data, desired, process_id, port, restarts, pid, pid_started)
+            )
+        return records
+
+    def get_value(self, key: str) -> str | None:
+        """A value the agent keeps about itself (such as its last run's id)."""
+        row = self._run("SELECT value FROM agent WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_value(self, key: str, value: str) -> None:
+        """Keep ``value`` under ``key`` (see :meth:`get_value`)."""
+        self._run("INSERT OR REPLACE INTO agent (key, value) VALUES (?, ?)", (key, value))
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def add(self, record: Record) -> None:
+        """Record a new process, after every other one."""
+        self._run(
+            "INSERT INTO processes (slug, position, request, desired, process_id, port, "
+            "restarts) VALUES "
+            "(?, (SELECT COALESCE(MAX(position), 0) + 1 FROM processes), ?, ?, ?, ?, ?)",
+            (record.slug, json.dumps(dict(record.request), separators=(",", ":")),
+             record.desired, record.process_id, record.port, record.restarts),
+        )
+
+    def set_desired(self, slug: str, desired: str) -> None:
+        """Record whether ``slug`` should run (``"running"``) or stay ``"stopped"``."""
+        self._run("UPDATE processes SET desired = ? WHERE slug = ?", (desired, slug))
+
+    def set_child(
+        self, slug: str, pid: int | None, started: float | None, restarts: int
+    ) -> None:
+        """Record the current child of ``slug`` (or none) and its restart count."""
+        self._run(
+            "UPDATE processes SET pid = ?, pid_started = ?, restarts = ? WHERE slug = ?",
+            (pid, started, restarts, slug),
+        )
+
+    def remove(self, slug: str) -> None:
+        """Forget ``slug`` for good."""
+        self._run("DELETE FROM processes WHERE slug = ?", (slug,))
+
+
+_WHAT_TO_DO = (
+    "stop every other agent using this state folder; if none is running, move {path} "
+    "aside (the agent then starts empty and runs nothing from before), or start the agent "
+    "with another --state-dir"
+)
+
+
+def _advice(path: Path, error: sqlite3.Error | OSError) -> str:
+    """A message for an unusable database that says what to do about it."""
+    text = str(error)
+    if "locked" in text or "busy" in text:
+        return (
+            f"the state database {path} is in use by another smartmob-agent: stop it, or "
+            "start this one with another --state-dir"
+        )
+    return f"the state database {path} cannot be used ({text}): " + _WHAT_TO_DO.format(
+        path=path
+    )
