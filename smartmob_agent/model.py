@@ -171,6 +171,8 @@ class Spec:
     source_url: str
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     options: Options = Options()
+    #: the expected SHA-256 of the archive, as lowercase hex, if the request gave one
+    sha256: str | None = None
 
     @property
     def slug(self) -> str:

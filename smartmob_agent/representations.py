@@ -92,6 +92,7 @@ def process_document(info: ProcessInfo, links: Linker) -> dict[str, Any]:
         "node": spec.node,
         "process_type": spec.process_type,
         "slug": spec.slug,
+        "checksum": None if spec.sha256 is None else f"sha256:{spec.sha256}",
         "state": info.state.value,
         "pid": info.pid,
         "error": info.error,
@@ -126,6 +127,7 @@ def request_document(spec: Spec) -> dict[str, Any]:
         "process_type": spec.process_type,
         "source_url": spec.source_url,
         "env": dict(spec.env),
+        **({"checksum": f"sha256:{spec.sha256}"} if spec.sha256 else {}),
         # fields a request may not give as null are left out when unset
         **{k: v for k, v in options.items() if v is not None or k == "max_restarts"},
     }

@@ -181,6 +181,14 @@ CREATE_REQUEST: dict[str, Any] = {
                 f"{MAX_ENV_ENTRIES} entries, values up to {MAX_ENV_VALUE} characters)"
             ),
         },
+        "checksum": {
+            "type": "string",
+            "pattern": r"^sha256:[0-9a-fA-F]{64}$",
+            "description": (
+                "must be 'sha256:' followed by the 64 hexadecimal digits of the archive's "
+                "SHA-256"
+            ),
+        },
         **OPTION_PROPERTIES,
     },
 }
@@ -352,6 +360,7 @@ def spec_from_request(data: Mapping[str, Any]) -> Spec:
         source_url=data["source_url"],
         env=MappingProxyType(dict(data.get("env", {}))),
         options=parse_options(data),
+        sha256=data["checksum"].partition(":")[2].lower() if "checksum" in data else None,
     )
 
 

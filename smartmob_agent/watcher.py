@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import random
 import shutil
@@ -36,7 +37,13 @@ import aiohttp
 
 from smartmob_agent import archive, dotenv, procfile
 from smartmob_agent.child import Child, Reaper, stop_marked
-from smartmob_agent.errors import AgentError, Conflict, ProcfileError, SpawnError
+from smartmob_agent.errors import (
+    AgentError,
+    Conflict,
+    DownloadError,
+    ProcfileError,
+    SpawnError,
+)
 from smartmob_agent.health import HealthCheck, HealthMonitor, ProbeResult, probe_command, probe_http
 from smartmob_agent.hub import Hub
 from smartmob_agent.model import (
@@ -327,6 +334,8 @@ class Watcher:
                 self._runtime.session, self.spec.source_url, part,
                 limits=self._runtime.limits, headers=headers,
             )
+            if self.spec.sha256 is not None:
+                await asyncio.to_thread(_check_sha256, part, self.spec.sha256)
             self._enter(S.UNPACKING)  # DOWNLOADING -> UNPACKING
             cancel = threading.Event()
             unpacking = asyncio.ensure_future(asyncio.to_thread(
@@ -737,6 +746,17 @@ def _unpacked_root(workdir: Path) -> Path | None:
     if not root.is_relative_to(source) or not root.is_dir():
         return None
     return root
+
+
+def _check_sha256(path: Path, expected: str) -> None:
+    """Raise unless the file at ``path`` has the SHA-256 ``expected`` (lowercase hex)."""
+    with open(path, "rb") as file:
+        actual = hashlib.file_digest(file, "sha256").hexdigest()
+    if actual != expected:
+        raise DownloadError(
+            f"the downloaded archive does not match its checksum: its sha256 is {actual}, "
+            f"the create request says {expected}; nothing was unpacked"
+        )
 
 
 def _working_dir(root: Path, relative: str | None) -> Path:
