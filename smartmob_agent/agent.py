@@ -121,7 +121,11 @@ class Agent:
             secret=None if secret is None else secret.encode(),
         )
         self.events.add_listener(self._notify)
-        await self._restore()
+        try:
+            await self._restore()
+        except BaseException:
+            await self.close()
+            raise
 
     async def _restore(self) -> None:
         """Bring every process of the state database back to its desired state, after
@@ -173,15 +177,19 @@ class Agent:
     def _remember_child(self, watcher: Watcher, old: ProcessState, new: ProcessState) -> None:
         """Write each new child's pid and start time, so a later agent can tell it apart."""
         pid = watcher.pid
-        if new is not ProcessState.RUNNING or pid is None or self.store is None:
+        if self.store is None:
             return
-        self.store.set_child(watcher.spec.slug, pid, start_time(pid), watcher.restarts)
+        if new is ProcessState.RUNNING and pid is not None:
+            self.store.set_child(watcher.spec.slug, pid, start_time(pid), watcher.restarts)
+        elif new is ProcessState.BACKOFF:  # the restart was counted before the wait
+            self.store.set_child(watcher.spec.slug, None, None, watcher.restarts)
 
     async def close(self) -> None:
         """Stop every process (each with the full stop sequence), then release resources."""
         await self.stop_all()
         if self.store is not None:
             self.store.close()
+            self.store = None
         self.events.close()
         await self.monitor.close()
         if self.webhooks is not None:

@@ -474,6 +474,9 @@ async def stop_survivor(pid: int, started: float, timeout: float) -> bool:
     found = start_time(pid)
     if found is None or abs(found - started) > _START_TIME_SLACK:
         return False  # gone, or the pid now names another process
+    with contextlib.suppress(psutil.Error):
+        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return False  # already dead, waiting to be reaped
     try:
         members = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     except psutil.Error:

@@ -14,6 +14,7 @@ upgraded in place by :data:`MIGRATIONS`.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -97,6 +98,16 @@ class Store:
         """
         path = state_dir / DATABASE_NAME
         try:
+            # it holds every request's env, secrets included: for the agent's user only;
+            # SQLite gives the -wal and -shm files the database file's mode
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            for name in (DATABASE_NAME, DATABASE_NAME + "-wal", DATABASE_NAME + "-shm"):
+                companion = state_dir / name
+                if companion.exists():
+                    companion.chmod(0o600)
+        except OSError as error:
+            raise StoreError(_advice(path, error)) from None
+        try:
             connection = sqlite3.connect(path, isolation_level=None, timeout=0.5)
         except sqlite3.Error as error:
             raise StoreError(_advice(path, error)) from None
@@ -119,9 +130,11 @@ class Store:
                 connection.execute(step)
             connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             connection.execute("COMMIT")
-            connection.execute("PRAGMA quick_check").fetchone()
-            # it holds every request's env, secrets included: for the agent's user only
-            path.chmod(0o600)
+            problems = [row[0] for row in connection.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError(
+                    "database disk image is malformed: " + problems[0].replace("\n", " ")
+                )
         except (sqlite3.Error, OSError) as error:
             connection.close()
             raise StoreError(_advice(path, error)) from None
