@@ -29,6 +29,7 @@ from smartmob_agent.monitor import Monitor
 from smartmob_agent.ports import PortAllocator
 from smartmob_agent.representations import request_document
 from smartmob_agent.schemas import create_request, spec_from_request
+from smartmob_agent.sources import SourceCache, cache_key
 from smartmob_agent.store import Record, Store, StoreError
 from smartmob_agent.watcher import Runtime, Watcher
 from smartmob_agent.webhooks import Webhooks
@@ -75,6 +76,8 @@ class Agent:
         self._session: aiohttp.ClientSession | None = None
         self._webhook_session: aiohttp.ClientSession | None = None
         self._runtime: Runtime | None = None
+        #: the downloaded source archives, shared by every process (see :mod:`.sources`)
+        self.sources: SourceCache | None = None
         self.ports = PortAllocator()
         self.monitor = Monitor(settings.monitor_interval)
         #: every lifecycle event of every process (see :mod:`smartmob_agent.events`)
@@ -85,6 +88,11 @@ class Agent:
     def processes_dir(self) -> Path:
         """Folder holding one work folder per process."""
         return self.settings.state_dir / "processes"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Folder holding the downloaded source archives."""
+        return self.settings.state_dir / "cache"
 
     async def start(self) -> None:
         """Prepare the state folder and the HTTP clients, and bring back every process the
@@ -97,19 +105,22 @@ class Agent:
         self.processes_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store.open(self.settings.state_dir)
         self._session = aiohttp.ClientSession(auto_decompress=True)
+        limits = archive.DownloadLimits(
+            max_bytes=self.settings.max_download,
+            stall=self.settings.download_stall,
+            total=self.settings.download_timeout,
+        )
+        self.sources = SourceCache(self.cache_dir, self._session, limits)
         self._runtime = Runtime(
             session=self._session,
             reaper=self.reaper,
             base_env=self._base_env,
             forced_env={AGENT_ID_VARIABLE: self.id},
-            limits=archive.DownloadLimits(
-                max_bytes=self.settings.max_download,
-                stall=self.settings.download_stall,
-                total=self.settings.download_timeout,
-            ),
+            limits=limits,
             stop_timeout=self.settings.stop_timeout,
             monitor=self.monitor,
             emit=self._emit,
+            sources=self.sources,
         )
         self.monitor.start()
         secret = self.settings.webhook_secret
@@ -168,6 +179,7 @@ class Agent:
             self._register(watcher)
         if records:
             log.info("brought back %d process(es) from %s", len(records), store.path)
+        self._collect_sources()
 
     def _register(self, watcher: Watcher) -> None:
         self._watchers[watcher.spec.slug] = watcher
@@ -318,6 +330,17 @@ class Agent:
                 del self._watchers[slug]
                 self.ports.release(slug)
                 log.info("%s: deleted", slug)
+            self._collect_sources()
+
+    def _collect_sources(self) -> None:
+        """Remove the cached archives no process uses, but for the last few (rollbacks)."""
+        if self.sources is None:
+            return
+        in_use = {cache_key(w.spec.source_url, w.spec.sha256) for w in self._watchers.values()}
+        try:
+            self.sources.collect(in_use)
+        except OSError as error:  # a full or read-only disk must not fail a delete
+            log.warning("could not clean the source cache %s: %s", self.cache_dir, error)
 
     async def control(self, watcher: Watcher, action: str) -> None:
         """Apply a ``start``, ``stop`` or ``restart`` control and record the process's

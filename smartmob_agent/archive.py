@@ -1,7 +1,8 @@
 """Fetching and unpacking source archives (the HTTP + filesystem adapter).
 
 Knows nothing of processes. :func:`download` streams a URL to a file, never holding the
-body in memory; :func:`detect_format` recognises zip and tar (plain, gzip, bzip2, xz)
+body in memory, reporting its progress if asked (:func:`fetch` does the same with a
+conditional GET); :func:`detect_format` recognises zip and tar (plain, gzip, bzip2, xz)
 by their first bytes, whatever the server claimed; :func:`unpack` extracts into a fresh
 folder and refuses any member that could land outside it, and any archive that passes
 the :class:`UnpackLimits` (checked while reading, so a bomb costs little memory or
@@ -79,6 +80,45 @@ def display_url(url: str) -> str:
         return "the source URL"
 
 
+@dataclass(frozen=True)
+class Validators:
+    """What a server said identifies the version of a body it sent (``ETag``,
+    ``Last-Modified``), as given: sent back to ask whether that version is still current."""
+
+    etag: str | None = None
+    last_modified: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.etag is not None or self.last_modified is not None
+
+    def conditions(self) -> dict[str, str]:
+        """The headers of a conditional GET: ``If-None-Match``, ``If-Modified-Since``."""
+        headers = {}
+        if self.etag is not None:
+            headers["If-None-Match"] = self.etag
+        if self.last_modified is not None:
+            headers["If-Modified-Since"] = self.last_modified
+        return headers
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What :func:`fetch` got."""
+
+    #: ``False`` when the server answered ``304 Not Modified`` to a conditional GET:
+    #: nothing was written
+    modified: bool
+    #: bytes written to the file (0 when not modified)
+    size: int
+    #: those of the answer (of the new body, or confirmed by a ``304``)
+    validators: Validators
+
+
+#: Called as ``progress(bytes_so_far, total)`` while a body arrives; ``total`` is ``None``
+#: when the server did not say how long the body is.
+Progress = Callable[[int, int | None], None]
+
+
 async def download(
     session: aiohttp.ClientSession,
     url: str,
@@ -86,21 +126,56 @@ async def download(
     *,
     limits: DownloadLimits = DownloadLimits(),
     headers: dict[str, str] | None = None,
+    progress: Progress | None = None,
 ) -> int:
     """Stream ``url`` into the file ``dest``; return the number of bytes written.
+
+    ``progress`` is called once the answer's headers arrived, then after each chunk.
 
     Raises:
         DownloadError: for an HTTP status other than 200, a network failure, a stall, a
             timeout, a body over the size limit or a URL that is not valid. ``dest`` is
             removed in that case, and also when the download is cancelled.
     """
+    fetched = await fetch(
+        session, url, dest, limits=limits, headers=headers, progress=progress
+    )
+    return fetched.size
+
+
+async def fetch(
+    session: aiohttp.ClientSession,
+    url: str,
+    dest: Path,
+    *,
+    limits: DownloadLimits = DownloadLimits(),
+    headers: dict[str, str] | None = None,
+    progress: Progress | None = None,
+    validators: Validators | None = None,
+) -> Fetched:
+    """Like :func:`download`, but a conditional GET when ``validators`` are given: a
+    ``304 Not Modified`` answer then leaves ``dest`` alone and says so. Either way the
+    answer's own validators are returned, for the next time.
+
+    Raises:
+        DownloadError: as :func:`download` (a ``304`` to a plain GET is an error too).
+    """
     shown = display_url(url)
     timeout = aiohttp.ClientTimeout(
         total=limits.total, sock_connect=limits.stall, sock_read=limits.stall
     )
+    sent = dict(headers or {})
+    if validators:
+        sent.update(validators.conditions())
     size = 0
     try:
-        async with session.get(url, timeout=timeout, headers=headers) as response:
+        async with session.get(url, timeout=timeout, headers=sent) as response:
+            answered = Validators(
+                response.headers.get("ETag"), response.headers.get("Last-Modified")
+            )
+            if response.status == 304 and validators:
+                # the validators of a 304 may be left out: those sent still hold then
+                return Fetched(False, 0, answered or validators)
             if response.status != 200:
                 raise DownloadError(
                     f"downloading {shown} failed: the server answered "
@@ -111,6 +186,12 @@ async def download(
                     f"downloading {shown} failed: the archive is {response.content_length} "
                     f"bytes, over the limit of {limits.max_bytes}"
                 )
+            # Content-Length counts compressed bytes when the body is sent compressed:
+            # not a total of what is written then
+            encoded = response.headers.get("Content-Encoding", "identity") != "identity"
+            total = None if encoded else response.content_length
+            if progress is not None:
+                progress(0, total)
             with dest.open("wb") as file:
                 async for chunk in response.content.iter_chunked(_CHUNK):
                     size += len(chunk)
@@ -120,6 +201,8 @@ async def download(
                             f"of {limits.max_bytes} bytes"
                         )
                     file.write(chunk)
+                    if progress is not None:
+                        progress(size, total)
     except DownloadError:
         _discard(dest)
         raise
@@ -152,7 +235,7 @@ async def download(
     except BaseException:  # cancelled: leave nothing half-written either
         _discard(dest)
         raise
-    return size
+    return Fetched(True, size, answered)
 
 
 def _discard(path: Path) -> None:

@@ -192,6 +192,15 @@ class ExitRecord:
 
 
 @dataclass(frozen=True)
+class DownloadProgress:
+    """How far the download of a source is: bytes received, out of ``total`` when the
+    server said how many it sends."""
+
+    bytes: int
+    total: int | None = None
+
+
+@dataclass(frozen=True)
 class ProcessInfo:
     """A snapshot of one process, taken when a client asks; what the API shows."""
 
@@ -219,3 +228,5 @@ class ProcessInfo:
     output_tail: tuple[str, ...] = ()
     #: the stop timeout in force: the process's own, else the agent's
     stop_timeout: float | None = None
+    #: while downloading: how far the download of the source is
+    download: DownloadProgress | None = None

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from smartmob_agent.model import ExitRecord, Options, ProcessInfo, Spec
+from smartmob_agent.model import DownloadProgress, ExitRecord, Options, ProcessInfo, Spec
 
 
 class Linker(Protocol):
@@ -58,6 +58,17 @@ def exit_document(record: ExitRecord) -> dict[str, Any]:
         "ran_for": round(record.ran_for, 3),
         "reason": record.reason,
     }
+
+
+def download_document(progress: DownloadProgress | None) -> dict[str, Any] | None:
+    """The progress of a download: ``{"bytes", "total"}``, or ``None`` if there is none.
+
+    >>> download_document(DownloadProgress(65536, 1048576))
+    {'bytes': 65536, 'total': 1048576}
+    """
+    if progress is None:
+        return None
+    return {"bytes": progress.bytes, "total": progress.total}
 
 
 def options_document(options: Options, stop_timeout: float | None) -> dict[str, Any]:
@@ -110,6 +121,7 @@ def process_document(info: ProcessInfo, links: Linker) -> dict[str, Any]:
             None if info.next_start_at is None else format_time(info.next_start_at)
         ),
         "output_tail": list(info.output_tail),
+        "download": download_document(info.download),
         # nested: "restart" is both an option and a link relation
         "options": options_document(spec.options, info.stop_timeout),
     }

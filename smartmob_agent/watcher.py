@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import random
 import shutil
@@ -40,7 +39,6 @@ from smartmob_agent.child import Child, Reaper, stop_marked
 from smartmob_agent.errors import (
     AgentError,
     Conflict,
-    DownloadError,
     ProcfileError,
     SpawnError,
 )
@@ -49,6 +47,7 @@ from smartmob_agent.hub import Hub
 from smartmob_agent.model import (
     RESTING_STATES,
     Backoff,
+    DownloadProgress,
     Exit,
     ExitRecord,
     Options,
@@ -60,6 +59,7 @@ from smartmob_agent.model import (
 )
 from smartmob_agent.monitor import Monitor
 from smartmob_agent.policy import Action, BackoffPolicy, backoff_policy, decide, next_delay
+from smartmob_agent.sources import SourceCache
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,9 @@ class Runtime:
     jitter: Callable[[], float] = random.random
     monitor: Monitor | None = None
     emit: Emitter | None = None
+    #: the shared cache of source archives; without one (tests), each watcher keeps its
+    #: own in its work folder
+    sources: SourceCache | None = None
 
 
 def child_environment(
@@ -194,6 +197,7 @@ class Watcher:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._deleted = False
+        self._download: DownloadProgress | None = None
 
     # -- observation -----------------------------------------------------------------------
 
@@ -237,6 +241,7 @@ class Watcher:
             next_start_at=self.next_start_at if state is S.BACKOFF else None,
             output_tail=self._output_tail() if crashed else (),
             stop_timeout=self._stop_timeout,
+            download=self._download if state is S.DOWNLOADING else None,
         )
 
     def _output_tail(self) -> tuple[str, ...]:
@@ -317,7 +322,12 @@ class Watcher:
         return _Command(entry.command, cwd, MappingProxyType(env))
 
     async def _fetch(self) -> Path:
-        """Download and unpack the source; return its root folder."""
+        """Get the source archive (from the cache, or downloaded into it) and unpack it
+        into the work folder; return the source's root folder.
+
+        Each process unpacks a copy of its own, even from a shared archive: see
+        :ref:`lifecycle-source-cache`.
+        """
         if self._reuse_source:
             self._reuse_source = False  # once: a later start after a failure fetches again
             root = await asyncio.to_thread(_unpacked_root, self.workdir)
@@ -326,36 +336,41 @@ class Watcher:
         if self.workdir.exists():  # left by an earlier run or agent on this state folder
             await asyncio.to_thread(shutil.rmtree, self.workdir, True)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        part = self.workdir / "source.part"
+        runtime = self._runtime
+        sources = runtime.sources
+        if sources is None:
+            sources = SourceCache(self.workdir / "cache", runtime.session, runtime.limits)
         headers = {"X-Request-Id": self._request_id} if self._request_id else None
         self._enter(S.DOWNLOADING)  # PENDING -> DOWNLOADING
+        self._download = DownloadProgress(0)
         try:
-            await archive.download(
-                self._runtime.session, self.spec.source_url, part,
-                limits=self._runtime.limits, headers=headers,
+            path = await sources.get(
+                self.spec.source_url, self.spec.sha256, headers=headers,
+                progress=self._on_progress,
             )
-            if self.spec.sha256 is not None:
-                await asyncio.to_thread(_check_sha256, part, self.spec.sha256)
-            self._enter(S.UNPACKING)  # DOWNLOADING -> UNPACKING
-            cancel = threading.Event()
-            unpacking = asyncio.ensure_future(asyncio.to_thread(
-                archive.unpack, part, self.workdir / "source", cancel=cancel
-            ))
-            try:
-                root = await asyncio.shield(unpacking)
-            except asyncio.CancelledError:
-                # a thread cannot be interrupted: ask it to stop between two members, and
-                # let it finish before stop() returns, or it would write again into a
-                # work folder being removed
-                cancel.set()
-                with contextlib.suppress(Exception):
-                    await unpacking
-                raise
-            await asyncio.to_thread(_mark_unpacked, self.workdir, root)
-            return root
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                await asyncio.to_thread(part.unlink)
+            self._download = None
+        self._enter(S.UNPACKING)  # DOWNLOADING -> UNPACKING
+        cancel = threading.Event()
+        unpacking = asyncio.ensure_future(asyncio.to_thread(
+            archive.unpack, path, self.workdir / "source", cancel=cancel
+        ))
+        try:
+            root = await asyncio.shield(unpacking)
+        except asyncio.CancelledError:
+            # a thread cannot be interrupted: ask it to stop between two members, and
+            # let it finish before stop() returns, or it would write again into a
+            # work folder being removed
+            cancel.set()
+            with contextlib.suppress(Exception):
+                await unpacking
+            raise
+        await asyncio.to_thread(_mark_unpacked, self.workdir, root)
+        return root
+
+    def _on_progress(self, size: int, total: int | None) -> None:
+        if self._download is not None:
+            self._download = DownloadProgress(size, total)
 
     async def _supervise(self, command: _Command) -> None:
         """Run the command, and again each time it exits, until the policy says no or a
@@ -746,17 +761,6 @@ def _unpacked_root(workdir: Path) -> Path | None:
     if not root.is_relative_to(source) or not root.is_dir():
         return None
     return root
-
-
-def _check_sha256(path: Path, expected: str) -> None:
-    """Raise unless the file at ``path`` has the SHA-256 ``expected`` (lowercase hex)."""
-    with open(path, "rb") as file:
-        actual = hashlib.file_digest(file, "sha256").hexdigest()
-    if actual != expected:
-        raise DownloadError(
-            f"the downloaded archive does not match its checksum: its sha256 is {actual}, "
-            f"the create request says {expected}; nothing was unpacked"
-        )
 
 
 def _working_dir(root: Path, relative: str | None) -> Path:

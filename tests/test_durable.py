@@ -105,7 +105,8 @@ async def test_a_new_agent_brings_back_every_process_in_its_desired_state(
         before = {w.spec.slug: (w.port, w.restarts, w.process_id)
                   for w in (running, stopped, never)}
         assert environ_of(old_pid)[PROCESS_ID_VARIABLE] == running.process_id
-        assert archive_server.hits("app.tgz") == 3
+        # created at once, they shared one download (see test_sources.py)
+        assert archive_server.hits("app.tgz") == 1
     finally:
         await first.close()
     assert not pid_alive(old_pid)
@@ -128,7 +129,7 @@ async def test_a_new_agent_brings_back_every_process_in_its_desired_state(
         assert child_env[AGENT_ID_VARIABLE] == second.id
         assert back["shop.stopped.0"].state is S.STOPPED
         assert back["shop.never.0"].state is S.STOPPED
-        assert archive_server.hits("app.tgz") == 3
+        assert archive_server.hits("app.tgz") == 1
         assert not (second.processes_dir / "shop.deleted.0").exists()
         # a new process gets none of the ports the restored ones hold
         fresh = second.create(make_spec(url, "fresh.0", autostart=False))
@@ -138,11 +139,12 @@ async def test_a_new_agent_brings_back_every_process_in_its_desired_state(
         await second.control(back["shop.stopped.0"], "start")
         await wait_for_state(back["shop.stopped.0"], S.RUNNING)
         assert back["shop.stopped.0"].restarts == before["shop.stopped.0"][1]
-        assert archive_server.hits("app.tgz") == 3
-        # the one never started has nothing to reuse: its first start downloads
+        assert archive_server.hits("app.tgz") == 1
+        # the one never started has nothing to reuse: its first start downloads (the
+        # server sends no ETag nor Last-Modified, so the cached archive cannot be reused)
         await second.control(back["shop.never.0"], "start")
         await wait_for_state(back["shop.never.0"], S.RUNNING)
-        assert archive_server.hits("app.tgz") == 4
+        assert archive_server.hits("app.tgz") == 2
         desired = {r.slug: r.desired for r in second.store.load()}  # type: ignore[union-attr]
         assert desired == {"shop.running.0": "running", "shop.stopped.0": "running",
                            "shop.never.0": "running", "shop.fresh.0": "stopped"}
@@ -342,7 +344,8 @@ async def test_sigkilled_agent_twenty_processes_come_back_once_each(
         process_ids = {p["slug"]: environ_of(p["pid"])[PROCESS_ID_VARIABLE]
                        for p in processes}
         assert len(set(process_ids.values())) == 20
-        assert archive_server.hits("sleep.tgz") == 20
+        # concurrent creates share a download; later ones download again (no validators)
+        assert 1 <= archive_server.hits("sleep.tgz") <= 20
 
         await first.kill()
         second = await restart_check(http, state_dir, archive_server, "sleep.tgz", slugs,

@@ -21,11 +21,15 @@ PURE_CORE = frozenset({
 })
 ADAPTERS = frozenset({
     "archive", "child", "hub", "proctable", "ports", "events", "webhooks", "monitor", "health",
-    "store",
+    "store", "sources",
 })
 #: The exceptions to "adapters never import each other": the child finds escaped
-#: descendants through the process table; a health command is a child, reaped as one.
-ADAPTER_IMPORTS = {"child": frozenset({"proctable"}), "health": frozenset({"child"})}
+#: descendants through the process table; a health command is a child, reaped as one;
+#: the source cache fills itself through the archive downloads.
+ADAPTER_IMPORTS = {
+    "child": frozenset({"proctable"}), "health": frozenset({"child"}),
+    "sources": frozenset({"archive"}),
+}
 ORCHESTRATION = frozenset({"watcher", "agent"})
 INTERFACES = frozenset({
     "api", "ws", "links", "server", "cli", "guardian", "__main__", "eventsocket",

@@ -398,17 +398,19 @@ async def test_delete_sigkills_a_process_ignoring_sigterm_after_the_stop_timeout
 async def test_stop_during_download_leaves_nothing_behind(
     agent: Agent, archive_server: ArchiveServer
 ) -> None:
-    """Stopping while the archive is still arriving ends in stopped with an empty work folder."""
+    """Stopping while the archive is still arriving ends in stopped with an empty work folder
+    and no partial file in the source cache."""
     watcher = agent.create(spec(archive_server.url("stall")))
     seen = record_states(watcher)
-    part = watcher.workdir / "source.part"
-    await eventually(part.exists, timeout=5.0, what="the partial download")
+    parts = lambda: list(agent.cache_dir.glob("*.part"))  # noqa: E731
+    await eventually(lambda: bool(parts()), timeout=5.0, what="the partial download")
 
     await watcher.stop()
 
     assert seen == [S.DOWNLOADING, S.STOPPING, S.STOPPED]
     assert watcher.error is None
     assert list(watcher.workdir.iterdir()) == []
+    assert parts() == []
     await agent.delete(watcher.spec.slug)
     assert not watcher.workdir.exists()
 
