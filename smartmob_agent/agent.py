@@ -12,6 +12,7 @@ import asyncio
 import builtins
 import logging
 import os
+import shutil
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -90,6 +91,11 @@ class Agent:
         return self.settings.state_dir / "processes"
 
     @property
+    def logs_dir(self) -> Path:
+        """Folder holding one folder of output log files per process."""
+        return self.settings.state_dir / "logs"
+
+    @property
     def cache_dir(self) -> Path:
         """Folder holding the downloaded source archives."""
         return self.settings.state_dir / "cache"
@@ -121,6 +127,10 @@ class Agent:
             monitor=self.monitor,
             emit=self._emit,
             sources=self.sources,
+            logs_dir=self.logs_dir if self.settings.log_max_bytes > 0 else None,
+            log_lines=self.settings.log_lines,
+            log_max_bytes=self.settings.log_max_bytes,
+            log_files=self.settings.log_files,
         )
         self.monitor.start()
         secret = self.settings.webhook_secret
@@ -199,6 +209,8 @@ class Agent:
     async def close(self) -> None:
         """Stop every process (each with the full stop sequence), then release resources."""
         await self.stop_all()
+        for watcher in self._watchers.values():  # the last lines reach the files
+            watcher.output_log.close()
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -250,6 +262,8 @@ class Agent:
             raise Conflict(f"a process named {slug!r} already exists; delete it first")
         assert self.store is not None
         port = self._port_for(spec)
+        # a new process starts with no output, whatever a crashed deletion left behind
+        shutil.rmtree(self.logs_dir / slug, ignore_errors=True)
         watcher = Watcher(spec, self.processes_dir / slug, self._runtime, request_id, port)
         try:  # on disk before the API answers
             self.store.add(Record(

@@ -20,6 +20,7 @@ from smartmob_agent.schemas import (
     bulk_request,
     create_request,
     parse_bulk,
+    parse_log_query,
     signal_request,
     spec_from_request,
 )
@@ -95,6 +96,46 @@ async def process_status(request: web.Request) -> web.Response:
     """The status document of one process."""
     watcher = _agent(request).get(request.match_info["slug"])
     return web.json_response(docs.process_document(watcher.info(), RequestLinks(request)))
+
+
+@routes.get("/process-logs/{slug}", name="logs")
+async def process_logs(request: web.Request) -> web.Response:
+    """The last output lines of a process (``?tail=N``, ``?since=TIME``): JSON, or plain
+    text when the ``Accept`` header prefers ``text/plain``."""
+    watcher = _agent(request).get(request.match_info["slug"])
+    tail, since = parse_log_query(request.query)
+    entries = await watcher.output_log.read(tail, since)
+    if prefers_text(request.headers.get("Accept", "")):
+        return web.Response(text=docs.log_text(entries), content_type="text/plain")
+    return web.json_response(docs.log_document(entries))
+
+
+def prefers_text(accept: str) -> bool:
+    """Whether an ``Accept`` header prefers ``text/plain`` to JSON (ties go to JSON).
+
+    >>> from smartmob_agent.api import prefers_text
+    >>> prefers_text("text/plain"), prefers_text("application/json, text/plain;q=0.5")
+    (True, False)
+    >>> prefers_text(""), prefers_text("*/*"), prefers_text("text/*;q=0.9, */*;q=0.1")
+    (False, False, True)
+    """
+    json_q = text_q = 0.0
+    for item in accept.split(","):
+        kind, *params = (part.strip() for part in item.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        kind = kind.lower()
+        if kind in ("application/json", "application/*", "*/*"):
+            json_q = max(json_q, q)
+        if kind in ("text/plain", "text/*", "*/*"):
+            text_q = max(text_q, q)
+    return text_q > json_q
 
 
 @routes.post("/delete-process/{slug}", name="delete")

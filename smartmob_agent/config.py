@@ -32,6 +32,9 @@ class Settings:
     webhook: tuple[str, ...] = ()
     webhook_secret: str | None = None
     monitor_interval: float = 2.0
+    log_lines: int = 1000
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_files: int = 3
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,27 @@ def _size(text: str) -> int:
     value = _integer(text)
     if value <= 0:
         raise ValueError("must be a positive number of bytes")
+    return value
+
+
+def _lines(text: str) -> int:
+    value = _integer(text)
+    if not 1 <= value <= 1_000_000:
+        raise ValueError("must be a number of lines from 1 to 1000000")
+    return value
+
+
+def _bytes_or_off(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise ValueError("must be a number of bytes, or 0 for no log files")
+    return value
+
+
+def _file_count(text: str) -> int:
+    value = _integer(text)
+    if not 0 <= value <= 1000:
+        raise ValueError("must be a number of files from 0 to 1000")
     return value
 
 
@@ -144,6 +168,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("monitor_interval", "--monitor-interval", "SMARTMOB_MONITOR_INTERVAL", _positive,
            "SECONDS", "how often CPU and memory of every process tree are sampled "
            "(default: 2)"),
+    Option("log_lines", "--log-lines", "SMARTMOB_LOG_LINES", _lines, "LINES",
+           "output lines of each process kept in memory (default: 1000)"),
+    Option("log_max_bytes", "--log-max-bytes", "SMARTMOB_LOG_MAX_BYTES", _bytes_or_off,
+           "BYTES", "size at which a process's output log file is rotated; 0 keeps no "
+           "log files, only the lines in memory (default: 10485760)"),
+    Option("log_files", "--log-files", "SMARTMOB_LOG_FILES", _file_count, "COUNT",
+           "rotated output log files kept per process, besides the current one "
+           "(default: 3)"),
 )
 
 assert {option.name for option in OPTIONS} == {f.name for f in fields(Settings)}

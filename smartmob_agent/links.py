@@ -18,6 +18,7 @@ PROCESS_ROUTES = {
     "details": "details",
     "status": "details",
     "attach": "attach",
+    "logs": "logs",
     "delete": "delete",
     "start": "start",
     "stop": "stop",

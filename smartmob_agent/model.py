@@ -192,6 +192,16 @@ class ExitRecord:
 
 
 @dataclass(frozen=True)
+class LogLine:
+    """One output line of a process: when the agent read it (seconds since the epoch),
+    its stream (``stdout`` or ``stderr``), and its text without the newline."""
+
+    at: float
+    stream: str
+    line: str
+
+
+@dataclass(frozen=True)
 class DownloadProgress:
     """How far the download of a source is: bytes received, out of ``total`` when the
     server said how many it sends."""

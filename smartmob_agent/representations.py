@@ -11,7 +11,14 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from smartmob_agent.model import DownloadProgress, ExitRecord, Options, ProcessInfo, Spec
+from smartmob_agent.model import (
+    DownloadProgress,
+    ExitRecord,
+    LogLine,
+    Options,
+    ProcessInfo,
+    Spec,
+)
 
 
 class Linker(Protocol):
@@ -31,7 +38,7 @@ INDEX_RELATIONS = (
 #: Relations of a process status document. ``status`` is ``details`` under the name the
 #: seed's reference table uses; both are served.
 PROCESS_RELATIONS = (
-    "details", "status", "attach", "delete", "start", "stop", "restart", "signal",
+    "details", "status", "attach", "logs", "delete", "start", "stop", "restart", "signal",
 )
 
 
@@ -128,6 +135,31 @@ def process_document(info: ProcessInfo, links: Linker) -> dict[str, Any]:
     for relation in PROCESS_RELATIONS:
         document[relation] = links.process(relation, spec.slug)
     return document
+
+
+def log_document(entries: Iterable[LogLine]) -> list[dict[str, Any]]:
+    """Output lines as the ``logs`` link returns them in JSON, oldest first.
+
+    >>> from smartmob_agent.model import LogLine
+    >>> from smartmob_agent.representations import log_document
+    >>> log_document([LogLine(1796148000.1234, "stderr", "oops")])
+    [{'at': '2026-12-01T18:00:00.123Z', 'stream': 'stderr', 'line': 'oops'}]
+    """
+    return [
+        {"at": format_time(entry.at), "stream": entry.stream, "line": entry.line}
+        for entry in entries
+    ]
+
+
+def log_text(entries: Iterable[LogLine]) -> str:
+    """Output lines as the ``logs`` link returns them in plain text: ``at stream line``.
+
+    >>> from smartmob_agent.model import LogLine
+    >>> from smartmob_agent.representations import log_text
+    >>> print(log_text([LogLine(1796148000.1234, "stdout", "hello")]), end="")
+    2026-12-01T18:00:00.123Z stdout hello
+    """
+    return "".join(f"{format_time(e.at)} {e.stream} {e.line}\n" for e in entries)
 
 
 def request_document(spec: Spec) -> dict[str, Any]:

@@ -10,6 +10,7 @@ Each property's ``description`` doubles as the error sentence shown to users.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
@@ -381,3 +382,65 @@ def parse_bulk(data: Mapping[str, Any]) -> str | None:
 create_request = RequestSchema(CREATE_REQUEST)
 signal_request = RequestSchema(SIGNAL_REQUEST)
 bulk_request = RequestSchema(BULK_REQUEST)
+
+
+#: Lines a ``logs`` request returns when it gives no ``tail``, and the most it may ask.
+DEFAULT_TAIL = 100
+MAX_TAIL = 10_000
+
+
+def parse_log_query(query: Mapping[str, str]) -> tuple[int, float | None]:
+    """The ``tail`` and ``since`` of a ``logs`` request's query, checked.
+
+    ``since`` is an ISO 8601 time with a time zone (as the status document writes them)
+    or seconds since the epoch.
+
+    >>> from smartmob_agent.schemas import parse_log_query
+    >>> parse_log_query({"tail": "5", "since": "2026-12-01T18:00:00.123Z"})
+    (5, 1796148000.123)
+    >>> parse_log_query({"since": "1796148000.5"})
+    (100, 1796148000.5)
+
+    Raises:
+        InvalidRequest: naming each bad parameter.
+    """
+    problems: dict[str, str] = {}
+    tail = DEFAULT_TAIL
+    text = query.get("tail")
+    if text is not None:
+        if text.isascii() and text.isdigit() and int(text) <= MAX_TAIL:
+            tail = int(text)
+        else:
+            problems["tail"] = f"must be a whole number of lines from 0 to {MAX_TAIL}"
+    since = None
+    text = query.get("since")
+    if text is not None:
+        since = parse_time(text)
+        if since is None:
+            problems["since"] = (
+                "must be a time in ISO 8601 with a time zone (2026-12-01T18:00:00.123Z) or "
+                "seconds since the epoch (1796148000.123)"
+            )
+    if problems:
+        detail = "; ".join(f"{name} {why}" for name, why in problems.items())
+        raise InvalidRequest(f"invalid query: {detail}", problems)
+    return tail, since
+
+
+def parse_time(text: str) -> float | None:
+    """Seconds since the epoch from ISO 8601 with a time zone, or from seconds; ``None``
+    if ``text`` is neither."""
+    text = text.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        return seconds if 0 <= seconds < 1e11 else None  # no nan, inf or year 5000
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None or len(text) < 11:  # a bare date has no time zone either
+        return None
+    return moment.timestamp()

@@ -44,6 +44,7 @@ from smartmob_agent.errors import (
 )
 from smartmob_agent.health import HealthCheck, HealthMonitor, ProbeResult, probe_command, probe_http
 from smartmob_agent.hub import Hub
+from smartmob_agent.logs import ProcessLog
 from smartmob_agent.model import (
     RESTING_STATES,
     Backoff,
@@ -104,6 +105,15 @@ class Runtime:
     #: the shared cache of source archives; without one (tests), each watcher keeps its
     #: own in its work folder
     sources: SourceCache | None = None
+    #: the folder of the processes' output log files (one folder each); ``None`` keeps
+    #: output lines in memory only
+    logs_dir: Path | None = None
+    #: output lines of each process kept in memory (see :class:`~smartmob_agent.logs.ProcessLog`)
+    log_lines: int = 1000
+    #: size at which an output log file is rotated
+    log_max_bytes: int = 10 * 1024 * 1024
+    #: rotated output log files kept per process
+    log_files: int = 3
 
 
 def child_environment(
@@ -164,6 +174,12 @@ class Watcher:
         self.workdir = workdir
         self.port = port
         self.hub = Hub()
+        #: every output line, with its stream and time (refilled from its files)
+        self.output_log = ProcessLog(
+            None if runtime.logs_dir is None else runtime.logs_dir / spec.slug,
+            lines=runtime.log_lines, max_bytes=runtime.log_max_bytes, files=runtime.log_files,
+            clock=runtime.wall_clock,
+        )
         self.process_id = process_id or uuid.uuid4().hex
         self._marker = f"{PROCESS_ID_VARIABLE}={self.process_id}"
         self._reuse_source = reuse_source
@@ -243,6 +259,11 @@ class Watcher:
             stop_timeout=self._stop_timeout,
             download=self._download if state is S.DOWNLOADING else None,
         )
+
+    def _on_output(self, stream: str, lines: list[bytes]) -> None:
+        """A batch of a child's output: to the log, then to the attached clients."""
+        self.output_log.send_lines(stream, lines)
+        self.hub.publish(stream, lines)
 
     def _output_tail(self) -> tuple[str, ...]:
         recent = list(self.hub.recent)[-OUTPUT_TAIL:]
@@ -384,7 +405,7 @@ class Watcher:
             try:
                 child = Child.spawn(
                     command.command, cwd=command.cwd, env=command.env,
-                    sink=self.hub.publish, reaper=runtime.reaper, umask=options.umask,
+                    sink=self._on_output, reaper=runtime.reaper, umask=options.umask,
                 )
             except SpawnError as error:
                 if not error.transient:
@@ -716,7 +737,8 @@ class Watcher:
         await _settle(child)
 
     async def remove_files(self) -> None:
-        """Delete the process's work folder (after :meth:`stop`)."""
+        """Delete the process's work folder and output logs (after :meth:`stop`)."""
+        await self.output_log.remove()
         await asyncio.to_thread(shutil.rmtree, self.workdir, True)
 
 

@@ -79,6 +79,7 @@ def test_flag_wins_over_environment(option: Any) -> None:
         "download_stall": ("1", "2"), "download_timeout": ("1", "2"),
         "log_level": ("error", "debug"), "webhook": (["http://a/"], "http://b/"),
         "webhook_secret": ("s1", "s2"), "monitor_interval": ("1", "2"),
+        "log_lines": ("1", "2"), "log_max_bytes": ("0", "2"), "log_files": ("0", "2"),
     }
     flag, env = good[option.name]
     from_both = settings_from({option.name: flag}, {option.env: env})

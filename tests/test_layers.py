@@ -21,7 +21,7 @@ PURE_CORE = frozenset({
 })
 ADAPTERS = frozenset({
     "archive", "child", "hub", "proctable", "ports", "events", "webhooks", "monitor", "health",
-    "store", "sources",
+    "store", "sources", "logs",
 })
 #: The exceptions to "adapters never import each other": the child finds escaped
 #: descendants through the process table; a health command is a child, reaped as one;
