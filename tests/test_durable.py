@@ -51,11 +51,27 @@ while True:
 """
 
 
-def environ_of(pid: int) -> dict[str, str]:
-    """The environment of a live process."""
+def read_environ(pid: int) -> dict[str, str]:
+    """The environment of a live process, as /proc shows it now."""
     with open(f"/proc/{pid}/environ", "rb") as file:
         entries = file.read().split(b"\0")
     return dict(e.decode().split("=", 1) for e in entries if b"=" in e)
+
+
+async def environ_of(pid: int) -> dict[str, str]:
+    """The environment of a live process once it has one.
+
+    While a process is inside ``execve`` (``sh`` running ``exec sleep``), the kernel shows
+    an empty environment for a moment: a busy machine makes that moment visible.
+    """
+    found: dict[str, str] = {}
+
+    def has_environment() -> bool:
+        found.update(read_environ(pid))
+        return bool(found)
+
+    await eventually(has_environment, what=f"process {pid} to show its environment")
+    return found
 
 
 def live_marked(name: str, value: str) -> list[int]:
@@ -104,7 +120,7 @@ async def test_a_new_agent_brings_back_every_process_in_its_desired_state(
         assert old_pid is not None
         before = {w.spec.slug: (w.port, w.restarts, w.process_id)
                   for w in (running, stopped, never)}
-        assert environ_of(old_pid)[PROCESS_ID_VARIABLE] == running.process_id
+        assert (await environ_of(old_pid))[PROCESS_ID_VARIABLE] == running.process_id
         # created at once, they shared one download (see test_sources.py)
         assert archive_server.hits("app.tgz") == 1
     finally:
@@ -123,7 +139,7 @@ async def test_a_new_agent_brings_back_every_process_in_its_desired_state(
         assert again.pid != old_pid
         after = {slug: (w.port, w.restarts, w.process_id) for slug, w in back.items()}
         assert after == before
-        child_env = environ_of(again.pid)
+        child_env = await environ_of(again.pid)
         assert child_env[PROCESS_ID_VARIABLE] == before["shop.running.0"][2]
         assert child_env["PORT"] == str(before["shop.running.0"][0])
         assert child_env[AGENT_ID_VARIABLE] == second.id
@@ -312,7 +328,7 @@ async def restart_check(
         assert process["pid"] != old["pid"]
         assert (process["port"], process["restarts"]) == (old["port"], old["restarts"])
         process_id = process_ids[process["slug"]]
-        assert environ_of(process["pid"])[PROCESS_ID_VARIABLE] == process_id
+        assert (await environ_of(process["pid"]))[PROCESS_ID_VARIABLE] == process_id
         # exactly one live process carries it: the new child
         assert live_marked(PROCESS_ID_VARIABLE, process_id) == [process["pid"]]
     assert not any(pid_alive(old["pid"]) for old in before.values())
@@ -341,7 +357,7 @@ async def test_sigkilled_agent_twenty_processes_come_back_once_each(
         assert [p["slug"] for p in processes] == slugs
         before = {p["slug"]: p for p in processes}
         leftovers.extend(psutil.Process(p["pid"]) for p in processes)
-        process_ids = {p["slug"]: environ_of(p["pid"])[PROCESS_ID_VARIABLE]
+        process_ids = {p["slug"]: (await environ_of(p["pid"]))[PROCESS_ID_VARIABLE]
                        for p in processes}
         assert len(set(process_ids.values())) == 20
         # concurrent creates share a download; later ones download again (no validators)
@@ -379,11 +395,11 @@ async def test_children_that_outlived_their_agent_are_stopped_not_doubled(
         before = {p["slug"]: p for p in processes}
         olds = [psutil.Process(p["pid"]) for p in processes]
         leftovers.extend(olds)
-        process_ids = {p["slug"]: environ_of(p["pid"])[PROCESS_ID_VARIABLE]
+        process_ids = {p["slug"]: (await environ_of(p["pid"]))[PROCESS_ID_VARIABLE]
                        for p in processes}
         hidden = psutil.Process(before["pair.hidden.0"]["pid"])
         await eventually(lambda: hidden.name() == "sleep", what="env to exec sleep")
-        assert AGENT_ID_VARIABLE not in environ_of(hidden.pid)
+        assert AGENT_ID_VARIABLE not in await environ_of(hidden.pid)
 
         guardian = guardian_of(first)
         guardian.kill()
