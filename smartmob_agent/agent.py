@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Set
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +170,17 @@ class Agent:
         if any(survivors):
             log.warning("stopped %d child(ren) of the previous agent found by pid and "
                         "start time", sum(survivors))
+        # a delete cut short by a crash (its row goes first) leaves the process's folders,
+        # which no later agent would know of: remove them, now that nothing runs there
+        known = {record.slug for record in records}
+        try:
+            removed = await asyncio.to_thread(
+                _remove_unknown, (self.processes_dir, self.logs_dir), known)
+        except OSError as error:
+            log.warning("could not clean the folders of deleted processes: %s", error)
+        else:
+            if removed:
+                log.info("removed the folders of %d deleted process(es)", removed)
         for record in records:
             try:
                 spec = spec_from_request(create_request.validate(record.request))
@@ -416,3 +427,17 @@ class Agent:
         for watcher, result in zip(watchers, results, strict=True):
             if isinstance(result, BaseException):
                 log.error("%s: stop failed: %r", watcher.spec.slug, result)
+
+
+def _remove_unknown(parents: Iterable[Path], known: Set[str]) -> int:
+    """Remove every folder in ``parents`` not named after a ``known`` slug; return how
+    many slugs had one."""
+    removed: set[str] = set()
+    for parent in parents:
+        if not parent.is_dir():
+            continue
+        for entry in parent.iterdir():
+            if entry.name not in known and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.add(entry.name)
+    return len(removed)
