@@ -320,6 +320,20 @@ async def restart_check(
     hits = archive_server.hits(name)
     agent = AgentProcess(state_dir)
     await agent.start()
+    try:
+        await _check_restarted(http, agent, archive_server, name, slugs, before,
+                               process_ids, leftovers, hits)
+    except BaseException:
+        await agent.kill()  # the caller never gets it: do not leave it running
+        raise
+    return agent
+
+
+async def _check_restarted(
+    http: aiohttp.ClientSession, agent: AgentProcess, archive_server: ArchiveServer,
+    name: str, slugs: list[str], before: dict[str, dict[str, Any]],
+    process_ids: dict[str, str], leftovers: list[psutil.Process], hits: int,
+) -> None:
     processes = await all_running(http, agent.url)
     leftovers.extend(psutil.Process(p["pid"]) for p in processes)
     assert [p["slug"] for p in processes] == slugs
@@ -333,7 +347,6 @@ async def restart_check(
         assert live_marked(PROCESS_ID_VARIABLE, process_id) == [process["pid"]]
     assert not any(pid_alive(old["pid"]) for old in before.values())
     assert archive_server.hits(name) == hits
-    return agent
 
 
 async def test_sigkilled_agent_twenty_processes_come_back_once_each(
