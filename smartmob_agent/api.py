@@ -164,28 +164,29 @@ def _status(request: web.Request, watcher: Watcher) -> web.Response:
     return web.json_response(docs.process_document(watcher.info(), RequestLinks(request)))
 
 
+async def _control(request: web.Request, action: str) -> web.Response:
+    """Apply a body-less control to the process the URL names; answer its status."""
+    watcher = await _control_target(request)
+    await _agent(request).control(watcher, action)
+    return _status(request, watcher)
+
+
 @routes.post("/start-process/{slug}", name="start")
 async def start_process(request: web.Request) -> web.Response:
     """Start a stopped, exited or failed process, or end a backoff now."""
-    watcher = await _control_target(request)
-    await _agent(request).control(watcher, "start")
-    return _status(request, watcher)
+    return await _control(request, "start")
 
 
 @routes.post("/stop-process/{slug}", name="stop")
 async def stop_process(request: web.Request) -> web.Response:
     """Stop a process and keep it, stopped; answers once its child is gone."""
-    watcher = await _control_target(request)
-    await _agent(request).control(watcher, "stop")
-    return _status(request, watcher)
+    return await _control(request, "stop")
 
 
 @routes.post("/restart-process/{slug}", name="restart")
 async def restart_process(request: web.Request) -> web.Response:
     """Stop a process, wait until its child is gone, and start it again."""
-    watcher = await _control_target(request)
-    await _agent(request).control(watcher, "restart")
-    return _status(request, watcher)
+    return await _control(request, "restart")
 
 
 @routes.post("/signal-process/{slug}", name="signal")

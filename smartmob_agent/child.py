@@ -429,28 +429,47 @@ async def stop_marked(marker: str, timeout: float, sig: int = signal.SIGTERM) ->
     neither the group nor the process tree can find any more. Sends ``sig``, waits up to
     ``timeout`` seconds, then SIGKILLs what is left. Returns how many were found.
     """
+    fds = _open_all(proctable.marked_processes(marker.encode()))
+    await _stop_all(fds, sig, timeout)
+    return len(fds)
+
+
+def _open_all(pids: Iterable[int]) -> dict[int, int]:
+    """A pidfd for each of ``pids`` still there."""
     fds: dict[int, int] = {}
-    for pid in proctable.marked_processes(marker.encode()):
+    for pid in pids:
         with contextlib.suppress(OSError):
             fds[pid] = os.pidfd_open(pid)
-    try:
+    return fds
+
+
+async def _stop_all(
+    fds: dict[int, int], sig: int, timeout: float, group: int | None = None
+) -> None:
+    """Send ``sig`` to every pidfd (and to process ``group``, if given), wait up to
+    ``timeout`` seconds, SIGKILL what is left and wait for it; close the pidfds."""
+
+    def send(number: int) -> None:
+        if group is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, number)
         for fd in fds.values():
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                signal.pidfd_send_signal(fd, sig)
+                signal.pidfd_send_signal(fd, number)
+
+    try:
+        send(sig)
         if sig != signal.SIGKILL:
             try:
                 async with asyncio.timeout(timeout):
                     await _wait_pidfds(fds.values())
             except TimeoutError:
-                for fd in fds.values():
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                send(signal.SIGKILL)
         async with asyncio.timeout(_KILL_WAIT):
             await _wait_pidfds(fds.values())
     finally:
         for fd in fds.values():
             os.close(fd)
-    return len(fds)
 
 
 def start_time(pid: int) -> float | None:
@@ -481,30 +500,7 @@ async def stop_survivor(pid: int, started: float, timeout: float) -> bool:
         members = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     except psutil.Error:
         return False
-    fds: dict[int, int] = {}
-    for process in members:
-        with contextlib.suppress(OSError):
-            fds[process.pid] = os.pidfd_open(process.pid)
-    try:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGTERM)
-        for fd in fds.values():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                signal.pidfd_send_signal(fd, signal.SIGTERM)
-        try:
-            async with asyncio.timeout(timeout):
-                await _wait_pidfds(fds.values())
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-            for fd in fds.values():
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    signal.pidfd_send_signal(fd, signal.SIGKILL)
-            async with asyncio.timeout(_KILL_WAIT):
-                await _wait_pidfds(fds.values())
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+    await _stop_all(_open_all(p.pid for p in members), signal.SIGTERM, timeout, group=pid)
     return True
 
 
