@@ -12,6 +12,7 @@ import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import NamedTuple
 
 from smartmob_agent.errors import InvalidTransition
 
@@ -22,6 +23,7 @@ class ProcessState(enum.StrEnum):
     PENDING = "pending"
     DOWNLOADING = "downloading"
     UNPACKING = "unpacking"
+    BUILDING = "building"
     STARTING = "starting"
     RUNNING = "running"
     BACKOFF = "backoff"
@@ -37,9 +39,13 @@ S = ProcessState
 TRANSITIONS: Mapping[ProcessState, frozenset[ProcessState]] = MappingProxyType(
     {
         # provisioning runs in order; any step can fail or be cut short by a stop
-        S.PENDING: frozenset({S.DOWNLOADING, S.STARTING, S.FAILED, S.STOPPING}),
+        # pending -> starting/building: a source an earlier agent unpacked is reused
+        S.PENDING: frozenset({S.DOWNLOADING, S.BUILDING, S.STARTING, S.FAILED, S.STOPPING}),
         S.DOWNLOADING: frozenset({S.UNPACKING, S.FAILED, S.STOPPING}),
-        S.UNPACKING: frozenset({S.STARTING, S.FAILED, S.STOPPING}),
+        # unpacking -> starting: nothing to build or release, or done before
+        S.UNPACKING: frozenset({S.BUILDING, S.STARTING, S.FAILED, S.STOPPING}),
+        # the virtual environment and the release command (see docs/lifecycle.rst)
+        S.BUILDING: frozenset({S.STARTING, S.FAILED, S.STOPPING}),
         # starting -> running once the command is spawned; failed when it cannot be
         # starting -> backoff: the spawn failed for want of resources (fds, memory)
         S.STARTING: frozenset({S.RUNNING, S.BACKOFF, S.FAILED, S.STOPPING}),
@@ -194,11 +200,27 @@ class ExitRecord:
 @dataclass(frozen=True)
 class LogLine:
     """One output line of a process: when the agent read it (seconds since the epoch),
-    its stream (``stdout`` or ``stderr``), and its text without the newline."""
+    its stream (``stdout`` or ``stderr``), its text without the newline, its sequence
+    number (``0`` for a line logged before lines had one) and the run it came from (the
+    child's pid and the process's restart count then, ``None`` if unknown)."""
 
     at: float
     stream: str
     line: str
+    seq: int = 0
+    pid: int | None = None
+    restarts: int | None = None
+
+
+class Stamp(NamedTuple):
+    """What a batch of output lines is stamped with: the sequence number of its first
+    line (the others follow on, one each), when the agent read it (seconds since the
+    epoch), and the run it came from (see :class:`LogLine`)."""
+
+    seq: int
+    at: float
+    pid: int | None
+    restarts: int | None
 
 
 @dataclass(frozen=True)

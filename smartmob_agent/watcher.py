@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import logging
 import random
 import shutil
@@ -34,7 +36,8 @@ from typing import Any
 
 import aiohttp
 
-from smartmob_agent import archive, dotenv, procfile
+from smartmob_agent import archive, build, dotenv, procfile
+from smartmob_agent.builder import Builds
 from smartmob_agent.child import Child, Reaper, stop_marked
 from smartmob_agent.errors import (
     AgentError,
@@ -93,6 +96,8 @@ class Runtime:
     #: set after every other layer: what the agent relies on cannot be overridden
     forced_env: Mapping[str, str] = field(default_factory=dict)
     limits: archive.DownloadLimits = archive.DownloadLimits()  # noqa: RUF009 (frozen)
+    #: the bounds of each unpack (members, sizes, compression ratio, path length)
+    unpack_limits: archive.UnpackLimits = archive.UnpackLimits()  # noqa: RUF009 (frozen)
     #: overrides every process's backoff options when set (tests use a fast series)
     policy: BackoffPolicy | None = None
     stop_timeout: float = 10.0
@@ -105,6 +110,9 @@ class Runtime:
     #: the shared cache of source archives; without one (tests), each watcher keeps its
     #: own in its work folder
     sources: SourceCache | None = None
+    #: the shared builds of sources (virtual environments, releases); without one
+    #: (tests), each watcher keeps its own in its work folder
+    builds: Builds | None = None
     #: the folder of the processes' output log files (one folder each); ``None`` keeps
     #: output lines in memory only
     logs_dir: Path | None = None
@@ -114,6 +122,9 @@ class Runtime:
     log_max_bytes: int = 10 * 1024 * 1024
     #: rotated output log files kept per process
     log_files: int = 3
+    #: called as ``reserve_seq(slug, mark)`` to keep the mark below which a process's
+    #: output lines may be numbered (see :class:`~smartmob_agent.logs.ProcessLog`)
+    reserve_seq: Callable[[str, int], None] | None = None
 
 
 def child_environment(
@@ -155,6 +166,8 @@ class Watcher:
         reuse_source: use the source a previous agent unpacked in ``workdir``, if it
             finished unpacking it, instead of downloading it again.
         restarts: the restart count to start from.
+        seq_start: the lowest sequence number its output lines may get (the mark an
+            earlier agent reserved up to).
     """
 
     def __init__(
@@ -169,6 +182,7 @@ class Watcher:
         stopped: bool | None = None,
         reuse_source: bool = False,
         restarts: int = 0,
+        seq_start: int = 0,
     ) -> None:
         self.spec = spec
         self.workdir = workdir
@@ -178,8 +192,12 @@ class Watcher:
         self.output_log = ProcessLog(
             None if runtime.logs_dir is None else runtime.logs_dir / spec.slug,
             lines=runtime.log_lines, max_bytes=runtime.log_max_bytes, files=runtime.log_files,
-            clock=runtime.wall_clock,
+            clock=runtime.wall_clock, first_seq=seq_start,
+            reserve=None if runtime.reserve_seq is None
+            else functools.partial(runtime.reserve_seq, spec.slug),
         )
+        self._exit_announced: Child | None = None
+        self._run_restarts = restarts  # the restart count of the current child's run
         self.process_id = process_id or uuid.uuid4().hex
         self._marker = f"{PROCESS_ID_VARIABLE}={self.process_id}"
         self._reuse_source = reuse_source
@@ -214,6 +232,19 @@ class Watcher:
         self._lock = asyncio.Lock()
         self._deleted = False
         self._download: DownloadProgress | None = None
+        #: the SHA-256 of the archive its source came from, once known (read back from
+        #: the work folder when reusing a source, so that the agent knows at once which
+        #: build it uses: see :attr:`build_key`)
+        self.source_sha256 = _source_digest(workdir) if reuse_source else None
+
+    @property
+    def build_key(self) -> str | None:
+        """The key of the build of its source (see :mod:`.builder`), once known; the
+        agent keeps it from being collected."""
+        builds = self._runtime.builds
+        if builds is None or self.source_sha256 is None:
+            return None
+        return builds.key(self.source_sha256)
 
     # -- observation -----------------------------------------------------------------------
 
@@ -262,8 +293,25 @@ class Watcher:
 
     def _on_output(self, stream: str, lines: list[bytes]) -> None:
         """A batch of a child's output: to the log, then to the attached clients."""
-        self.output_log.send_lines(stream, lines)
-        self.hub.publish(stream, lines)
+        self.hub.publish(stream, lines, self.output_log.append(stream, lines))
+
+    # -- lifecycle markers of the output stream (see :meth:`.Hub.announce`) --------------------
+
+    def _announce_spawn(self, child: Child) -> None:
+        self._run_restarts = self.restarts
+        self.output_log.set_run(child.pid, self.restarts)
+        self.hub.announce({"event": "spawned", "at": self._runtime.wall_clock(),
+                           "pid": child.pid, "restarts": self.restarts})
+
+    def _announce_exit(self, child: Child, exit: Exit) -> None:
+        """Once per child, after its last output line."""
+        if self._exit_announced is child:
+            return
+        self._exit_announced = child
+        self.output_log.set_run(None, None)
+        self.hub.announce({"event": "exited", "at": self._runtime.wall_clock(),
+                           "pid": child.pid, "restarts": self._run_restarts,
+                           "code": exit.code, "signal": exit.signal})
 
     def _output_tail(self) -> tuple[str, ...]:
         recent = list(self.hub.recent)[-OUTPUT_TAIL:]
@@ -327,10 +375,12 @@ class Watcher:
             self._fail(f"internal error of the agent: {type(error).__name__}: {error}")
 
     async def _provision(self) -> _Command:
-        """Download and unpack the source, read its Procfile and ``.env``."""
+        """Download and unpack the source, read its Procfile and ``.env``, build it and
+        run its release command if it has them (see :ref:`lifecycle-build`)."""
         root = await self._fetch()
         entries, dotenv_env = await asyncio.to_thread(_read_source, root)
         entry = procfile.select(entries, self.spec.process_type)
+        build.check_process_type(self.spec.process_type)
         cwd = _working_dir(root, self.spec.options.working_dir)
         runtime = self._runtime
         forced = dict(runtime.forced_env)
@@ -340,7 +390,64 @@ class Watcher:
         env = child_environment(
             runtime.base_env, entry.env, self.spec.env, forced, dotenv_env
         )
+        # a stat: microseconds, like the source cache's, on the loop
+        plan = build.plan((root / build.REQUIREMENTS).is_file(), entries)
+        if plan.needed:
+            venv = await self._build(plan, root, cwd, forced, dotenv_env)
+            if venv is not None:
+                env = build.activate(env, str(venv))
         return _Command(entry.command, cwd, MappingProxyType(env))
+
+    async def _build(
+        self,
+        plan: build.Plan,
+        root: Path,
+        cwd: Path,
+        forced: Mapping[str, str],
+        dotenv_env: Mapping[str, str],
+    ) -> Path | None:
+        """Make the source's virtual environment and run its release command, unless
+        done before (by this process or another of the same source); return the
+        environment's folder, if it has one.
+
+        ``building`` is entered only when there is something to do or to wait for: a
+        source whose build and release are done goes straight to ``starting``.
+        """
+        runtime = self._runtime
+        builds = runtime.builds
+        if builds is None:
+            builds = Builds(self.workdir / "builds", runtime.reaper,
+                            stop_timeout=runtime.stop_timeout)
+        assert self.source_sha256 is not None, "known once the source is fetched"
+        key = builds.key(self.source_sha256)
+        venv: Path | None = None
+        if plan.requirements:
+            if not builds.is_built(key):
+                self._enter_building()
+            # pip is configured by the agent's environment (PIP_INDEX_URL, ...), not by a
+            # request's env: the build is shared by every process of the source
+            build_env = build.activate(
+                {**runtime.base_env, **runtime.forced_env, "PYTHONUNBUFFERED": "1"},
+                str(builds.venv(key)),
+            )
+            venv = await builds.build(key, root, build_env, self._on_output)
+        release = plan.release
+        if release is not None and not builds.is_released(key, self.spec.app):
+            self._enter_building()
+            # what a process would get, with the release line's own variables
+            release_env = child_environment(
+                runtime.base_env, release.env, self.spec.env, forced, dotenv_env
+            )
+            if venv is not None:
+                release_env = build.activate(release_env, str(venv))
+            await builds.release(
+                key, self.spec.app, release.command, cwd, release_env, self._on_output
+            )
+        return venv
+
+    def _enter_building(self) -> None:
+        if self.state is not S.BUILDING:
+            self._enter(S.BUILDING)  # PENDING (a source reused) or UNPACKING -> BUILDING
 
     async def _fetch(self) -> Path:
         """Get the source archive (from the cache, or downloaded into it) and unpack it
@@ -352,8 +459,10 @@ class Watcher:
         if self._reuse_source:
             self._reuse_source = False  # once: a later start after a failure fetches again
             root = await asyncio.to_thread(_unpacked_root, self.workdir)
-            if root is not None:
+            # without its archive's digest, the source's build cannot be found: fetch
+            if root is not None and self.source_sha256 is not None:
                 return root
+        self.source_sha256 = None
         if self.workdir.exists():  # left by an earlier run or agent on this state folder
             await asyncio.to_thread(shutil.rmtree, self.workdir, True)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -372,9 +481,16 @@ class Watcher:
         finally:
             self._download = None
         self._enter(S.UNPACKING)  # DOWNLOADING -> UNPACKING
+        # the identity of the source, for its build: the checksum the cache verified, or
+        # the digest of the file (a URL may serve another version tomorrow)
+        digest = self.spec.sha256
+        if digest is None:
+            digest = await asyncio.to_thread(_file_sha256, path)
+        self.source_sha256 = digest
         cancel = threading.Event()
         unpacking = asyncio.ensure_future(asyncio.to_thread(
-            archive.unpack, path, self.workdir / "source", cancel=cancel
+            archive.unpack, path, self.workdir / "source", cancel=cancel,
+            limits=runtime.unpack_limits,
         ))
         try:
             root = await asyncio.shield(unpacking)
@@ -386,7 +502,7 @@ class Watcher:
             with contextlib.suppress(Exception):
                 await unpacking
             raise
-        await asyncio.to_thread(_mark_unpacked, self.workdir, root)
+        await asyncio.to_thread(_mark_unpacked, self.workdir, root, digest)
         return root
 
     def _on_progress(self, size: int, total: int | None) -> None:
@@ -401,7 +517,7 @@ class Watcher:
         policy = runtime.policy or backoff_policy(options)
         while True:
             if self.state is not S.STARTING:  # a start control may have entered it
-                self._enter(S.STARTING)  # PENDING/UNPACKING/RUNNING/BACKOFF -> STARTING
+                self._enter(S.STARTING)  # PENDING/UNPACKING/BUILDING/RUNNING/BACKOFF -> STARTING
             try:
                 child = Child.spawn(
                     command.command, cwd=command.cwd, env=command.env,
@@ -417,6 +533,7 @@ class Watcher:
                 await self._back_off(self.backoff_delay)  # STARTING -> BACKOFF
                 continue
             self._child = child
+            self._announce_spawn(child)
             self.error = None
             self._restart_reason = None
             started = runtime.clock()
@@ -460,6 +577,7 @@ class Watcher:
                    ran_for=round(ran_for, 3))
         if decision.action is Action.FAIL:
             await _settle(child)
+            self._announce_exit(child, exit)
             if decision.reason == "cannot run":
                 tail = self.hub.recent[-1].decode(errors="replace") if self.hub.recent else ""
                 raise AgentError(
@@ -473,6 +591,7 @@ class Watcher:
             # timeout (it ends with SIGKILL): do not cut it short, nor start a new child
             await asyncio.wait({unhealthy})
         await self._clear_leftovers(child)
+        self._announce_exit(child, exit)
         if decision.action is Action.EXIT:
             self._enter(S.EXITED)  # RUNNING -> EXITED
             return False
@@ -486,6 +605,8 @@ class Watcher:
         """Wait in ``backoff`` for ``wait`` seconds, or until a start control cuts it short."""
         self.next_start_at = self._runtime.wall_clock() + wait
         self._enter(S.BACKOFF)
+        self.hub.announce({"event": "backoff", "at": self._runtime.wall_clock(),
+                           "delay": round(wait, 3)})
         self._wake.clear()
         sleeping = asyncio.ensure_future(self._runtime.sleep(wait))
         woken = asyncio.ensure_future(self._wake.wait())
@@ -694,6 +815,8 @@ class Watcher:
                 # descendants that left the group and lost their parent, if any
                 await stop_marked(self._marker, self._stop_timeout)
                 await _settle(child)
+                if child.exited:
+                    self._announce_exit(child, await child.wait())
                 if self._runtime.monitor is not None:
                     self._runtime.monitor.untrack(child.pid)
         except TimeoutError:
@@ -766,10 +889,29 @@ async def _settle(child: Child, timeout: float = 1.0) -> None:
 #: Written in a work folder once its source is completely unpacked: the source root,
 #: relative to ``source/``.
 UNPACKED_MARK = "unpacked"
+#: Written in a work folder before :data:`UNPACKED_MARK`: the SHA-256 of the archive the
+#: source came from, which names its build.
+DIGEST_FILE = "source.sha256"
 
 
-def _mark_unpacked(workdir: Path, root: Path) -> None:
+def _mark_unpacked(workdir: Path, root: Path, sha256: str) -> None:
+    (workdir / DIGEST_FILE).write_text(sha256 + "\n")
     (workdir / UNPACKED_MARK).write_text(str(root.relative_to(workdir / "source")) + "\n")
+
+
+def _source_digest(workdir: Path) -> str | None:
+    """The SHA-256 of the archive unpacked in ``workdir``, if it was recorded."""
+    try:
+        digest = (workdir / DIGEST_FILE).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    valid = len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+    return digest if valid else None
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _unpacked_root(workdir: Path) -> Path | None:
@@ -809,10 +951,28 @@ def _read_procfile(root: Path) -> dict[str, procfile.ProcfileEntry]:
         with open(path, "rb") as file:
             data = file.read(procfile.MAX_PROCFILE_BYTES + 1)
     except FileNotFoundError:
-        raise ProcfileError("the source has no Procfile at its root") from None
+        raise ProcfileError(
+            "the source has no Procfile at its root" + _nested_archive_hint(root)
+        ) from None
     except (IsADirectoryError, PermissionError) as error:
         raise ProcfileError(f"the Procfile cannot be read: {error.strerror}") from None
     return procfile.parse_procfile(procfile.decode_procfile(data))
+
+
+def _nested_archive_hint(root: Path) -> str:
+    """A hint for a source whose only file is an archive itself (a zip inside a tar)."""
+    try:
+        entries = list(root.iterdir())
+        if len(entries) != 1 or entries[0].is_symlink() or not entries[0].is_file():
+            return ""
+        with open(entries[0], "rb") as file:
+            kind = archive.detect_format(file.read(512))
+    except (OSError, AgentError):
+        return ""
+    return (
+        f" (it holds only {entries[0].name!r}, a {kind} archive: an archive inside the "
+        "archive is not unpacked)"
+    )
 
 
 def _read_dotenv(root: Path) -> dict[str, str]:

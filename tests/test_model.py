@@ -33,14 +33,16 @@ DOCUMENTED_EDGES = {
     (S.PENDING, S.DOWNLOADING), (S.DOWNLOADING, S.UNPACKING), (S.UNPACKING, S.STARTING),
     (S.STARTING, S.RUNNING), (S.RUNNING, S.BACKOFF), (S.BACKOFF, S.STARTING),
     (S.STOPPING, S.STOPPED),
+    # issue 4's build step, between unpacking and starting
+    (S.UNPACKING, S.BUILDING), (S.BUILDING, S.STARTING),
 }
 
 
 def test_state_values_are_the_api_contract() -> None:
     """The states are exactly the strings design.md lists, and print as those strings."""
     assert [state.value for state in S] == [
-        "pending", "downloading", "unpacking", "starting", "running", "backoff",
-        "stopping", "stopped", "exited", "failed",
+        "pending", "downloading", "unpacking", "building", "starting", "running",
+        "backoff", "stopping", "stopped", "exited", "failed",
     ]
     for state in S:
         assert str(state) == state.value
