@@ -1,14 +1,30 @@
 """The output log of one process: a ring buffer in memory and rotated files on disk.
 
-A :class:`ProcessLog` takes each batch of a child's output before the hub does, with the
-hub's subscriber call (:meth:`~ProcessLog.send_lines`): every batch of output lines gets
-one timestamp, goes into a ring buffer of the last ``lines`` lines, and is appended to
+A :class:`ProcessLog` takes each batch of a child's output before the hub does
+(:meth:`~ProcessLog.append`): every batch of output lines gets one :class:`Stamp` (the
+sequence number of its first line, the others following on; one timestamp; the run it
+came from), goes into a ring buffer of the last ``lines`` lines, and is appended to
 ``output.log`` in the process's log folder, one record per line::
 
-    1796148000.123456 o hello from the app
-    1796148000.123501 e a line of stderr
+    1796148000.123456 41 o 4242 0 hello from the app
+    1796148000.123501 42 e 4242 0 a line of stderr
+    1796148000.123501 42 e 4242 0 and the next one, seq 43
 
-(seconds since the epoch, ``o`` for stdout or ``e`` for stderr, the line as written).
+(seconds since the epoch; the sequence number of the *batch's first line*, so a line's
+own number is that plus the count of the records before it with the same number, which
+costs nothing per line to write; ``o`` for stdout or ``e`` for stderr; the pid of the
+child and the restart count of its run, ``-`` when there is none; the line as written).
+When a batch is cut by a rotation, the part in the new file starts with its own number,
+so each file reads alone. Records of the older format, ``<at> <o|e> <line>``, are still
+read, as lines of sequence number 0.
+
+Sequence numbers are per process, strictly increasing and never reused, across restarts
+of the agent too, even a ``SIGKILL`` that loses the last buffered lines: numbers are
+reserved in blocks of :data:`SEQ_BLOCK` through the ``reserve`` callback (the agent
+writes the mark to its database) before any of them is used, and a new log starts at the
+mark it is given (or after the last number in its files, if that is higher). A clean
+close gives back the unused part of the block.
+
 Writes are buffered and flushed at most :data:`FLUSH_DELAY` seconds later, so a flood
 costs one ``write`` per 64 KiB, not one per line. When the file would grow past
 ``max_bytes``, it is rotated: ``output.log`` becomes ``output.log.1``, which becomes
@@ -23,15 +39,16 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import shutil
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from itertools import repeat
 from pathlib import Path
 from typing import BinaryIO
 
-from smartmob_agent.model import LogLine
+from smartmob_agent.model import LogLine, Stamp
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +60,19 @@ FLUSH_DELAY = 0.2
 WRITE_BUFFER = 64 * 1024
 #: Bytes read at a time when a file is read from its end.
 _READ_BLOCK = 64 * 1024
+#: Sequence numbers reserved at a time: one write of the mark per this many lines.
+SEQ_BLOCK = 100_000
 _CODE = {"stdout": b"o", "stderr": b"e"}
 _STREAM = {b"o": "stdout", b"e": "stderr"}
 
-
-#: What the ring buffer keeps: (at, stream, line as bytes).
-_Raw = tuple[float, str, bytes]
+#: The run a line came from: (pid of the child, restart count), ``None`` when unknown.
+_Run = tuple[int | None, int | None]
+_NO_RUN: _Run = (None, None)
+#: One line read back: (seq, at, stream, line as bytes, run).
+_Raw = tuple[int, float, str, bytes, _Run]
+#: What the ring buffer keeps, a batch at a time (nothing to do per line):
+#: (seq of its first line, at, stream, lines as bytes, run).
+_Batch = tuple[int, float, str, list[bytes], _Run]
 
 
 class ProcessLog:
@@ -61,6 +85,12 @@ class ProcessLog:
         max_bytes: size at which the current file is rotated.
         files: how many rotated files are kept besides the current one.
         clock: the wall clock (seconds since the epoch).
+        first_seq: the lowest sequence number the log may use (the mark an earlier
+            agent reserved up to).
+        reserve: called as ``reserve(mark)`` before any number from ``mark`` on is used
+            (and on close, with the first unused one): it must keep ``mark`` where the
+            next log on this folder gets it as ``first_seq``. ``None``: the numbers go on
+            from the files only, which a killed agent may have cut short.
 
     The files already in ``folder`` (from an earlier agent) refill the ring buffer.
     """
@@ -73,21 +103,33 @@ class ProcessLog:
         max_bytes: int = 10 * 1024 * 1024,
         files: int = 3,
         clock: Callable[[], float] = time.time,
+        first_seq: int = 0,
+        reserve: Callable[[int], None] | None = None,
     ) -> None:
         self.folder = folder
         self._max_bytes = max_bytes
         self._files = files
         self._clock = clock
         self._size = max(1, lines)
-        self._ring: deque[_Raw] = deque(maxlen=self._size)
+        self._ring: deque[_Batch] = deque()
+        self._ring_lines = 0  # lines in the ring buffer (at most self._size)
         #: whether the ring buffer holds every line the files hold
         self._complete = True
         self._file: BinaryIO | None = None
         self._written = 0  # bytes in the current file
         self._flush_handle: asyncio.TimerHandle | None = None
         self.closed = False
+        self._run: _Run = _NO_RUN
+        #: what follows a record's number, by stream: b" o <pid> <restarts> "
+        self._after_seq = {stream: b" %s - - " % code for stream, code in _CODE.items()}
+        self._reserve = reserve
         if folder is not None:
             self._refill()
+        last = self._ring[-1][0] + len(self._ring[-1][3]) - 1 if self._ring else 0
+        #: the sequence number of the next line
+        self.next_seq = max(first_seq, last + 1, 1)
+        #: numbers below this one may have been used (the reserved mark)
+        self._reserved = self.next_seq
 
     @property
     def path(self) -> Path | None:
@@ -104,34 +146,98 @@ class ProcessLog:
     def _refill(self) -> None:
         """Fill the ring buffer with the last lines of the files an earlier agent wrote."""
         want = self._size
-        raws = _read_files(_open_all(self._paths()), want + 1, None)
+        raws, _ = _read_files(_open_all(self._paths()), want + 1)
         if len(raws) > want:
             self._complete = False
             raws = raws[1:]
-        self._ring.extend(raws)
+        self._ring.extend((seq, at, stream, [line], run) for seq, at, stream, line, run in raws)
+        self._ring_lines = len(raws)
         with contextlib.suppress(OSError):
             self._written = (self._paths()[0]).stat().st_size
 
-    # -- the hub's subscriber ---------------------------------------------------------------
+    # -- taking lines --------------------------------------------------------------------
+
+    def set_run(self, pid: int | None, restarts: int | None) -> None:
+        """Stamp the lines that follow with this run (``None, None``: no child runs)."""
+        self._run = (pid, restarts)
+        run = b"%s %s" % (
+            b"-" if pid is None else b"%d" % pid,
+            b"-" if restarts is None else b"%d" % restarts,
+        )
+        self._after_seq = {stream: b" %s %s " % (code, run) for stream, code in _CODE.items()}
+
+    def append(self, stream: str, lines: list[bytes]) -> Stamp | None:
+        """Keep a batch of lines of ``stream`` (``stdout`` or ``stderr``), all stamped
+        now with the next sequence numbers; never waits for the disk beyond a buffered
+        write (and, once per :data:`SEQ_BLOCK` lines, the ``reserve`` callback). The
+        ring buffer keeps ``lines`` itself: the caller must not change it afterwards.
+
+        Returns:
+            The batch's stamp, or ``None`` if the log is closed (the lines are not kept
+            nor numbered) or ``lines`` is empty.
+        """
+        if self.closed or not lines:
+            return None
+        n = len(lines)
+        seq = self.next_seq
+        end = self.next_seq = seq + n
+        if end > self._reserved and self._reserve is not None:
+            self._reserved = end + SEQ_BLOCK
+            self._call_reserve(self._reserved)
+        at = self._clock()
+        run = self._run
+        size = self._size
+        if n <= size:
+            self._ring.append((seq, at, stream, lines, run))
+        else:
+            self._ring.append((end - size, at, stream, lines[-size:], run))
+        self._ring_lines += min(n, size)
+        if self._ring_lines > size:
+            self._trim()
+        if self.folder is not None:
+            self._write(at, seq, stream, lines)
+        return Stamp(seq, at, run[0], run[1])
+
+    def _trim(self) -> None:
+        """Drop the oldest lines of the ring buffer beyond its size."""
+        self._complete = False
+        ring = self._ring
+        excess = self._ring_lines - self._size
+        while excess > 0:
+            seq, at, stream, lines, run = ring[0]
+            if len(lines) <= excess:
+                ring.popleft()
+                excess -= len(lines)
+            else:
+                ring[0] = (seq + excess, at, stream, lines[excess:], run)
+                excess = 0
+        self._ring_lines = self._size
+
+    def _memory(self) -> list[_Raw]:
+        """Every line of the ring buffer, oldest first."""
+        return [
+            (seq, at, stream, line, run)
+            for first, at, stream, lines, run in self._ring
+            for seq, line in enumerate(lines, first)
+        ]
 
     def send_lines(self, stream: str, lines: list[bytes]) -> None:
-        """Keep a batch of lines of ``stream`` (``stdout`` or ``stderr``), all stamped
-        now; never waits for the disk beyond a buffered write."""
-        if self.closed or not lines:
-            return
-        at = self._clock()
-        ring = self._ring
-        size = self._size
-        kept = lines if len(lines) <= size else lines[-size:]
-        if len(ring) + len(lines) > size:
-            self._complete = False
-        ring.extend(zip(repeat(at), repeat(stream), kept, strict=False))
-        if self.folder is not None:
-            prefix = b"%.6f %s " % (at, _CODE[stream])
-            self._write(prefix, lines)
+        """:meth:`append`, as a hub subscriber's call."""
+        self.append(stream, lines)
+
+    def _call_reserve(self, mark: int) -> None:
+        assert self._reserve is not None
+        try:
+            self._reserve(mark)
+        except Exception:  # the callback's own errors are its business; numbers go on
+            log.exception("cannot record the reserved sequence numbers of %s", self.path)
 
     def close(self) -> None:
-        """Write what is buffered and close the file; later lines are ignored."""
+        """Write what is buffered and close the file; later lines are ignored. Gives
+        back the sequence numbers reserved but not used."""
+        if not self.closed and self._reserve is not None and self._reserved > self.next_seq:
+            self._reserved = self.next_seq
+            self._call_reserve(self.next_seq)
         self.closed = True
         self.flush()
         if self._file is not None:
@@ -141,16 +247,21 @@ class ProcessLog:
 
     # -- the files ---------------------------------------------------------------------------
 
-    def _write(self, prefix: bytes, lines: list[bytes]) -> None:
+    def _write(self, at: float, seq: int, stream: str, lines: list[bytes]) -> None:
+        rest = self._after_seq[stream]
+        prefix = b"%.6f %d%s" % (at, seq, rest)
         data = prefix + (b"\n" + prefix).join(lines) + b"\n"
         try:
             if self._written + len(data) <= self._max_bytes:
                 self._append(data)
             else:  # line by line, rotating where the next line would not fit
-                for line in lines:
+                for i, line in enumerate(lines):
                     record = prefix + line + b"\n"
                     if self._written and self._written + len(record) > self._max_bytes:
                         self._rotate()
+                        # the new file's part of the batch carries its own first number
+                        prefix = b"%.6f %d%s" % (at, seq + i, rest)
+                        record = prefix + line + b"\n"
                     self._append(record)
         except OSError as error:  # a full or broken disk: keep the lines in memory only
             log.warning("cannot write the output log %s (%s): keeping lines in memory "
@@ -214,6 +325,7 @@ class ProcessLog:
         """Close the log and delete its files (the process is being deleted)."""
         self.close()
         self._ring.clear()
+        self._ring_lines = 0
         if self.folder is not None:
             await asyncio.to_thread(shutil.rmtree, self.folder, True)
 
@@ -222,23 +334,121 @@ class ProcessLog:
     async def read(self, tail: int, since: float | None = None) -> list[LogLine]:
         """The last ``tail`` lines, of those read at or after ``since`` if given, oldest
         first: from the ring buffer when it holds them all, else from the files."""
+        return (await self.window(tail, since))[0]
+
+    async def window(
+        self, tail: int, since: float | None = None, after: int | None = None,
+        before: int | None = None,
+    ) -> tuple[list[LogLine], int]:
+        """The last ``tail`` lines of those read at or after ``since``, numbered above
+        ``after`` and below ``before`` (each if given), oldest first: from the ring
+        buffer when it holds them all, else from the files.
+
+        Returns:
+            The lines, and (with ``after``) how many more lines matched, older than
+            those returned (``0`` without ``after``: not counted).
+
+        When the ring buffer holds them all, nothing is awaited: the answer is the log
+        as it is when the call is made.
+        """
         if tail <= 0:
-            return []
+            return [], 0
         ring = self._ring
-        matching = list(ring) if since is None else [raw for raw in ring if raw[0] >= since]
+        matching = [
+            raw for raw in self._memory()
+            if (since is None or raw[1] >= since) and (after is None or raw[0] > after)
+            and (before is None or raw[0] < before)
+        ]
         covered = (
-            len(matching) >= tail
+            (after is None and len(matching) >= tail)
             or self._complete
             or self.folder is None
-            or (since is not None and bool(ring) and ring[0][0] < since)
+            or (since is not None and bool(ring) and ring[0][1] < since)
+            or (after is not None and bool(ring) and ring[0][0] <= after)
         )
         if covered:
             raws = matching[-tail:]
+            more = len(matching) - len(raws) if after is not None else 0
         else:
             self.flush()
             opened = _open_all(self._paths())  # now: a rotation must not move them
-            raws = await asyncio.to_thread(_read_files, opened, tail, since)
-        return [LogLine(at, stream, line.decode(errors="replace")) for at, stream, line in raws]
+            raws, more = await asyncio.to_thread(
+                _read_files, opened, tail, since, after, before
+            )
+        return [
+            LogLine(at, stream, line.decode(errors="replace"), seq, run[0], run[1])
+            for seq, at, stream, line, run in raws
+        ], more
+
+
+#: How the agent's own log records become lines (the time is the line's ``at``).
+AGENT_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+#: Longest line kept of one record of the agent's own log.
+AGENT_LOG_MAX_LINE = 64 * 1024
+
+
+class RedactKeys(logging.Filter):
+    """Hides ``token=...`` query parameters (WebSocket keys) in log lines, such as the
+    access log's request line."""
+
+    _PATTERN = re.compile(r"([?&]token=)[^&\s\"]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token=" in message:
+            record.msg, record.args = self._PATTERN.sub(r"\1[hidden]", message), None
+        return True
+
+
+class LogHandler(logging.Handler):
+    """Keeps the records of :mod:`logging` in a :class:`ProcessLog`, as ``stderr`` lines
+    (one per line of the formatted record, a traceback included): the agent's own log,
+    readable like a process's output.
+
+    Records come from any thread; those from another thread than the event loop's are
+    handed to the loop. A record logged while one is being kept (say, about the disk the
+    log is on) is not kept, rather than looping.
+
+    Args:
+        target: the log to keep records in.
+        loop: the event loop the log belongs to (default: the running one).
+    """
+
+    def __init__(
+        self, target: ProcessLog, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter(AGENT_LOG_FORMAT))
+        # whoever reads the agent-log link must not learn a key from a logged URL
+        self.addFilter(RedactKeys())
+        self.target = target
+        self._loop = loop or asyncio.get_running_loop()
+        self._thread = threading.get_ident()
+        self._busy = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        lines = [
+            line.encode(errors="replace")[:AGENT_LOG_MAX_LINE] for line in text.splitlines()
+        ] or [b""]
+        if threading.get_ident() == self._thread:
+            self._keep(lines)
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: stderr has it
+                self._loop.call_soon_threadsafe(self._keep, lines)
+
+    def _keep(self, lines: list[bytes]) -> None:
+        if self._busy:
+            return
+        self._busy = True
+        try:
+            self.target.append("stderr", lines)
+        finally:
+            self._busy = False
 
 
 def _ends_with_newline(path: Path) -> bool:
@@ -263,28 +473,63 @@ def _open_all(paths: list[Path]) -> list[tuple[BinaryIO, int]]:
 
 
 def _read_files(
-    opened: list[tuple[BinaryIO, int]], tail: int, since: float | None
-) -> list[_Raw]:
-    """The last ``tail`` records at or after ``since`` of ``opened`` (newest first), read
-    from their ends; closes the files. Oldest first."""
+    opened: list[tuple[BinaryIO, int]], tail: int, since: float | None = None,
+    after: int | None = None, before: int | None = None,
+) -> tuple[list[_Raw], int]:
+    """The last ``tail`` lines at or after ``since``, numbered above ``after`` and below
+    ``before``, of ``opened`` (newest first), read from their ends; closes the files.
+    Oldest first, with (when ``after`` is given) how many older ones also matched."""
     found: list[_Raw] = []
+    more = 0
     try:
-        for file, size in opened:
-            for record in _backwards(file, size):
-                raw = _parse(record)
-                if raw is None:
-                    continue
-                if since is not None and raw[0] < since:
-                    return found[::-1]
+        for raw in _numbered(opened):
+            if before is not None and raw[0] >= before:
+                continue
+            if (since is not None and raw[1] < since) or (after is not None and raw[0] <= after):
+                break
+            if len(found) < tail:
                 found.append(raw)
-                if len(found) >= tail:
-                    return found[::-1]
+            elif after is None:
+                break
+            else:
+                more += 1
     except OSError as error:
         log.warning("cannot read the output log: %s", error)
     finally:
         for file, _ in opened:
             file.close()
-    return found[::-1]
+    return found[::-1], more
+
+
+def _numbered(opened: list[tuple[BinaryIO, int]]) -> Iterator[_Raw]:
+    """The lines of ``opened`` (newest file first), last first, each with its sequence
+    number: a batch's records carry its first number, so a batch is read whole before
+    its lines are numbered."""
+    batch: list[_Raw] = []  # records of one batch, last first, with the batch's number
+    for file, size in opened:
+        for record in _backwards(file, size):
+            raw = _parse(record)
+            if raw is None:
+                continue
+            if batch and (raw[0] != batch[0][0] or raw[0] == 0):
+                yield from _number(batch)
+                batch = []
+            batch.append(raw)
+    yield from _number(batch)
+
+
+def _number(batch: list[_Raw]) -> Iterator[_Raw]:
+    """The records of one batch (last first, each with the batch's first number), each
+    with its own number; lines of the older format (number 0) keep 0."""
+    if not batch:
+        return
+    first = batch[0][0]
+    if first == 0:
+        yield from batch
+        return
+    last = first + len(batch) - 1
+    for i, (_, at, stream, line, run) in enumerate(batch):
+        yield last - i, at, stream, line, run
 
 
 def _backwards(file: BinaryIO, end: int) -> Iterator[bytes]:
@@ -305,14 +550,29 @@ def _backwards(file: BinaryIO, end: int) -> Iterator[bytes]:
 
 
 def _parse(record: bytes) -> _Raw | None:
-    """``b"<at> <o|e> <line>"`` as ``(at, stream, line)``; ``None`` if malformed (e.g. the
-    cut-off end of a file an agent was killed while writing)."""
+    """``b"<at> <seq> <o|e> <pid> <restarts> <line>"`` as ``(seq, at, stream, line,
+    (pid, restarts))``, where ``seq`` is the number of the first line of the record's
+    batch; the older ``b"<at> <o|e> <line>"`` with ``seq`` 0 and no run. ``None`` if
+    malformed (e.g. the cut-off end of a file an agent was killed while writing)."""
     at, _, rest = record.partition(b" ")
-    code, space, line = rest.partition(b" ")
-    stream = _STREAM.get(code)
-    if stream is None or not space:
+    code, space, rest = rest.partition(b" ")
+    if not space:
         return None
     try:
-        return float(at), stream, line
+        stream = _STREAM.get(code)
+        if stream is not None:  # the older format
+            return 0, float(at), stream, rest, _NO_RUN
+        parts = rest.split(b" ", 3)
+        if len(parts) != 4 or not code.isdigit():
+            return None
+        stream = _STREAM.get(parts[0])
+        if stream is None:
+            return None
+        run = (_number_or_none(parts[1]), _number_or_none(parts[2]))
+        return int(code), float(at), stream, parts[3], run
     except ValueError:
         return None
+
+
+def _number_or_none(field: bytes) -> int | None:
+    return None if field == b"-" else int(field)

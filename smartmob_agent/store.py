@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from smartmob_agent.auth import MintedKey
 from smartmob_agent.errors import AgentError
 
 #: Each step upgrades the schema by one version; step ``i`` brings it to version ``i + 1``.
@@ -40,6 +41,17 @@ MIGRATIONS: tuple[str, ...] = (
     )
     """,
     "CREATE TABLE agent (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    # minted access keys: only their SHA-256 is kept (see smartmob_agent.auth)
+    """
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        app TEXT NOT NULL,
+        digest BLOB NOT NULL UNIQUE,
+        created_at REAL NOT NULL
+    )
+    """,
+    # output line numbers below this mark may have been used (see smartmob_agent.logs)
+    "ALTER TABLE processes ADD COLUMN seq_reserved INTEGER NOT NULL DEFAULT 0",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 DATABASE_NAME = "agent.db"
@@ -64,6 +76,8 @@ class Record:
         pid: the pid of its last child, while that child may be alive.
         pid_started: that child's start time (seconds since the epoch, as the kernel
             reports it), which tells it from a later process that reused the pid.
+        seq_reserved: the sequence numbers of its output lines below this mark may
+            have been used: the next agent numbers on from it.
     """
 
     slug: str
@@ -74,6 +88,7 @@ class Record:
     restarts: int = 0
     pid: int | None = None
     pid_started: float | None = None
+    seq_reserved: int = 0
 
 
 class Store:
@@ -158,11 +173,11 @@ class Store:
     def load(self) -> list[Record]:
         """Every process, in creation order."""
         rows = self._run(
-            "SELECT slug, request, desired, process_id, port, restarts, pid, pid_started "
-            "FROM processes ORDER BY position"
+            "SELECT slug, request, desired, process_id, port, restarts, pid, pid_started, "
+            "seq_reserved FROM processes ORDER BY position"
         ).fetchall()
         records = []
-        for slug, request, desired, process_id, port, restarts, pid, pid_started in rows:
+        for slug, request, desired, process_id, port, restarts, pid, pid_started, seq in rows:
             try:
                 data = json.loads(request)
             except ValueError:
@@ -170,9 +185,9 @@ class Store:
                     f"the state database {self.path} holds an unreadable request for "
                     f"{slug!r}: " + _WHAT_TO_DO.format(path=self.path)
                 ) from None
-            records.append(
-                Record(slug, data, desired, process_id, port, restarts, pid, pid_started)
-            )
+            records.append(Record(
+                slug, data, desired, process_id, port, restarts, pid, pid_started, seq
+            ))
         return records
 
     def get_value(self, key: str) -> str | None:
@@ -209,9 +224,34 @@ class Store:
             (pid, started, restarts, slug),
         )
 
+    def set_seq_reserved(self, slug: str, mark: int) -> None:
+        """Record that the output lines of ``slug`` may be numbered up to ``mark``
+        (excluded) before the next write of this mark."""
+        self._run("UPDATE processes SET seq_reserved = ? WHERE slug = ?", (mark, slug))
+
     def remove(self, slug: str) -> None:
         """Forget ``slug`` for good."""
         self._run("DELETE FROM processes WHERE slug = ?", (slug,))
+
+    # -- minted keys ------------------------------------------------------------------------
+
+    def load_keys(self) -> list[MintedKey]:
+        """Every minted key, oldest first."""
+        rows = self._run(
+            "SELECT id, app, digest, created_at FROM tokens ORDER BY created_at"
+        ).fetchall()
+        return [MintedKey(id, app, bytes(digest), created) for id, app, digest, created in rows]
+
+    def add_key(self, key: MintedKey) -> None:
+        """Keep a newly minted key (its digest only)."""
+        self._run(
+            "INSERT INTO tokens (id, app, digest, created_at) VALUES (?, ?, ?, ?)",
+            (key.id, key.app, key.digest, key.created_at),
+        )
+
+    def remove_key(self, key_id: str) -> None:
+        """Forget the minted key ``key_id`` (revoked)."""
+        self._run("DELETE FROM tokens WHERE id = ?", (key_id,))
 
 
 _WHAT_TO_DO = (

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from smartmob_agent.frames import encode_text_frames, text_frame_header
+from smartmob_agent.frames import encode_text_frames, json_line_payloads, text_frame_header
 
 
 def parse_frames(data: bytes) -> list[tuple[bool, int, bytes]]:
@@ -93,3 +95,20 @@ def test_total_size_is_headers_plus_payloads() -> None:
     """The encoded size is exactly the payloads plus 2, 4 or 10 header bytes each."""
     lines = [b"a" * 10, b"b" * 300, b"c" * 70_000]
     assert len(encode_text_frames(lines)) == sum(map(len, lines)) + 2 + 4 + 10
+
+
+def test_json_line_payloads_are_json_documents_numbered_on() -> None:
+    """Each line becomes one JSON object, numbered from ``seq`` on (``null`` without one),
+    with quotes, backslashes, control characters and non-ASCII text kept exactly."""
+    lines = [b'say "hi"', b"back\\slash\ttab\x01", "d\u00e9j\u00e0 \U0001f600".encode(), b""]
+    payloads = json_line_payloads(lines, 41, "2026-12-01T18:00:00.123Z", "stderr", None, 2)
+    documents = [json.loads(payload) for payload in payloads]
+    assert documents == [
+        {"seq": 41 + i, "at": "2026-12-01T18:00:00.123Z", "stream": "stderr",
+         "line": line.decode(), "pid": None, "restarts": 2}
+        for i, line in enumerate(lines)
+    ]
+    assert list(documents[0]) == ["seq", "at", "stream", "line", "pid", "restarts"]
+    unnumbered = json_line_payloads([b"x"], None, "t", "stdout", 7, None)
+    assert json.loads(unnumbered[0])["seq"] is None
+    assert json.loads(unnumbered[0])["pid"] == 7

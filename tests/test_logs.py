@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from aiohttp.test_utils import TestClient
 
 from smartmob_agent.agent import Agent
 from smartmob_agent.config import Settings
-from smartmob_agent.logs import LOG_NAME, ProcessLog
+from smartmob_agent.logs import LOG_NAME, SEQ_BLOCK, LogHandler, ProcessLog
 from smartmob_agent.model import ProcessState as S
 from smartmob_agent.representations import format_time
 from smartmob_agent.server import make_app
@@ -62,7 +63,7 @@ async def test_the_ring_buffer_is_bounded_and_the_files_hold_the_rest(tmp_path: 
     log = ProcessLog(tmp_path / "p", lines=5)
     for i in range(20):
         log.send_lines("stdout", lines(f"batch {i}", 10))
-    assert len(log._ring) == 5
+    assert len(log._memory()) == 5
     # the ring covers a short tail; a longer one is read from the file
     assert [e.line for e in await log.read(3)] == ["batch 19 7", "batch 19 8", "batch 19 9"]
     everything = await log.read(10_000)
@@ -81,20 +82,24 @@ async def test_each_line_keeps_its_stream_and_the_time_of_its_batch(tmp_path: Pa
     now = iter([1000.25, 2000.5])
     log = ProcessLog(tmp_path, lines=1, clock=lambda: next(now))
     log.send_lines("stdout", [b"out", b"more out"])
+    log.set_run(4242, 3)
     log.send_lines("stderr", [b"err"])
     log.close()
+    # each record carries its batch's first number: "more out" is 1 + 1
     assert (tmp_path / LOG_NAME).read_bytes() == (
-        b"1000.250000 o out\n1000.250000 o more out\n2000.500000 e err\n"
+        b"1000.250000 1 o - - out\n1000.250000 1 o - - more out\n"
+        b"2000.500000 3 e 4242 3 err\n"
     )
     entries = await ProcessLog(tmp_path, lines=10).read(10)
-    assert [(e.at, e.stream, e.line) for e in entries] == [
-        (1000.25, "stdout", "out"), (1000.25, "stdout", "more out"), (2000.5, "stderr", "err"),
+    assert [(e.seq, e.at, e.stream, e.line, e.pid, e.restarts) for e in entries] == [
+        (1, 1000.25, "stdout", "out", None, None), (2, 1000.25, "stdout", "more out", None, None),
+        (3, 2000.5, "stderr", "err", 4242, 3),
     ]
 
 
 async def test_files_rotate_at_the_configured_size_keeping_k_of_them(tmp_path: Path) -> None:
     log = ProcessLog(tmp_path, lines=3, max_bytes=300, files=2, clock=lambda: 1.0)
-    record = len(b"1.000000 o line 000\n")  # 20 bytes: 15 records to a file
+    record = len(b"1.000000 101 o - - line 000\n")  # 28 bytes: 10 records to a file
     for i in range(100):
         log.send_lines("stdout", [b"line %03d" % i])
     log.send_lines("stdout", [b"line %03d" % i for i in range(100, 130)])  # one big batch
@@ -103,11 +108,21 @@ async def test_files_rotate_at_the_configured_size_keeping_k_of_them(tmp_path: P
     assert names == [LOG_NAME, f"{LOG_NAME}.1", f"{LOG_NAME}.2"]
     for name in names:
         assert (tmp_path / name).stat().st_size <= 300
-    assert (tmp_path / f"{LOG_NAME}.1").stat().st_size == 15 * record
-    kept = [e.line for e in await log.read(10_000)]
-    # 130 lines, 15 to a file: the current file has 130 - 8 * 15 = 10, and two full ones
-    assert kept == [f"line {i:03d}" for i in range(130 - 10 - 30, 130)]
+    assert (tmp_path / f"{LOG_NAME}.1").stat().st_size == 10 * record
+    # the big batch was cut by rotations: each file's part starts with its own number
+    for name in names:
+        first = (tmp_path / name).read_bytes().split(b"\n")[0].split(b" ")
+        assert int(first[1]) == int(first[-1]) + 1  # "line N" is seq N + 1
+    kept = await log.read(10_000)
+    # 130 lines, 10 to a file: the last ones are kept, each with its number
+    assert 20 < len(kept) <= 30
+    assert [e.line for e in kept] == [f"line {i:03d}" for i in range(130 - len(kept), 130)]
+    assert [e.seq for e in kept] == list(range(131 - len(kept), 131))
     log.close()
+    again = ProcessLog(tmp_path, lines=3, max_bytes=300, files=2)
+    assert [e.seq for e in await again.read(10_000)] == [e.seq for e in kept]
+    assert again.next_seq == 131
+    again.close()
 
 
 async def test_a_new_log_on_the_same_folder_is_refilled_from_the_files(tmp_path: Path) -> None:
@@ -118,8 +133,9 @@ async def test_a_new_log_on_the_same_folder_is_refilled_from_the_files(tmp_path:
     with open(tmp_path / LOG_NAME, "ab") as file:  # noqa: ASYNC230
         file.write(b"17000")  # the cut-off end of a file whose agent was SIGKILLed
     again = ProcessLog(tmp_path, lines=4, max_bytes=200, files=1)
-    assert [raw[2] for raw in again._ring] == [b"n 26", b"n 27", b"n 28", b"n 29"]
-    assert [raw[1] for raw in again._ring] == ["stdout", "stderr", "stdout", "stderr"]
+    assert [raw[3] for raw in again._memory()] == [b"n 26", b"n 27", b"n 28", b"n 29"]
+    assert [raw[2] for raw in again._memory()] == ["stdout", "stderr", "stdout", "stderr"]
+    assert [raw[0] for raw in again._memory()] == [27, 28, 29, 30]
     assert len(await again.read(10)) == 10  # beyond the ring: from the files
     again.send_lines("stdout", [b"after"])
     assert [e.line for e in await again.read(2)] == ["n 29", "after"]
@@ -197,7 +213,8 @@ async def test_tail_and_since_in_json_and_text(
     assert [e["line"] for e in everything if e["stream"] == "stderr"] == [
         f"run 1 err {i}" for i in range(5)
     ]
-    assert set(everything[0]) == {"at", "stream", "line"}
+    assert set(everything[0]) == {"seq", "at", "stream", "line", "pid", "restarts"}
+    assert [e["seq"] for e in everything] == sorted({e["seq"] for e in everything})
     assert everything[0]["at"].endswith("Z")
     assert await get(client, f"{url}?tail=1") == everything[-1:]
 
@@ -276,7 +293,7 @@ async def test_logs_survive_an_agent_restart(
     async with Agent(settings) as second:
         watcher = second.get("myapp.web.0")
         # refilled from the file before the new child wrote anything
-        refilled = [raw[2] for raw in watcher.output_log._ring]
+        refilled = [raw[3] for raw in watcher.output_log._memory()]
         assert len(refilled) == 4
         assert all(line.startswith(b"run 1 ") for line in refilled)
         await wait_for_state(watcher, S.RUNNING)
@@ -342,3 +359,131 @@ async def test_a_slow_reader_does_not_block_writes(tmp_path: Path) -> None:
     assert found == [f"x {i:03d}" for i in range(200 - len(found), 200)]
     assert len(found) > 30
     log.close()
+
+
+# -- sequence numbers ---------------------------------------------------------------------------
+
+
+async def test_lines_are_numbered_and_marks_reserved_before_use(tmp_path: Path) -> None:
+    """Each line gets the next number; a mark is reserved (written) before any number at
+    or above the previous mark is used, once per block, and a close gives back the rest."""
+    marks: list[int] = []
+    log = ProcessLog(tmp_path, lines=10, reserve=marks.append)
+    assert log.next_seq == 1
+    first = log.append("stdout", [b"a", b"b", b"c"])
+    assert first is not None
+    assert (first.seq, first.pid, first.restarts) == (1, None, None)
+    assert marks == [4 + SEQ_BLOCK]  # before lines 1..3 were handed out
+    log.set_run(99, 2)
+    second = log.append("stderr", [b"d"] * (SEQ_BLOCK + 10))  # crosses the mark
+    assert second is not None
+    assert (second.seq, second.pid, second.restarts) == (4, 99, 2)
+    assert marks == [4 + SEQ_BLOCK, 4 + SEQ_BLOCK + 10 + SEQ_BLOCK]
+    assert log.append("stdout", []) is None
+    assert [raw[0] for raw in log._memory()] == list(range(SEQ_BLOCK + 4, SEQ_BLOCK + 14))
+    log.close()
+    assert marks[-1] == log.next_seq == SEQ_BLOCK + 14  # the unused part given back
+    assert log.append("stdout", [b"late"]) is None  # closed: neither kept nor numbered
+
+
+async def test_a_new_log_numbers_on_from_the_mark_or_the_files(tmp_path: Path) -> None:
+    """A log on an earlier agent's folder starts at the reserved mark (numbers below it
+    may have reached clients and not the file), or after the file's last number when that
+    is higher (no database): numbers are never reused."""
+    log = ProcessLog(tmp_path, lines=10)
+    log.append("stdout", [b"x"] * 5)
+    log.close()
+    # an agent killed after reserving up to 100005 but whose last lines never reached the file
+    again = ProcessLog(tmp_path, lines=10, first_seq=100_005)
+    assert again.next_seq == 100_005
+    stamp = again.append("stdout", [b"after the kill"])
+    assert stamp is not None
+    assert stamp.seq == 100_005
+    again.close()
+    entries = await ProcessLog(tmp_path, lines=10).read(100)
+    assert [e.seq for e in entries] == [1, 2, 3, 4, 5, 100_005]
+    # no mark at all (lines in memory only, or no database): after the files' last one
+    assert ProcessLog(tmp_path, lines=2, first_seq=3).next_seq == 100_006
+
+
+async def test_lines_of_the_older_format_read_as_seq_0(tmp_path: Path) -> None:
+    """Records written before lines were numbered are read, with seq 0 (before every
+    numbered line): a tail shows them, ``after`` never does; numbering starts at 1."""
+    (tmp_path / LOG_NAME).write_bytes(
+        b"1000.000000 o old one\n1000.500000 e old two words\n"
+    )
+    log = ProcessLog(tmp_path, lines=10)
+    assert log.next_seq == 1
+    log.append("stdout", [b"new"])
+    entries = await log.read(10)
+    assert [(e.seq, e.stream, e.line) for e in entries] == [
+        (0, "stdout", "old one"), (0, "stderr", "old two words"), (1, "stdout", "new"),
+    ]
+    assert [e.line for e in (await log.window(10, after=0))[0]] == ["new"]
+    log.close()
+    reread = ProcessLog(tmp_path, lines=1)  # the old lines now come from the file
+    assert [e.seq for e in await reread.read(10)] == [0, 0, 1]
+    reread.close()
+
+
+@pytest.mark.parametrize("ring", [1000, 3])
+async def test_window_after_and_before_from_the_ring_or_the_files(
+    tmp_path: Path, ring: int
+) -> None:
+    """``after`` and ``before`` select by number, with the count of matching lines older
+    than the ``tail`` returned; the same from the ring buffer as from the files."""
+    log = ProcessLog(tmp_path, lines=ring)
+    for i in range(10):  # batches of 2: lines 1..20
+        log.append("stdout", [b"%d" % (2 * i + 1), b"%d" % (2 * i + 2)])
+    lines, more = await log.window(100, after=14)
+    assert [e.seq for e in lines] == [15, 16, 17, 18, 19, 20]
+    assert more == 0
+    assert [e.line for e in lines] == [str(n) for n in range(15, 21)]
+    lines, more = await log.window(2, after=14)
+    assert [e.seq for e in lines] == [19, 20]
+    assert more == 4
+    lines, more = await log.window(3, after=5, before=11)
+    assert [e.seq for e in lines] == [8, 9, 10]
+    assert more == 2
+    lines, more = await log.window(3, before=2)
+    assert [e.seq for e in lines] == [1]
+    assert more == 0
+    assert await log.window(5, after=20) == ([], 0)
+    log.close()
+
+
+async def test_the_agent_log_handler_keeps_records_as_stderr_lines(tmp_path: Path) -> None:
+    """Records of :mod:`logging` become numbered stderr lines, a traceback one line each,
+    from the loop's thread and from others; a record logged while one is kept is not."""
+    target = ProcessLog(tmp_path, lines=100)
+    handler = LogHandler(target)
+    logger = logging.getLogger("smartmob_agent.test_handler")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        logger.info("hello %s", "there")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("it failed")
+        await asyncio.to_thread(logger.warning, "from a thread")
+        await eventually(lambda: any(raw[3] == b"WARNING smartmob_agent.test_handler: "
+                                     b"from a thread" for raw in target._memory()),
+                         what="the thread's record")
+        handler._busy = True  # as if a record came while one is being kept
+        logger.warning("looping")
+        handler._busy = False
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    entries = await target.read(100)
+    lines = [e.line for e in entries]
+    assert lines[0] == "INFO smartmob_agent.test_handler: hello there"
+    assert lines[1] == "ERROR smartmob_agent.test_handler: it failed"
+    assert lines[2] == "Traceback (most recent call last):"
+    assert lines[-2] == "ValueError: boom"
+    assert lines[-1] == "WARNING smartmob_agent.test_handler: from a thread"
+    assert {e.stream for e in entries} == {"stderr"}
+    assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
+    target.close()

@@ -401,3 +401,33 @@ def test_each_migration_starts_from_the_version_before(folder: Path) -> None:
     finally:
         opened.close()
     assert user_version(folder) == SCHEMA_VERSION
+
+
+def test_the_reserved_seq_mark_is_kept_and_migrated(folder: Path) -> None:
+    """The mark below which a process's output lines may be numbered survives a reopen;
+    a database from before it (the version before the last) gets it as 0 for each row."""
+    assert "seq_reserved" in MIGRATIONS[-1]
+    connection = raw(folder)
+    for step in MIGRATIONS[:-1]:
+        connection.execute(step)
+    connection.execute(
+        "INSERT INTO processes (slug, position, request, desired, process_id) "
+        "VALUES ('old', 1, ?, 'running', 'pid-old')", (json.dumps({"app": "old"}),),
+    )
+    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
+    connection.close()
+    opened = Store.open(folder)
+    try:
+        assert opened.load() == [Record("old", {"app": "old"}, "running", "pid-old")]
+        assert opened.load()[0].seq_reserved == 0
+        opened.add(record("new"))
+        opened.set_seq_reserved("new", 100_042)
+        opened.set_seq_reserved("gone", 7)  # a deleted process: nothing to update
+    finally:
+        opened.close()
+    again = Store.open(folder)
+    try:
+        assert {r.slug: r.seq_reserved for r in again.load()} == {"old": 0, "new": 100_042}
+    finally:
+        again.close()
+    assert user_version(folder) == SCHEMA_VERSION
