@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from smartmob_agent.auth import MintedKey
 from smartmob_agent.model import (
     DownloadProgress,
     ExitRecord,
@@ -30,10 +31,15 @@ class Linker(Protocol):
     def process(self, relation: str, slug: str) -> str:
         """Return the URL of a per-process relation (``details``, ``attach``, ...)."""
 
+    def key(self, relation: str, key_id: str) -> str:
+        """Return the URL of a per-key relation (``revoke``)."""
+
 
 #: Relations of the index document, in the order shown.
 INDEX_RELATIONS = (
-    "list", "create", "events", "bulk_start", "bulk_stop", "bulk_restart", "bulk_delete",
+    "list", "create", "upload", "events", "agent-log", "bulk_start", "bulk_stop", "bulk_restart",
+    "bulk_delete",
+    "tokens",
 )
 #: Relations of a process status document. ``status`` is ``details`` under the name the
 #: seed's reference table uses; both are served.
@@ -138,17 +144,24 @@ def process_document(info: ProcessInfo, links: Linker) -> dict[str, Any]:
 
 
 def log_document(entries: Iterable[LogLine]) -> list[dict[str, Any]]:
-    """Output lines as the ``logs`` link returns them in JSON, oldest first.
+    """Output lines as the ``logs`` link returns them in JSON, oldest first: each as the
+    ``attach`` WebSocket sends it with ``?format=json``.
 
     >>> from smartmob_agent.model import LogLine
     >>> from smartmob_agent.representations import log_document
-    >>> log_document([LogLine(1796148000.1234, "stderr", "oops")])
-    [{'at': '2026-12-01T18:00:00.123Z', 'stream': 'stderr', 'line': 'oops'}]
+    >>> log_document([LogLine(1796148000.1234, "stderr", "oops", 42, 4242, 0)])
+    [{'seq': 42, 'at': '2026-12-01T18:00:00.123Z', 'stream': 'stderr', 'line': 'oops', \
+'pid': 4242, 'restarts': 0}]
     """
-    return [
-        {"at": format_time(entry.at), "stream": entry.stream, "line": entry.line}
-        for entry in entries
-    ]
+    return [line_document(entry) for entry in entries]
+
+
+def line_document(entry: LogLine) -> dict[str, Any]:
+    """One output line: ``{"seq", "at", "stream", "line", "pid", "restarts"}``."""
+    return {
+        "seq": entry.seq, "at": format_time(entry.at), "stream": entry.stream,
+        "line": entry.line, "pid": entry.pid, "restarts": entry.restarts,
+    }
 
 
 def log_text(entries: Iterable[LogLine]) -> str:
@@ -181,6 +194,27 @@ def request_document(spec: Spec) -> dict[str, Any]:
 def listing_document(infos: Iterable[ProcessInfo], links: Linker) -> dict[str, Any]:
     """Return the listing: every process's status document, in creation order."""
     return {"processes": [process_document(info, links) for info in infos]}
+
+
+def key_document(key: MintedKey, links: Linker) -> dict[str, Any]:
+    """A minted key as the admin sees it: never the key itself, which nobody keeps."""
+    return {
+        "id": key.id,
+        "app": key.app,
+        "created_at": format_time(key.created_at),
+        "revoke": links.key("revoke", key.id),
+    }
+
+
+def upload_document(source_url: str, sha256: str, size: int) -> dict[str, Any]:
+    """The answer to an upload: what a create request gives to run the archive.
+
+    >>> from smartmob_agent.representations import upload_document
+    >>> document = upload_document("http://127.0.0.1:8080/sources/" + "ab" * 32, "ab" * 32, 9)
+    >>> document["checksum"] == "sha256:" + "ab" * 32, document["size"]
+    (True, 9)
+    """
+    return {"source_url": source_url, "checksum": f"sha256:{sha256}", "size": size}
 
 
 def error_document(message: str, **extra: Any) -> dict[str, Any]:

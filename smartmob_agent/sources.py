@@ -24,9 +24,18 @@ copy of its own.
 
 :meth:`SourceCache.collect` removes the entries no process uses, except the
 :data:`KEEP_UNUSED` most recently used of them (for rollbacks); an entry's modification
-time is when it was last used. The small file operations (a ``stat``, a rename, a little
-JSON) run on the event loop's thread: they take microseconds, and doing them there keeps
-them ordered with the garbage collection.
+time is when it was last used.
+
+:meth:`SourceCache.put` takes in an archive sent to the agent (the ``upload`` link):
+streamed to disk while its SHA-256 is computed, checked by its first bytes, bounded in
+size, and kept under its checksum like a verified download, so a create request with
+that ``checksum`` finds it without any request. Its upload counts as its last use, and
+it is marked as uploaded so the agent serves it back (:meth:`SourceCache.uploaded`)
+without exposing the archives it downloaded.
+
+The small file operations (a ``stat``, a rename, a little JSON) run on the event loop's
+thread: they take microseconds, and doing them there keeps them ordered with the garbage
+collection.
 """
 
 from __future__ import annotations
@@ -37,15 +46,22 @@ import hashlib
 import json
 import logging
 import os
+import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 
 from smartmob_agent import archive
-from smartmob_agent.errors import DownloadError
+from smartmob_agent.errors import (
+    ArchiveError,
+    DownloadError,
+    StorageError,
+    TooLarge,
+)
+from smartmob_agent.fetchpolicy import FetchPolicy
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +71,10 @@ KEEP_UNUSED = 3
 _ARCHIVE = ".archive"
 _META = ".json"
 _PART = ".part"
+#: Bytes of an upload read before its format is checked (a tar's magic is at 257).
+_HEAD = 512
+#: What :meth:`SourceCache.put` writes in an uploaded entry's metadata file.
+_UPLOADED = {"uploaded": True}
 
 
 def cache_key(url: str, sha256: str | None) -> str:
@@ -80,6 +100,45 @@ def verify_sha256(path: Path, expected: str) -> None:
             f"the downloaded archive does not match its checksum: its sha256 is {actual}, "
             f"the create request says {expected}; nothing was unpacked"
         )
+
+
+@dataclass(frozen=True)
+class Stored:
+    """An archive taken into the cache by :meth:`SourceCache.put`."""
+
+    #: its SHA-256, lowercase hex: the key a create request's ``checksum`` finds it by
+    sha256: str
+    #: its size in bytes
+    size: int
+    #: its format, as :func:`.archive.detect_format` names it
+    format: str
+
+
+def _upload_format(head: bytes) -> str:
+    """The archive format of an upload's first bytes.
+
+    Raises:
+        ArchiveError: it is not a zip or tar archive, in words for who sent it.
+    """
+    try:
+        return archive.detect_format(head)
+    except ArchiveError as error:
+        reason = str(error).replace("the source", "the uploaded body", 1)
+        raise ArchiveError(
+            f"{reason}: send the archive's bytes themselves as the request body "
+            "(curl --data-binary @app.tgz)"
+        ) from None
+
+
+@contextlib.contextmanager
+def _storing(folder: Path) -> Iterator[None]:
+    """Turn an error of the disk into a :class:`StorageError` that names ``folder``."""
+    try:
+        yield
+    except OSError as error:
+        raise StorageError(
+            f"the archive could not be kept in {folder}: {error.strerror or error}"
+        ) from None
 
 
 def _failed(task: asyncio.Task[Path]) -> bool:
@@ -111,6 +170,8 @@ class SourceCache:
         limits: the bounds of each download (the defaults of
             :class:`.archive.DownloadLimits` if not given).
         keep: how many unused entries :meth:`collect` keeps.
+        policy: which URLs, and redirects, downloads may follow (any http or https URL
+            but the refused addresses, if not given).
     """
 
     def __init__(
@@ -120,11 +181,14 @@ class SourceCache:
         limits: archive.DownloadLimits | None = None,
         *,
         keep: int = KEEP_UNUSED,
+        policy: FetchPolicy | None = None,
     ) -> None:
         self.folder = folder
         self.keep = keep
         self._session = session
         self._limits = limits or archive.DownloadLimits()
+        #: which URLs (and redirects) may be fetched (see :mod:`.fetchpolicy`)
+        self.policy = policy or FetchPolicy()
         self._flights: dict[tuple[str, str], _Flight] = {}
         folder.mkdir(parents=True, exist_ok=True)
         for path in folder.iterdir():
@@ -219,7 +283,7 @@ class SourceCache:
         try:
             fetched = await archive.fetch(
                 self._session, url, part, limits=self._limits, headers=headers,
-                progress=report, validators=known or None,
+                progress=report, validators=known or None, policy=self.policy,
             )
             if not fetched.modified:
                 if self._touch(key):
@@ -229,7 +293,7 @@ class SourceCache:
                 # gone since it was asked about: download it whole
                 fetched = await archive.fetch(
                     self._session, url, part, limits=self._limits, headers=headers,
-                    progress=report,
+                    progress=report, policy=self.policy,
                 )
             try:
                 if sha256 is not None:
@@ -254,8 +318,11 @@ class SourceCache:
 
     def _touch(self, key: str) -> bool:
         """Mark the entry ``key`` used now; ``False`` if there is no such entry."""
+        # the time is given, to the nanosecond: the kernel's own "now" for a file moves
+        # by clock ticks, and entries used within one tick would tie in collect()
+        now = time.time_ns()
         try:
-            os.utime(self.path(key))
+            os.utime(self.path(key), ns=(now, now))
         except FileNotFoundError:
             return False
         return True
@@ -275,14 +342,88 @@ class SourceCache:
         )
 
     def _write_validators(self, key: str, url: str, validators: archive.Validators) -> None:
-        meta = self._meta(key)
-        part = self.folder / f"{meta.name}.{uuid.uuid4().hex}{_PART}"
-        part.write_text(json.dumps({
+        self._write_meta(key, {
             "url": archive.display_url(url),
             "etag": validators.etag,
             "last_modified": validators.last_modified,
-        }))
+        })
+
+    def _write_meta(self, key: str, data: Mapping[str, object]) -> None:
+        meta = self._meta(key)
+        part = self.folder / f"{meta.name}.{uuid.uuid4().hex}{_PART}"
+        part.write_text(json.dumps(data))
         os.replace(part, meta)
+
+    async def put(self, chunks: AsyncIterable[bytes], *, max_bytes: int) -> Stored:
+        """Keep the archive that ``chunks`` make up, as they arrive, under its SHA-256;
+        mark it uploaded, and used now.
+
+        The body is never held whole in memory: each chunk is hashed and written as it
+        comes, to a temporary file renamed into place once complete, so a body that
+        fails a check or stops coming leaves nothing behind. The same bytes sent again
+        make the same entry.
+
+        Raises:
+            TooLarge: the body is over ``max_bytes`` (found while reading, at the chunk
+                that passes it).
+            ArchiveError: the body is empty, or not a zip or tar archive by its first
+                bytes (found once they arrived, before the rest is read).
+            StorageError: the file cannot be written (a full or read-only disk).
+        """
+        part = self.folder / f"upload.{uuid.uuid4().hex}{_PART}"
+        digest = hashlib.sha256()
+        size = 0
+        head = b""
+        kind: str | None = None
+        try:
+            # only the file's errors are the disk's: one reading the body (a client
+            # that went away) goes up as it is
+            with _storing(self.folder):
+                file = part.open("wb")
+            with file:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise TooLarge(
+                            f"the archive is over the limit of {max_bytes} bytes (the "
+                            "agent's --max-download, which bounds uploads too)"
+                        )
+                    if kind is None:
+                        head += chunk[:_HEAD - len(head)]
+                        if len(head) >= _HEAD:
+                            kind = _upload_format(head)
+                    digest.update(chunk)
+                    with _storing(self.folder):
+                        file.write(chunk)
+                with _storing(self.folder):
+                    file.flush()  # so closing it has nothing left to fail on
+            if kind is None:  # shorter than the head
+                kind = _upload_format(head)
+            sha256 = digest.hexdigest()
+            key = cache_key("", sha256)
+            with _storing(self.folder):
+                os.replace(part, self.path(key))
+                self._write_meta(key, _UPLOADED)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                part.unlink()
+        self._touch(key)  # the upload is its last use: kept like a source just used
+        log.info("kept an uploaded %s archive of %d bytes, sha256 %s", kind, size, sha256)
+        return Stored(sha256, size, kind)
+
+    def uploaded(self, sha256: str) -> Path | None:
+        """The archive file of the upload of SHA-256 ``sha256`` (lowercase hex), or
+        ``None`` if there is none. Archives the agent downloaded are not uploads: those
+        may come from URLs with credentials, and are not served back."""
+        key = cache_key("", sha256)
+        try:
+            data = json.loads(self._meta(key).read_text())
+        except (OSError, ValueError):
+            return None
+        path = self.path(key)
+        if not (isinstance(data, dict) and data.get("uploaded") is True and path.is_file()):
+            return None
+        return path
 
     def collect(self, in_use: Iterable[str]) -> list[str]:
         """Remove the entries not in ``in_use`` (nor being downloaded), except the
