@@ -728,6 +728,141 @@ def test_data_after_the_last_member_is_bounded(box: Sandbox) -> None:
     )
 
 
+#: A ratio limit of 10:1 that applies past 100,000 bytes: small numbers, same rule.
+RATIO = UnpackLimits(max_ratio=10, ratio_after=100_000)
+#: The compressed kinds (make_archive stores zip members; plain tar does not compress).
+COMPRESSED = ["zip", "tar.gz", "tar.bz2", "tar.xz"]
+
+
+def compressed(files: dict[str, bytes], kind: str) -> bytes:
+    """An archive of ``files`` that compresses them, whatever the kind."""
+    if kind != "zip":
+        return make_archive(dict(files), kind)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", COMPRESSED)
+def test_compression_ratio_over_the_limit_is_refused(box: Sandbox, kind: str) -> None:
+    """An archive unpacking to more than max_ratio times its size, once past
+    ratio_after bytes, is refused, naming the ratio and the archive's size."""
+    data = compressed({"Procfile": b"web: x\n", "zeros": b"\0" * 300_000}, kind)
+    assert len(data) * 10 < 300_000
+    assert_refused(
+        box, data,
+        f"the {kind} archive unpacks to more than 10 times its size of {len(data)} bytes "
+        "(the compression ratio limit, checked past 100000 bytes): a decompression bomb?",
+        limits=RATIO,
+    )
+
+
+@pytest.mark.parametrize("kind", COMPRESSED)
+def test_compression_ratio_is_not_applied_to_small_archives(box: Sandbox, kind: str) -> None:
+    """Below ratio_after, any ratio passes: small archives of text compress well."""
+    data = compressed({"Procfile": b"web: x\n", "zeros": b"\0" * 90_000}, kind)
+    assert len(data) * 10 < 90_000
+    root = unpack(box.write(data), box.dest, limits=RATIO)
+    assert (root / "zeros").stat().st_size == 90_000
+
+
+def test_a_ratio_bomb_is_stopped_before_it_is_written(box: Sandbox) -> None:
+    """A tar.bz2 of 100 MB of zeros (a few hundred bytes) is refused at the default ratio,
+    past 64 MiB, from its headers: quickly, writing nothing."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:bz2") as tar:
+        info = tarfile.TarInfo("zeros")
+        info.size = 100_000_000
+        tar.addfile(info, ZeroFile(info.size))
+    data = buffer.getvalue()
+    start = time.monotonic()
+    with pytest.raises(ArchiveError, match=r"more than 200 times its size .* bomb"):
+        unpack(box.write(data), box.dest)
+    assert time.monotonic() - start < 5
+    box.assert_untouched()
+
+
+class ZeroFile(io.RawIOBase):
+    """``size`` zero bytes, read without holding them."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        count = min(len(buffer), self.left)
+        buffer[:count] = b"\0" * count
+        self.left -= count
+        return count
+
+
+def test_zip_ratio_is_counted_on_the_bytes_actually_written(
+    box: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Zip entries that declare a few bytes but yield many pass the declared check and are
+    stopped by the ratio of what is written."""
+    data = build_zip([("a", b"1", FILE), ("b", b"2", FILE)])
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda *_, **__: io.BytesIO(b"x" * 600_000))
+    with pytest.raises(ArchiveError, match="the compression ratio limit"):
+        unpack(box.write(data), box.dest, limits=RATIO)
+    box.assert_untouched()
+
+
+# -- odd names ---------------------------------------------------------------------------
+
+
+def test_tar_names_with_bytes_that_are_not_utf8_are_kept_as_bytes(box: Sandbox) -> None:
+    """A Latin-1 name (not UTF-8) unpacks to a file of exactly those bytes."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.GNU_FORMAT,
+                      encoding="latin-1") as tar:
+        for info, data in [reg("Procfile", b"web: x\n"), reg("café/naïve.txt", b"latin")]:
+            tar.addfile(info, io.BytesIO(data or b""))
+    root = unpack(box.write(buffer.getvalue()), box.dest)
+    folder = os.path.join(os.fsencode(root), b"caf\xe9")
+    assert os.listdir(folder) == [b"na\xefve.txt"]
+    with open(os.path.join(folder, b"na\xefve.txt"), "rb") as file:
+        assert file.read() == b"latin"
+
+
+def test_zip_names_in_cp437_are_decoded(box: Sandbox) -> None:
+    """A zip name without the UTF-8 flag is CP437, as the format says: 0x82 is é."""
+    data = bytearray(build_zip([("Procfile", b"web: x\n", FILE), ("cafe.txt", b"x", FILE)]))
+    for offset in range(len(data) - 8):
+        if data[offset:offset + 8] == b"cafe.txt":
+            data[offset + 3] = 0x82
+    root = unpack(box.write(bytes(data)), box.dest)
+    assert (root / "café.txt").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("kind", ["tar.gz", "zip"])
+def test_names_with_control_characters_and_unicode_unpack(box: Sandbox, kind: str) -> None:
+    """Newlines, escapes, a backslash (a plain character on Unix), emoji and
+    non-Latin scripts are all just names."""
+    files: dict[str, str | bytes] = {
+        "Procfile": "web: x\n", "new\nline.txt": "1", "esc\x1b[31m.txt": "2",
+        "back\\slash.txt": "3", "日本語/ファイル.txt": "4", "emoji 😀.txt": "5",
+        "ΑΒΓ/דוגמה.txt": "6", "trailing space ": "7",
+    }
+    root = unpack(box.write(make_archive(files, kind)), box.dest)
+    for name, content in files.items():
+        assert (root / name).read_text() == content
+
+
+def test_an_odd_name_in_a_refusal_stays_on_one_line(box: Sandbox) -> None:
+    """The error quotes a hostile name with its escapes: no raw newline or escape."""
+    data = build_tar([reg("../\n\x1b[2Jpwned")])
+    with pytest.raises(ArchiveError) as caught:
+        unpack(box.write(data), box.dest)
+    assert "\n" not in str(caught.value)
+    assert "\x1b" not in str(caught.value)
+    box.assert_untouched()
+
+
 # -- download ----------------------------------------------------------------------------
 
 
