@@ -13,24 +13,29 @@ import builtins
 import logging
 import os
 import shutil
+import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Set
-from pathlib import Path
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Set
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import aiohttp
 
 from smartmob_agent import archive
+from smartmob_agent.auth import Keyring, MintedKey, digest, mint_key, parse_key_lines
+from smartmob_agent.builder import Builds
 from smartmob_agent.child import Reaper, start_time, stop_marked, stop_survivor
 from smartmob_agent.config import Settings
-from smartmob_agent.errors import AgentError, Conflict, NotFound
+from smartmob_agent.errors import AgentError, Conflict, InvalidRequest, NotFound, TooLarge
 from smartmob_agent.events import EventBus, make_event
+from smartmob_agent.fetchpolicy import FetchPolicy
+from smartmob_agent.logs import LogHandler, ProcessLog
 from smartmob_agent.model import ProcessInfo, ProcessState, Spec
 from smartmob_agent.monitor import Monitor
 from smartmob_agent.ports import PortAllocator
 from smartmob_agent.representations import request_document
 from smartmob_agent.schemas import create_request, spec_from_request
-from smartmob_agent.sources import SourceCache, cache_key
+from smartmob_agent.sources import SourceCache, Stored, cache_key
 from smartmob_agent.store import Record, Store, StoreError
 from smartmob_agent.watcher import Runtime, Watcher
 from smartmob_agent.webhooks import Webhooks
@@ -40,7 +45,11 @@ log = logging.getLogger(__name__)
 #: Set in every child's environment; the guardian finds the agent's descendants by it.
 AGENT_ID_VARIABLE = "SMARTMOB_AGENT_ID"
 #: The agent's own secrets (webhook URLs often carry tokens): never passed on to children.
-SECRET_VARIABLES = frozenset({"SMARTMOB_WEBHOOK_SECRET", "SMARTMOB_WEBHOOK"})
+SECRET_VARIABLES = frozenset({
+    "SMARTMOB_WEBHOOK_SECRET", "SMARTMOB_WEBHOOK", "SMARTMOB_TOKEN", "SMARTMOB_APP_TOKEN",
+})
+#: The key (in the state database) of the mark the agent's own log is numbered up to.
+AGENT_LOG_SEQ_KEY = "agent_log_seq_reserved"
 #: How long a shutdown gives the webhooks to deliver the last events.
 WEBHOOK_GRACE = 2.0
 #: The bulk actions, by the name the API uses.
@@ -57,6 +66,9 @@ class Agent:
         settings: configuration (state folder, stop timeout, download limits).
         reaper: reaps children; the CLI passes one that also reaps orphans.
         base_env: the environment children start from (default: the agent's own).
+
+    Raises:
+        InvalidRequest: a key file of the settings cannot be read or holds a bad line.
     """
 
     def __init__(
@@ -79,11 +91,20 @@ class Agent:
         self._runtime: Runtime | None = None
         #: the downloaded source archives, shared by every process (see :mod:`.sources`)
         self.sources: SourceCache | None = None
+        #: the builds of sources (virtual environments, releases; see :mod:`.builder`)
+        self.builds: Builds | None = None
         self.ports = PortAllocator()
         self.monitor = Monitor(settings.monitor_interval)
         #: every lifecycle event of every process (see :mod:`smartmob_agent.events`)
         self.events = EventBus()
         self.webhooks: Webhooks | None = None
+        #: which source URLs may be fetched, and where from (see :mod:`.fetchpolicy`)
+        self.fetch_policy = fetch_policy(settings)
+        #: the keys that open the API; minted ones are added from the database at start
+        self.keyring = Keyring(*configured_keys(settings))
+        #: the agent's own log (what it writes to stderr), kept from start to close
+        self.agent_log = ProcessLog(None, lines=settings.log_lines)
+        self._log_handler: LogHandler | None = None
 
     @property
     def processes_dir(self) -> Path:
@@ -96,9 +117,20 @@ class Agent:
         return self.settings.state_dir / "logs"
 
     @property
+    def agent_log_dir(self) -> Path:
+        """Folder holding the agent's own log files (beside ``logs``, whose every folder
+        is a process's)."""
+        return self.settings.state_dir / "agent-log"
+
+    @property
     def cache_dir(self) -> Path:
         """Folder holding the downloaded source archives."""
         return self.settings.state_dir / "cache"
+
+    @property
+    def builds_dir(self) -> Path:
+        """Folder holding the builds of sources (see :ref:`lifecycle-build`)."""
+        return self.settings.state_dir / "builds"
 
     async def start(self) -> None:
         """Prepare the state folder and the HTTP clients, and bring back every process the
@@ -110,27 +142,37 @@ class Agent:
         """
         self.processes_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store.open(self.settings.state_dir)
-        self._session = aiohttp.ClientSession(auto_decompress=True)
+        # connects only to addresses the policy allows, whatever a name resolves to
+        self._session = archive.open_session(self.fetch_policy)
         limits = archive.DownloadLimits(
             max_bytes=self.settings.max_download,
             stall=self.settings.download_stall,
             total=self.settings.download_timeout,
         )
-        self.sources = SourceCache(self.cache_dir, self._session, limits)
+        self.sources = SourceCache(
+            self.cache_dir, self._session, limits, policy=self.fetch_policy
+        )
+        self.builds = Builds(
+            self.builds_dir, self.reaper, timeout=self.settings.build_timeout,
+            stop_timeout=self.settings.stop_timeout,
+        )
         self._runtime = Runtime(
             session=self._session,
             reaper=self.reaper,
             base_env=self._base_env,
             forced_env={AGENT_ID_VARIABLE: self.id},
             limits=limits,
+            unpack_limits=unpack_limits(self.settings),
             stop_timeout=self.settings.stop_timeout,
             monitor=self.monitor,
             emit=self._emit,
             sources=self.sources,
+            builds=self.builds,
             logs_dir=self.logs_dir if self.settings.log_max_bytes > 0 else None,
             log_lines=self.settings.log_lines,
             log_max_bytes=self.settings.log_max_bytes,
             log_files=self.settings.log_files,
+            reserve_seq=self._reserve_seq,
         )
         self.monitor.start()
         secret = self.settings.webhook_secret
@@ -142,6 +184,9 @@ class Agent:
             secret=None if secret is None else secret.encode(),
         )
         self.events.add_listener(self._notify)
+        for key in self.store.load_keys():
+            self.keyring.add_minted(key)
+        self._open_agent_log(self.store)
         try:
             await self._restore()
         except BaseException:
@@ -195,7 +240,7 @@ class Agent:
             watcher = Watcher(
                 spec, self.processes_dir / spec.slug, self._runtime, None, record.port,
                 process_id=record.process_id, stopped=record.desired == "stopped",
-                reuse_source=True, restarts=record.restarts,
+                reuse_source=True, restarts=record.restarts, seq_start=record.seq_reserved,
             )
             self._register(watcher)
         if records:
@@ -217,11 +262,43 @@ class Agent:
         elif new is ProcessState.BACKOFF:  # the restart was counted before the wait
             self.store.set_child(watcher.spec.slug, None, None, watcher.restarts)
 
+    def _reserve_seq(self, slug: str, mark: int) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.set_seq_reserved(slug, mark)
+        except StoreError as error:
+            log.warning("%s: %s (output line numbers may repeat after a crash)", slug, error)
+
+    def _open_agent_log(self, store: Store) -> None:
+        """Keep what the agent logs, from now to :meth:`close`, in :attr:`agent_log`."""
+        settings = self.settings
+
+        def reserve(mark: int) -> None:
+            if self.store is not None:
+                self.store.set_value(AGENT_LOG_SEQ_KEY, str(mark))
+
+        self.agent_log = ProcessLog(
+            self.agent_log_dir if settings.log_max_bytes > 0 else None,
+            lines=settings.log_lines, max_bytes=max(1, settings.log_max_bytes),
+            files=settings.log_files, first_seq=int(store.get_value(AGENT_LOG_SEQ_KEY) or 0),
+            reserve=reserve,
+        )
+        self._log_handler = LogHandler(self.agent_log)
+        logging.getLogger().addHandler(self._log_handler)
+
+    def _close_agent_log(self) -> None:
+        handler, self._log_handler = self._log_handler, None
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+        self.agent_log.close()
+
     async def close(self) -> None:
         """Stop every process (each with the full stop sequence), then release resources."""
         await self.stop_all()
         for watcher in self._watchers.values():  # the last lines reach the files
             watcher.output_log.close()
+        self._close_agent_log()
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -266,11 +343,15 @@ class Agent:
 
         Raises:
             Conflict: a process with the same slug exists (or is being deleted).
+            InvalidRequest: the fetch policy refuses the source URL (as far as the URL
+                alone says), unless the ``checksum`` names an archive the agent already
+                holds (an upload): that one is used without a request.
         """
         assert self._runtime is not None, "Agent.start() first"
         slug = spec.slug
         if slug in self._watchers:
             raise Conflict(f"a process named {slug!r} already exists; delete it first")
+        self._check_source(spec)
         assert self.store is not None
         port = self._port_for(spec)
         # a new process starts with no output, whatever a crashed deletion left behind
@@ -288,6 +369,20 @@ class Agent:
         log.info("%s: created (process type %r)", slug, spec.process_type)
         return watcher
 
+    def _check_source(self, spec: Spec) -> None:
+        """Refuse a source URL the fetch policy refuses, unless no fetch is needed."""
+        assert self.sources is not None, "Agent.start() first"
+        problem = self.fetch_policy.check_url(spec.source_url)
+        if problem is None:
+            return
+        if spec.sha256 is not None and self.sources.path(
+            cache_key(spec.source_url, spec.sha256)
+        ).is_file():
+            return
+        raise InvalidRequest(
+            f"the source_url is refused: {problem}", {"source_url": f"is refused: {problem}"}
+        )
+
     def _port_for(self, spec: Spec) -> int | None:
         """A free port for ``PORT``, or the one the request's ``env`` sets (if a port)."""
         given = spec.env.get("PORT")
@@ -302,20 +397,46 @@ class Agent:
             return None
         return int(given)
 
-    def get(self, slug: str) -> Watcher:
-        """Return the watcher of ``slug``.
+    def mint_key(self, app: str) -> tuple[MintedKey, str]:
+        """Make a new key scoped to ``app``; return it with its secret, which is shown
+        once and kept nowhere (the database holds its digest)."""
+        assert self.store is not None, "the agent is not started"
+        key_id, secret = mint_key()
+        key = MintedKey(key_id, app, digest(secret), time.time())
+        self.store.add_key(key)  # before it is usable: a key never outlives a crash unsaved
+        self.keyring.add_minted(key)
+        return key, secret
+
+    def revoke_key(self, key_id: str) -> None:
+        """Stop accepting the minted key ``key_id``, for good.
 
         Raises:
-            NotFound: no such process.
+            NotFound: no minted key has that id.
         """
-        try:
-            return self._watchers[slug]
-        except KeyError:
-            raise NotFound(f"there is no process named {slug!r}") from None
+        assert self.store is not None, "the agent is not started"
+        if not any(key.id == key_id for key in self.keyring.minted()):
+            raise NotFound(f"there is no minted key with id {key_id!r}")
+        self.store.remove_key(key_id)
+        self.keyring.remove_minted(key_id)
 
-    def list(self) -> list[ProcessInfo]:
-        """Snapshots of every process, in creation order."""
-        return [watcher.info() for watcher in self._watchers.values()]
+    def get(self, slug: str, app: str | None = None) -> Watcher:
+        """Return the watcher of ``slug``.
+
+        Args:
+            app: find only a process of this app (what a key scoped to one app sees:
+                the others do not exist for it, so their names do not leak).
+
+        Raises:
+            NotFound: no such process (of ``app``).
+        """
+        watcher = self._watchers.get(slug)
+        if watcher is None or (app is not None and watcher.spec.app != app):
+            raise NotFound(f"there is no process named {slug!r}")
+        return watcher
+
+    def list(self, app: str | None = None) -> list[ProcessInfo]:
+        """Snapshots of every process (of ``app`` if given), in creation order."""
+        return [watcher.info() for watcher in self.select(app)]
 
     def watchers(self) -> builtins.list[Watcher]:
         """Every watcher, in creation order."""
@@ -366,6 +487,61 @@ class Agent:
             self.sources.collect(in_use)
         except OSError as error:  # a full or read-only disk must not fail a delete
             log.warning("could not clean the source cache %s: %s", self.cache_dir, error)
+        if self.builds is None:
+            return
+        # a process whose source is not fetched yet has no key: it looks for its build
+        # only once it has one, and builds again if it is gone
+        used = {w.build_key for w in self._watchers.values()}
+        try:
+            self.builds.collect(key for key in used if key is not None)
+        except OSError as error:
+            log.warning("could not clean the builds %s: %s", self.builds_dir, error)
+
+    async def upload(self, chunks: AsyncIterable[bytes], length: int | None = None) -> Stored:
+        """Keep an uploaded source archive in the source cache, under its SHA-256 (see
+        :meth:`.SourceCache.put`), then collect the cache as a delete does.
+
+        The limit is ``--max-download``: an upload lands in the same cache and is
+        unpacked the same way as a download, so one bound on what a source may weigh
+        serves both.
+
+        Args:
+            chunks: the body, as it arrives.
+            length: the size the client announced (``Content-Length``), if it did: over
+                the limit, nothing is read.
+
+        Raises:
+            TooLarge: over the limit.
+            ArchiveError: not a zip or tar archive.
+            StorageError: the state folder cannot take it.
+        """
+        assert self.sources is not None, "Agent.start() first"
+        limit = self.settings.max_download
+        if length is not None and length > limit:
+            raise TooLarge(
+                f"the archive is {length} bytes, over the limit of {limit} bytes (the "
+                "agent's --max-download, which bounds uploads too)"
+            )
+        stored = await self.sources.put(chunks, max_bytes=limit)
+        # the new upload is the most recently used entry: it is kept, an older one may go
+        self._collect_sources()
+        return stored
+
+    def uploaded_source(self, sha256: str) -> Path:
+        """The file of the uploaded archive of SHA-256 ``sha256`` (hex, either case).
+
+        Raises:
+            NotFound: no upload has it (never uploaded, collected, or not a SHA-256).
+        """
+        path = None
+        if len(sha256) == 64 and all(c in "0123456789abcdefABCDEF" for c in sha256):
+            path = None if self.sources is None else self.sources.uploaded(sha256.lower())
+        if path is None:
+            raise NotFound(
+                f"there is no uploaded archive with SHA-256 {sha256[:64]!r} (never "
+                "uploaded, or removed as unused by the source cache's collection)"
+            )
+        return path
 
     async def control(self, watcher: Watcher, action: str) -> None:
         """Apply a ``start``, ``stop`` or ``restart`` control and record the process's
@@ -441,3 +617,46 @@ def _remove_unknown(parents: Iterable[Path], known: Set[str]) -> int:
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.add(entry.name)
     return len(removed)
+
+
+def fetch_policy(settings: Settings) -> FetchPolicy:
+    """The fetch policy the settings give (``--source-allow``, ``--allow-file-sources``)."""
+    root = settings.allow_file_sources
+    return FetchPolicy(
+        settings.source_allow, None if root is None else PurePosixPath(os.path.normpath(root))
+    )
+
+
+def unpack_limits(settings: Settings) -> archive.UnpackLimits:
+    """The bounds of each unpack the settings give."""
+    return archive.UnpackLimits(
+        max_members=settings.max_members,
+        max_total_bytes=settings.max_unpacked,
+        max_member_bytes=settings.max_member_size,
+        max_path_length=settings.max_path_length,
+        max_ratio=settings.max_ratio,
+    )
+
+
+def configured_keys(settings: Settings) -> tuple[list[str], dict[str, str]]:
+    """The admin keys and the app keys (``{key: app}``) the settings give, key files
+    included.
+
+    Raises:
+        InvalidRequest: a key file cannot be read or holds a bad line.
+    """
+    admin = list(settings.token)
+    apps = {key: app for app, key in settings.app_token}
+    for path, scoped in ((settings.token_file, False), (settings.app_tokens_file, True)):
+        if path is None:
+            continue
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            raise InvalidRequest(f"cannot read the key file {path}: {error}") from None
+        for app, key in parse_key_lines(text, str(path), scoped=scoped):
+            if app is None:
+                admin.append(key)
+            else:
+                apps[key] = app
+    return admin, apps

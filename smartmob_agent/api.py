@@ -7,15 +7,19 @@ and turned into JSON responses by the middleware in :mod:`smartmob_agent.server`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from smartmob_agent import representations as docs
 from smartmob_agent.agent import Agent
-from smartmob_agent.errors import InvalidRequest
-from smartmob_agent.links import RequestLinks
+from smartmob_agent.auth import ADMIN, Principal
+from smartmob_agent.errors import Forbidden, InvalidRequest, NotFound
+from smartmob_agent.links import SOURCE_ROUTE, RequestLinks
+from smartmob_agent.model import Spec
 from smartmob_agent.schemas import (
     bulk_request,
     create_request,
@@ -29,11 +33,46 @@ from smartmob_agent.watcher import Watcher
 routes = web.RouteTableDef()
 
 AGENT_KEY = web.AppKey("agent", Agent)
+#: Bytes read from an upload's body at a time.
+UPLOAD_CHUNK = 64 * 1024
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
+#: Who the request comes from; set by the access middleware on every request.
+PRINCIPAL_KEY = web.RequestKey("principal", Principal)
 
 
 def _agent(request: web.Request) -> Agent:
     return request.app[AGENT_KEY]
+
+
+def principal(request: web.Request) -> Principal:
+    """Who the request comes from (the admin when access control is off).
+
+    An application built without the access middleware (a test's, or an embedder's) has
+    no keys to check, so it is the admin too, like an agent started without keys.
+    """
+    found: Principal = request.get(PRINCIPAL_KEY, ADMIN)
+    return found
+
+
+def process_for(request: web.Request) -> Watcher:
+    """The process the URL's ``{slug}`` names, if the request's key may see it.
+
+    Raises:
+        NotFound: no such process, or one of an app the key is not scoped to (the same
+            answer: names of other apps do not leak).
+    """
+    return _agent(request).get(request.match_info["slug"], principal(request).app)
+
+
+def require_app(request: web.Request, app: str | None) -> None:
+    """Check that the request's key may act on ``app`` (``None``: every app).
+
+    Raises:
+        Forbidden: the key is scoped to another app.
+    """
+    scope = principal(request).app
+    if scope is not None and app != scope:
+        raise Forbidden(f"this key acts only on the processes of app {scope!r}")
 
 
 async def read_json(request: web.Request, *, allow_empty: bool = False) -> Any:
@@ -76,25 +115,85 @@ async def index(request: web.Request) -> web.Response:
 async def list_processes(request: web.Request) -> web.Response:
     """Every process's status document, in creation order."""
     links = RequestLinks(request)
-    return web.json_response(docs.listing_document(_agent(request).list(), links))
+    processes = _agent(request).list(principal(request).app)
+    return web.json_response(docs.listing_document(processes, links))
 
 
 @routes.post("/create-process", name="create")
 async def create_process(request: web.Request) -> web.Response:
     """Create a process from a create request; 201 with its status document."""
-    spec = spec_from_request(create_request.validate(await read_json(request)))
-    watcher = _agent(request).create(spec, request_id=request.get(REQUEST_ID_KEY))
+    data = create_request.validate(await read_json(request))
+    spec = _from_upload(request, spec_from_request(data))
+    require_app(request, spec.app)
+    agent = _agent(request)
+    watcher = agent.create(spec, request_id=request.get(REQUEST_ID_KEY))
     links = RequestLinks(request)
     document = docs.process_document(watcher.info(), links)
+    if data.get("issue_token"):
+        key, secret = agent.mint_key(spec.app)
+        # shown this once: the agent keeps only its digest
+        document["token"] = {"id": key.id, "app": key.app, "key": secret}
     return web.json_response(
         document, status=201, headers={"Location": links.process("details", spec.slug)}
     )
 
 
+def _from_upload(request: web.Request, spec: Spec) -> Spec:
+    """``spec`` with the checksum its ``source_url`` names, if that is the URL of an
+    upload to this agent and the request gave none: the archive is then read from the
+    cache, never asked for over HTTP (see :meth:`.RequestLinks.uploaded_sha256`).
+
+    Raises:
+        InvalidRequest: the URL names an upload this agent does not have.
+    """
+    if spec.sha256 is not None:
+        return spec
+    sha256 = RequestLinks(request).uploaded_sha256(spec.source_url)
+    if sha256 is None:
+        return spec
+    try:
+        _agent(request).uploaded_source(sha256)
+    except NotFound as error:
+        raise InvalidRequest(
+            f"source_url is an upload URL of this agent, but {error}: upload the archive "
+            "again",
+            {"source_url": "names an archive this agent does not have"},
+        ) from None
+    return dataclasses.replace(spec, sha256=sha256)
+
+
+@routes.post("/upload-source", name="upload")
+async def upload_source(request: web.Request) -> web.Response:
+    """Keep the archive the body holds (raw bytes, any ``Content-Type``); 201 with the
+    ``source_url`` and ``checksum`` a create request gives to run it."""
+    # request.content is read as it arrives: the body may be far over the app's
+    # client_max_size, which only bounds request.read()/post() (the JSON bodies)
+    try:
+        stored = await _agent(request).upload(
+            request.content.iter_chunked(UPLOAD_CHUNK), request.content_length
+        )
+    except (ConnectionError, HttpProcessingError) as error:
+        # the client went away, or sent a broken body: its business, not an agent bug
+        # (nothing was kept; the answer will likely reach nobody)
+        raise InvalidRequest(f"the upload was cut short or malformed: {error}") from None
+    source_url = RequestLinks(request).source(stored.sha256)
+    return web.json_response(
+        docs.upload_document(source_url, stored.sha256, stored.size),
+        status=201, headers={"Location": source_url},
+    )
+
+
+@routes.get("/sources/{sha256}", name=SOURCE_ROUTE)
+async def uploaded_source(request: web.Request) -> web.StreamResponse:
+    """The archive of an upload, as it was sent (404 when there is no such upload)."""
+    path = _agent(request).uploaded_source(request.match_info["sha256"])
+    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+
 @routes.get("/process-status/{slug}", name="details")
 async def process_status(request: web.Request) -> web.Response:
     """The status document of one process."""
-    watcher = _agent(request).get(request.match_info["slug"])
+    watcher = process_for(request)
     return web.json_response(docs.process_document(watcher.info(), RequestLinks(request)))
 
 
@@ -102,9 +201,20 @@ async def process_status(request: web.Request) -> web.Response:
 async def process_logs(request: web.Request) -> web.Response:
     """The last output lines of a process (``?tail=N``, ``?since=TIME``): JSON, or plain
     text when the ``Accept`` header prefers ``text/plain``."""
-    watcher = _agent(request).get(request.match_info["slug"])
+    watcher = process_for(request)
     tail, since = parse_log_query(request.query)
     entries = await watcher.output_log.read(tail, since)
+    if prefers_text(request.headers.get("Accept", "")):
+        return web.Response(text=docs.log_text(entries), content_type="text/plain")
+    return web.json_response(docs.log_document(entries))
+
+
+@routes.get("/agent-log", name="agent_log")
+async def agent_log(request: web.Request) -> web.Response:
+    """The last lines of the agent's own log (what it writes to stderr), like a
+    process's ``logs``: ``?tail=N``, ``?since=TIME``, JSON or plain text."""
+    tail, since = parse_log_query(request.query)
+    entries = await _agent(request).agent_log.read(tail, since)
     if prefers_text(request.headers.get("Accept", "")):
         return web.Response(text=docs.log_text(entries), content_type="text/plain")
     return web.json_response(docs.log_document(entries))
@@ -143,7 +253,7 @@ async def delete_process(request: web.Request) -> web.Response:
     """Stop a process, wait until it is gone, and forget it; answers ``{}``."""
     slug = request.match_info["slug"]
     agent = _agent(request)
-    agent.get(slug)  # 404 before reading the body
+    agent.get(slug, principal(request).app)  # 404 before reading the body
     body = await read_json(request, allow_empty=True)
     if not isinstance(body, dict):
         raise InvalidRequest("the delete request must be a JSON object (usually {})")
@@ -153,7 +263,7 @@ async def delete_process(request: web.Request) -> web.Response:
 
 async def _control_target(request: web.Request) -> Watcher:
     """The watcher a control names (404 first), once its body is known to be an object."""
-    watcher = _agent(request).get(request.match_info["slug"])
+    watcher = process_for(request)
     body = await read_json(request, allow_empty=True)
     if not isinstance(body, dict) or body:
         raise InvalidRequest("this control takes no fields: send {} or nothing")
@@ -192,7 +302,7 @@ async def restart_process(request: web.Request) -> web.Response:
 @routes.post("/signal-process/{slug}", name="signal")
 async def signal_process(request: web.Request) -> web.Response:
     """Send a signal (``{"signal": "HUP"}``) to a running process's group."""
-    watcher = _agent(request).get(request.match_info["slug"])
+    watcher = process_for(request)
     data = signal_request.validate(await read_json(request))
     await watcher.request_signal(data["signal"])
     return _status(request, watcher)
@@ -200,6 +310,7 @@ async def signal_process(request: web.Request) -> web.Response:
 
 async def _bulk(request: web.Request, action: str) -> web.Response:
     app = parse_bulk(bulk_request.validate(await read_json(request)))
+    require_app(request, app)
     outcomes = await _agent(request).bulk(action, app)
     return web.json_response({"processes": outcomes})
 
@@ -226,3 +337,24 @@ async def bulk_restart(request: web.Request) -> web.Response:
 async def bulk_delete(request: web.Request) -> web.Response:
     """Delete every process of an app, or every one."""
     return await _bulk(request, "delete")
+
+
+@routes.get("/healthz", name="health")
+async def health(request: web.Request) -> web.Response:
+    """Whether the agent answers: open without a key, for load balancers and systemd."""
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/list-tokens", name="tokens")
+async def list_tokens(request: web.Request) -> web.Response:
+    """The minted keys (admin only): id, app and creation time, never the keys."""
+    links = RequestLinks(request)
+    keys = _agent(request).keyring.minted()
+    return web.json_response({"tokens": [docs.key_document(key, links) for key in keys]})
+
+
+@routes.post("/revoke-token/{key_id}", name="revoke_token")
+async def revoke_token(request: web.Request) -> web.Response:
+    """Stop accepting a minted key, for good (admin only); answers ``{}``."""
+    _agent(request).revoke_key(request.match_info["key_id"])
+    return web.json_response({})

@@ -245,6 +245,11 @@ class Child:
         else:
             loop.remove_writer(pipe.fileno())
 
+    def close_input(self) -> None:
+        """Close the child's stdin: a program that reads it sees end of file at once
+        (for commands nobody can type into, such as a build's)."""
+        self._close_input()
+
     def _close_input(self) -> None:
         pipe = self._popen.stdin
         if pipe is not None and not pipe.closed:

@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -23,8 +24,9 @@ from aiohttp import web
 from smartmob_agent import __version__, guardian
 from smartmob_agent.agent import AGENT_ID_VARIABLE, Agent
 from smartmob_agent.child import Reaper, become_subreaper
-from smartmob_agent.config import OPTIONS, Settings, settings_from
+from smartmob_agent.config import OPTIONS, Settings, check_settings, settings_from
 from smartmob_agent.errors import InvalidRequest
+from smartmob_agent.logs import RedactKeys
 from smartmob_agent.server import make_app
 from smartmob_agent.store import StoreError
 
@@ -45,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"smartmob-agent {__version__}")
     for option in OPTIONS:
+        if option.switch:
+            parser.add_argument(
+                option.flag, dest=option.name, default=None, action="store_const",
+                const="true", help=f"{option.help} [{option.env}]",
+            )
+            continue
         parser.add_argument(
             option.flag, dest=option.name, metavar=option.metavar, default=None,
             help=f"{option.help} [{option.env}]",
@@ -60,9 +68,10 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # one line per request is noise at the default level
-    logging.getLogger("aiohttp.access").setLevel(
-        logging.INFO if level == "debug" else logging.WARNING
-    )
+    access = logging.getLogger("aiohttp.access")
+    access.setLevel(logging.INFO if level == "debug" else logging.WARNING)
+    for handler in logging.getLogger().handlers:  # every line, whichever logger wrote it
+        handler.addFilter(RedactKeys())
 
 
 def start_guardian(marker: str) -> subprocess.Popen[bytes]:
@@ -80,10 +89,44 @@ def start_guardian(marker: str) -> subprocess.Popen[bytes]:
 
 
 def _is_loopback(host: str) -> bool:
+    # a name ("localhost" included) may resolve to anything: only a literal address counts
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context, or ``None`` without ``--tls-cert``."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as error:
+        raise SystemExit(
+            f"smartmob-agent: cannot use the TLS certificate {settings.tls_cert} and key "
+            f"{settings.tls_key}: {getattr(error, 'strerror', None) or error}"
+        ) from None
+    return context
+
+
+def _check_exposure(settings: Settings, keys_configured: bool) -> None:
+    """Refuse to listen beyond loopback with no key, unless told ``--insecure``."""
+    if _is_loopback(settings.host) or keys_configured:
+        return
+    if not settings.insecure:
+        raise SystemExit(
+            f"smartmob-agent: refusing to listen on {settings.host} without a key: anyone "
+            "who could reach the agent could run any command as this user. Give --token "
+            "(or --token-file), listen on 127.0.0.1 behind an authenticating proxy, or "
+            "pass --insecure if you really mean it."
+        )
+    log.warning(
+        "INSECURE: listening on %s with NO key (--insecure): anyone who can reach this "
+        "address can run any command as this user", settings.host,
+    )
 
 
 async def serve(settings: Settings) -> None:
@@ -93,7 +136,12 @@ async def serve(settings: Settings) -> None:
         log.warning("could not become a child subreaper: orphaned grandchildren may linger")
     reaper = Reaper()
     loop.add_signal_handler(signal.SIGCHLD, reaper.reap_orphans)
-    agent = Agent(settings, reaper=reaper)
+    try:
+        agent = Agent(settings, reaper=reaper)
+    except InvalidRequest as error:  # an unreadable key file
+        raise SystemExit(f"smartmob-agent: {error}") from None
+    _check_exposure(settings, agent.keyring.enabled)
+    tls = _tls_context(settings)
     guardian = start_guardian(f"{AGENT_ID_VARIABLE}={agent.id}")
     reaper.watch(guardian.pid, lambda status: log.warning(
         "the guardian (pid %d) exited: children will not be killed if the agent is", guardian.pid))
@@ -112,7 +160,7 @@ async def serve(settings: Settings) -> None:
     runner = web.AppRunner(make_app(settings, agent), handle_signals=False)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, settings.host, settings.port)
+        site = web.TCPSite(runner, settings.host, settings.port, ssl_context=tls)
         try:
             await site.start()
         except OSError as error:
@@ -120,17 +168,11 @@ async def serve(settings: Settings) -> None:
                 f"smartmob-agent: cannot listen on {settings.host}:{settings.port}: "
                 f"{error.strerror}"
             ) from None
+        scheme = "https" if tls is not None else "http"
         for host, port, *_ in runner.addresses:
             shown = f"[{host}]" if ":" in host else host
-            log.info("smartmob-agent %s listening on http://%s:%d/ (pid %d)",
-                     __version__, shown, port, os.getpid())
-            if not _is_loopback(host):
-                log.warning(
-                    "%s is not a loopback address and the agent has NO authentication: "
-                    "anyone who can reach it can run any command as this user. Bind to "
-                    "127.0.0.1 behind an authenticating proxy (see the operations guide).",
-                    host,
-                )
+            log.info("smartmob-agent %s listening on %s://%s:%d/ (pid %d)",
+                     __version__, scheme, shown, port, os.getpid())
         await stop.wait()
         log.info("stopping: shutting down every process")
     finally:
@@ -155,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from(vars(args), os.environ)
+        check_settings(settings)
     except InvalidRequest as error:
         print(f"smartmob-agent: {error}", file=sys.stderr)
         return 2

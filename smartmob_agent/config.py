@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from smartmob_agent.auth import check_key, split_app_key
 from smartmob_agent.errors import InvalidRequest
+from smartmob_agent.fetchpolicy import parse_allow_entry
 
 
 @dataclass(frozen=True)
@@ -24,10 +26,18 @@ class Settings:
     port: int = 8080
     state_dir: Path = Path(".smartmob")
     stop_timeout: float = 10.0
+    build_timeout: float = 600.0
     max_body: int = 1024 * 1024
     max_download: int = 512 * 1024 * 1024
     download_stall: float = 30.0
     download_timeout: float = 600.0
+    max_unpacked: int = 2 * 1024**3
+    max_members: int = 50_000
+    max_member_size: int = 1024**3
+    max_ratio: float = 200.0
+    max_path_length: int = 1024
+    source_allow: tuple[str, ...] = ()
+    allow_file_sources: Path | None = None
     log_level: str = "info"
     webhook: tuple[str, ...] = ()
     webhook_secret: str | None = None
@@ -35,6 +45,14 @@ class Settings:
     log_lines: int = 1000
     log_max_bytes: int = 10 * 1024 * 1024
     log_files: int = 3
+    # keys are secrets: never shown by repr() (which a log line or traceback might print)
+    token: tuple[str, ...] = field(default=(), repr=False)
+    token_file: Path | None = None
+    app_token: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    app_tokens_file: Path | None = None
+    insecure: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +67,10 @@ class Option:
     help: str
     #: the flag may be given many times; the variable holds values separated by spaces
     repeat: bool = False
+    #: the flag takes no value (it means ``true``); the variable says true or false
+    switch: bool = False
+    #: the value is a secret: an error about it never repeats it
+    secret: bool = False
 
 
 def _integer(text: str) -> int:
@@ -81,6 +103,30 @@ def _size(text: str) -> int:
     if value <= 0:
         raise ValueError("must be a positive number of bytes")
     return value
+
+
+def _count(text: str) -> int:
+    value = _integer(text)
+    if value <= 0:
+        raise ValueError("must be a positive whole number")
+    return value
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("must be a number of at least 1") from None
+    if not 1 <= value < math.inf:
+        raise ValueError("must be a number of at least 1")
+    return value
+
+
+def _absolute_folder(text: str) -> Path:
+    # relative to what? the agent's current folder is not something to rely on here
+    if not text.startswith("/"):
+        raise ValueError("must be an absolute folder name")
+    return Path(text)
 
 
 def _lines(text: str) -> int:
@@ -134,6 +180,15 @@ def _webhook(text: str) -> str:
     return url
 
 
+def _switch(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"", "0", "false", "no", "off"}:
+        return False
+    raise ValueError("must be true or false")
+
+
 def _secret(text: str) -> str:
     if not text:
         raise ValueError("must not be empty")
@@ -149,14 +204,36 @@ OPTIONS: tuple[Option, ...] = (
            "folder for downloads and unpacked sources (default: ./.smartmob)"),
     Option("stop_timeout", "--stop-timeout", "SMARTMOB_STOP_TIMEOUT", _positive, "SECONDS",
            "grace period between SIGTERM and SIGKILL when stopping a process (default: 10)"),
+    Option("build_timeout", "--build-timeout", "SMARTMOB_BUILD_TIMEOUT", _positive,
+           "SECONDS", "longest a source's build (virtual environment and pip install) or "
+           "its release command may take before it is stopped (default: 600)"),
     Option("max_body", "--max-body", "SMARTMOB_MAX_BODY", _size, "BYTES",
            "largest request body accepted; larger ones get 413 (default: 1048576)"),
     Option("max_download", "--max-download", "SMARTMOB_MAX_DOWNLOAD", _size, "BYTES",
-           "largest source archive downloaded (default: 536870912)"),
+           "largest source archive downloaded or uploaded (default: 536870912)"),
     Option("download_stall", "--download-stall", "SMARTMOB_DOWNLOAD_STALL", _positive,
            "SECONDS", "give up a download that receives no byte for this long (default: 30)"),
     Option("download_timeout", "--download-timeout", "SMARTMOB_DOWNLOAD_TIMEOUT", _positive,
            "SECONDS", "give up a download that takes longer than this (default: 600)"),
+    Option("max_unpacked", "--max-unpacked", "SMARTMOB_MAX_UNPACKED", _size, "BYTES",
+           "most bytes a source archive may unpack to in all (default: 2147483648)"),
+    Option("max_members", "--max-members", "SMARTMOB_MAX_MEMBERS", _count, "COUNT",
+           "most files, folders and links in a source archive (default: 50000)"),
+    Option("max_member_size", "--max-member-size", "SMARTMOB_MAX_MEMBER_SIZE", _size,
+           "BYTES", "largest file in a source archive, unpacked (default: 1073741824)"),
+    Option("max_ratio", "--max-ratio", "SMARTMOB_MAX_RATIO", _ratio, "RATIO",
+           "most bytes unpacked per byte of archive, checked once an archive has "
+           "unpacked 64 MiB (default: 200)"),
+    Option("max_path_length", "--max-path-length", "SMARTMOB_MAX_PATH_LENGTH", _count,
+           "CHARACTERS", "longest member name or link target in a source archive "
+           "(default: 1024)"),
+    Option("source_allow", "--source-allow", "SMARTMOB_SOURCE_ALLOW", parse_allow_entry,
+           "HOST", "fetch sources only from this host (a name, *.domain, an address or a "
+           "network); repeat for more (the variable takes them separated by spaces); "
+           "default: any host", repeat=True),
+    Option("allow_file_sources", "--allow-file-sources", "SMARTMOB_ALLOW_FILE_SOURCES",
+           _absolute_folder, "DIR", "accept file:// source URLs of files under this "
+           "absolute folder (default: none)"),
     Option("log_level", "--log-level", "SMARTMOB_LOG_LEVEL", _level, "LEVEL",
            "least severe log level written to stderr (default: info)"),
     Option("webhook", "--webhook", "SMARTMOB_WEBHOOK", _webhook, "URL",
@@ -164,7 +241,7 @@ OPTIONS: tuple[Option, ...] = (
            "variable takes them separated by spaces)", repeat=True),
     Option("webhook_secret", "--webhook-secret", "SMARTMOB_WEBHOOK_SECRET", _secret,
            "SECRET", "sign webhook bodies with HMAC-SHA256 and this key, in the "
-           "X-Smartmob-Signature header"),
+           "X-Smartmob-Signature header", secret=True),
     Option("monitor_interval", "--monitor-interval", "SMARTMOB_MONITOR_INTERVAL", _positive,
            "SECONDS", "how often CPU and memory of every process tree are sampled "
            "(default: 2)"),
@@ -176,6 +253,24 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_files", "--log-files", "SMARTMOB_LOG_FILES", _file_count, "COUNT",
            "rotated output log files kept per process, besides the current one "
            "(default: 3)"),
+    Option("token", "--token", "SMARTMOB_TOKEN", check_key, "KEY",
+           "admin key: every request but GET /healthz must carry it as 'Authorization: "
+           "Bearer KEY'; repeat to accept several (while rotating)", repeat=True, secret=True),
+    Option("token_file", "--token-file", "SMARTMOB_TOKEN_FILE", _folder, "FILE",
+           "read admin keys from this file, one per line (# starts a comment), so that "
+           "no key sits in the command line"),
+    Option("app_token", "--app-token", "SMARTMOB_APP_TOKEN", split_app_key, "APP=KEY",
+           "a key that sees and acts on the processes of app APP only; repeat for more",
+           repeat=True, secret=True),
+    Option("app_tokens_file", "--app-tokens-file", "SMARTMOB_APP_TOKENS_FILE", _folder,
+           "FILE", "read app keys from this file, one APP=KEY per line"),
+    Option("insecure", "--insecure", "SMARTMOB_INSECURE", _switch, "",
+           "allow listening on a non-loopback address without any key (anyone who can "
+           "reach the agent can then run any command)", switch=True),
+    Option("tls_cert", "--tls-cert", "SMARTMOB_TLS_CERT", _folder, "FILE",
+           "serve HTTPS with this certificate chain (PEM); needs --tls-key"),
+    Option("tls_key", "--tls-key", "SMARTMOB_TLS_KEY", _folder, "FILE",
+           "the private key (PEM) of --tls-cert"),
 )
 
 assert {option.name for option in OPTIONS} == {f.name for f in fields(Settings)}
@@ -207,8 +302,22 @@ def settings_from(
                 assert isinstance(raw, str)
                 values[option.name] = option.parse(raw)
         except ValueError as error:
-            problems[source] = f"{raw!r} is not valid: {error}"
+            shown = "the value given" if option.secret else repr(raw)
+            problems[source] = f"{shown} is not valid: {error}"
     if problems:
         detail = "; ".join(f"{name}: {why}" for name, why in problems.items())
         raise InvalidRequest(f"invalid configuration: {detail}", problems)
     return Settings(**values)
+
+
+def check_settings(settings: Settings) -> None:
+    """Check what no single option can: the options that go together.
+
+    Raises:
+        InvalidRequest: naming the options that do not fit together.
+    """
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise InvalidRequest(
+            "invalid configuration: --tls-cert and --tls-key go together: give both or "
+            "neither", {"--tls-cert": "needs --tls-key", "--tls-key": "needs --tls-cert"},
+        )

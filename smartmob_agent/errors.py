@@ -12,6 +12,9 @@ from __future__ import annotations
 class AgentError(Exception):
     """Base of every deliberate error; ``str(error)`` is the sentence shown to users."""
 
+    #: HTTP headers the error's response carries (e.g. ``Retry-After``)
+    headers: dict[str, str] = {}  # noqa: RUF012 - read-only by convention
+
 
 class InvalidRequest(AgentError):
     """A request body or field is wrong.
@@ -34,6 +37,14 @@ class Conflict(AgentError):
     """The request clashes with the current state (duplicate slug, process being deleted)."""
 
 
+class TooLarge(AgentError):
+    """A request body (an uploaded archive) is over the size limit."""
+
+
+class StorageError(AgentError):
+    """The agent cannot write to its state folder (a full or read-only disk)."""
+
+
 class InvalidTransition(AgentError):
     """A process was asked to move between two states that have no edge between them."""
 
@@ -50,6 +61,11 @@ class ProcfileError(AgentError):
     """The Procfile is missing, unreadable, or has no entry for the process type."""
 
 
+class BuildError(AgentError):
+    """The build of a source (its virtual environment and requirements) or its release
+    command failed; the message quotes the last lines of its output."""
+
+
 class SpawnError(AgentError):
     """The process's command could not be started at all.
 
@@ -62,3 +78,30 @@ class SpawnError(AgentError):
     def __init__(self, message: str, *, transient: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+
+
+class Unauthorized(AgentError):
+    """The request has no key, or a key the agent does not know (never says which)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.headers = {"WWW-Authenticate": 'Bearer realm="smartmob-agent"'}
+
+
+class Forbidden(AgentError):
+    """The key is valid but scoped to one app, and the request reaches beyond it."""
+
+
+class TooManyFailures(AgentError):
+    """The address presented too many wrong keys; it must wait before trying again.
+
+    Args:
+        retry_after: seconds until it may try again.
+    """
+
+    def __init__(self, retry_after: float) -> None:
+        wait = max(1, round(retry_after + 0.5))
+        super().__init__(
+            f"too many requests with a wrong key from this address: try again in {wait} s"
+        )
+        self.headers = {"Retry-After": str(wait)}

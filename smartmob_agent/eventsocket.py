@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from aiohttp import WSCloseCode, web
 from multidict import MultiMapping
 
+from smartmob_agent.api import principal, require_app
 from smartmob_agent.errors import InvalidRequest
 from smartmob_agent.events import Event, EventBus, EventQueue
 from smartmob_agent.schemas import MAX_NAME
@@ -94,6 +95,10 @@ async def events_socket(request: web.Request) -> web.WebSocketResponse:
             WebSocket handshake (answered before any upgrade, as a JSON 400).
     """
     filters = read_filters(request.query)
+    scope = principal(request).app
+    if scope is not None:  # a key scoped to one app hears only that app
+        require_app(request, filters["app"] or scope)
+        filters["app"] = scope
     ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=4096)
     if not ws.can_prepare(request).ok:
         raise InvalidRequest(f"{request.path} is a WebSocket: connect with a WebSocket client")

@@ -10,6 +10,7 @@ Each property's ``description`` doubles as the error sentence shown to users.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
 from typing import Any
@@ -50,6 +51,12 @@ MAX_NOTIFY = 10
 
 _SECONDS_RULE = f"a number of seconds from 0 to {MAX_SECONDS}"
 _URL_PATTERN = r"^[hH][tT][tT][pP][sS]?://[^/?#\s][^\s]*$"
+#: A source may also be a file:///path, which the agent reads only when configured to
+#: (see smartmob_agent.fetchpolicy: the policy decides, the schema only the form).
+_SOURCE_URL_PATTERN = (
+    r"^(?:[hH][tT][tT][pP][sS]?://[^/?#\s]|[fF][iI][lL][eE]://(?:[lL][oO][cC][aA][lL]"
+    r"[hH][oO][sS][tT])?/)[^\s]*$"
+)
 _SIGNAL: dict[str, Any] = {"type": "string", "enum": list(SIGNAL_NAMES)}
 _SIGNAL_RULE = "must be one of " + ", ".join(SIGNAL_NAMES) + " (a signal name without SIG)"
 
@@ -161,10 +168,11 @@ CREATE_REQUEST: dict[str, Any] = {
         "source_url": {
             "type": "string",
             "maxLength": MAX_URL,
-            "pattern": _URL_PATTERN,
+            "pattern": _SOURCE_URL_PATTERN,
             "description": (
-                f"must be an http:// or https:// URL of a zip or tar archive, at most "
-                f"{MAX_URL} characters, without spaces"
+                f"must be an http:// or https:// URL of a zip or tar archive (or file:///"
+                f"path, on an agent that reads local files), at most {MAX_URL} characters, "
+                "without spaces"
             ),
         },
         "env": {
@@ -188,6 +196,13 @@ CREATE_REQUEST: dict[str, Any] = {
             "description": (
                 "must be 'sha256:' followed by the 64 hexadecimal digits of the archive's "
                 "SHA-256"
+            ),
+        },
+        "issue_token": {
+            "type": "boolean",
+            "description": (
+                "must be true or false: true mints a key scoped to this app, shown once "
+                "in the response under 'token'"
             ),
         },
         **OPTION_PROPERTIES,
@@ -425,6 +440,71 @@ def parse_log_query(query: Mapping[str, str]) -> tuple[int, float | None]:
         detail = "; ".join(f"{name} {why}" for name, why in problems.items())
         raise InvalidRequest(f"invalid query: {detail}", problems)
     return tail, since
+
+
+#: The highest sequence number ``after`` may name (SQLite's largest integer).
+MAX_SEQ = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class AttachQuery:
+    """What an ``attach`` request asks for: replay the last ``tail`` lines (numbered
+    above ``after`` if given) before following live, as JSON frames or bare text."""
+
+    tail: int = 0
+    after: int | None = None
+    json: bool = False
+
+
+def parse_attach_query(query: Mapping[str, str]) -> AttachQuery:
+    """The ``tail``, ``after`` and ``format`` of an ``attach`` request's query, checked.
+
+    Without ``tail``, nothing is replayed, unless ``after`` is given: then up to
+    ``MAX_TAIL`` (10000) lines are.
+
+    >>> from smartmob_agent.schemas import parse_attach_query
+    >>> parse_attach_query({"tail": "5", "format": "json"})
+    AttachQuery(tail=5, after=None, json=True)
+    >>> parse_attach_query({"after": "41"})
+    AttachQuery(tail=10000, after=41, json=False)
+
+    Raises:
+        InvalidRequest: naming each bad parameter.
+    """
+    problems: dict[str, str] = {}
+    tail = None
+    text = query.get("tail")
+    if text is not None:
+        if _whole(text, MAX_TAIL):
+            tail = int(text)
+        else:
+            problems["tail"] = f"must be a whole number of lines from 0 to {MAX_TAIL}"
+    after = None
+    text = query.get("after")
+    if text is not None:
+        if _whole(text, MAX_SEQ):
+            after = int(text)
+        else:
+            problems["after"] = (
+                "must be the seq of a line (a whole number from 0), as a JSON frame gives it"
+            )
+    form = query.get("format", "text")
+    if form not in ("text", "json"):
+        problems["format"] = "must be text (one bare line per frame, the default) or json"
+    if problems:
+        detail = "; ".join(f"{name} {why}" for name, why in problems.items())
+        raise InvalidRequest(f"invalid query: {detail}", problems)
+    if tail is None:
+        tail = 0 if after is None else MAX_TAIL
+    return AttachQuery(tail, after, form == "json")
+
+
+def _whole(text: str, highest: int) -> bool:
+    """Whether ``text`` is a whole number in ASCII digits from 0 to ``highest``."""
+    return (
+        text.isascii() and text.isdigit() and len(text) <= len(str(highest))
+        and int(text) <= highest
+    )
 
 
 def parse_time(text: str) -> float | None:

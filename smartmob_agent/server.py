@@ -18,7 +18,8 @@ from aiohttp.typedefs import Handler
 from smartmob_agent import errors, eventsocket
 from smartmob_agent import ws as _ws  # noqa: F401  (registers the attach route)
 from smartmob_agent.agent import Agent
-from smartmob_agent.api import AGENT_KEY, REQUEST_ID_KEY, routes
+from smartmob_agent.api import AGENT_KEY, PRINCIPAL_KEY, REQUEST_ID_KEY, routes
+from smartmob_agent.auth import ADMIN, FailureLimiter, bearer_key
 from smartmob_agent.config import Settings
 from smartmob_agent.ports import PortsExhausted
 from smartmob_agent.representations import error_document
@@ -30,8 +31,13 @@ log = logging.getLogger(__name__)
 #: HTTP status of each error class (most specific first); any other AgentError is 400.
 ERROR_STATUS: tuple[tuple[type[errors.AgentError], int], ...] = (
     (errors.InvalidRequest, 400),
+    (errors.Unauthorized, 401),
+    (errors.Forbidden, 403),
     (errors.NotFound, 404),
+    (errors.TooManyFailures, 429),
     (errors.Conflict, 409),
+    (errors.TooLarge, 413),  # an uploaded archive over the limit
+    (errors.StorageError, 507),  # the state folder cannot take the upload (disk full)
     (PortsExhausted, 503),  # the machine is out of ports; try again later
     (StoreError, 503),  # the state database cannot be written (disk full, ...)
     (errors.InvalidTransition, 500),  # a bug of the agent, not of the client
@@ -95,7 +101,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except errors.AgentError as error:
-        return web.json_response(_body(error), status=status_of(error))
+        return web.json_response(
+            _body(error), status=status_of(error), headers=error.headers
+        )
     except web.HTTPException as error:
         if error.status < 400:
             raise
@@ -111,6 +119,54 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
 
 
+#: Routes open without a key: a load balancer's health check carries none.
+OPEN_ROUTES = frozenset({"health"})
+#: Routes only an admin key opens: they concern every app, or the agent itself.
+ADMIN_ROUTES = frozenset({"tokens", "revoke_token", "agent_log"})
+LIMITER_KEY = web.AppKey("failure_limiter", FailureLimiter)
+
+
+def _presented_key(request: web.Request) -> str | None:
+    key = bearer_key(request.headers.get("Authorization"))
+    if key is None and request.headers.get("Upgrade", "").lower() == "websocket":
+        # a browser cannot set headers on a WebSocket: it may pass the key in the URL
+        key = request.query.get("token") or None
+    return key
+
+
+@web.middleware
+async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Let in only requests with a key the agent knows, and note whom each comes from.
+
+    Wrong keys from one address are counted; past a few, that address is refused (429)
+    without its key being checked, for a while (:class:`~smartmob_agent.auth.FailureLimiter`).
+    """
+    keyring = request.app[AGENT_KEY].keyring
+    route = request.match_info.route.name
+    if not keyring.enabled or route in OPEN_ROUTES:
+        request[PRINCIPAL_KEY] = ADMIN
+        return await handler(request)
+    limiter = request.app[LIMITER_KEY]
+    address = request.remote or ""
+    wait = limiter.retry_after(address)
+    if wait > 0:
+        raise errors.TooManyFailures(wait)
+    key = _presented_key(request)
+    principal = None if key is None else keyring.identify(key)
+    if principal is None:
+        if key is not None:
+            limiter.failed(address)
+        # the same answer for a missing and a wrong key: nothing about which part failed
+        raise errors.Unauthorized(
+            "this agent needs a key: send 'Authorization: Bearer <key>' (WebSockets may "
+            "pass ?token=<key> instead)"
+        )
+    if route in ADMIN_ROUTES and not principal.is_admin:
+        raise errors.Forbidden("only an admin key may use this")
+    request[PRINCIPAL_KEY] = principal
+    return await handler(request)
+
+
 def make_app(settings: Settings, agent: Agent | None = None) -> web.Application:
     """Build the web application.
 
@@ -121,11 +177,12 @@ def make_app(settings: Settings, agent: Agent | None = None) -> web.Application:
     """
     app = web.Application(
         client_max_size=settings.max_body,
-        middlewares=[request_id_middleware, error_middleware],
+        middlewares=[request_id_middleware, error_middleware, access_middleware],
     )
     owned = agent is None
     app[AGENT_KEY] = agent if agent is not None else Agent(settings)
     app[SETTINGS_KEY] = settings
+    app[LIMITER_KEY] = FailureLimiter()
     app[SOCKETS_KEY] = weakref.WeakSet()
     app[eventsocket.EVENT_BUS_KEY] = app[AGENT_KEY].events
     app.add_routes(routes)

@@ -6,18 +6,35 @@ whole batch in one write (see :mod:`smartmob_agent.frames`), which is what lets 
 client follow a process writing hundreds of thousands of lines a second. What a client
 has not yet taken is bounded by :data:`MAX_BUFFER`: past it, lines for that client are
 dropped and counted, and a notice frame tells the client how many once it catches up.
+
+Query options (checked before the upgrade, see
+:func:`~smartmob_agent.schemas.parse_attach_query`): ``?format=json`` sends each line as
+a JSON object with its sequence number, time, stream and run, and the lifecycle markers
+of the process (``spawned``, ``exited``, ``backoff``) and the drop notices as JSON
+frames of their own; ``?tail=N`` replays the last lines of the log first, and
+``?after=SEQ`` those numbered above ``SEQ``. A replay has no gap and no duplicate with
+what follows: the client subscribes first and the replay takes the lines numbered below
+the subscription's first; what comes live meanwhile is held and sent after it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 import weakref
+from collections.abc import Mapping
+from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from smartmob_agent.api import AGENT_KEY, routes
-from smartmob_agent.frames import encode_text_frames
+from smartmob_agent.api import process_for, routes
+from smartmob_agent.errors import InvalidRequest
+from smartmob_agent.frames import encode_text_frames, json_line_payloads
+from smartmob_agent.model import LogLine, Stamp
+from smartmob_agent.representations import format_time, line_document
+from smartmob_agent.schemas import parse_attach_query
 
 log = logging.getLogger(__name__)
 
@@ -45,38 +62,178 @@ def dropped_notice(count: int) -> bytes:
     ).encode()
 
 
+def not_replayed_notice(count: int, tail: int) -> bytes:
+    """The text of the frame that tells a resuming client how many lines it will not
+    get: more followed its ``after`` than a replay sends."""
+    return (
+        f"[smartmob-agent] {count} line(s) not replayed: a replay sends at most the last "
+        f"{tail}"
+    ).encode()
+
+
+def _json_frame(document: Mapping[str, Any]) -> bytes:
+    return encode_text_frames([json.dumps(document, separators=(",", ":")).encode()])
+
+
+#: A live batch held while a replay is read: (stream, lines, stamp), or a marker.
+_Held = tuple[str, list[bytes], Stamp | None] | Mapping[str, Any]
+
+
 class WebSocketSubscriber:
     """Sends a hub's lines to one WebSocket client without ever waiting for it."""
 
     def __init__(
-        self, ws: web.WebSocketResponse, request: web.Request, max_buffer: int = MAX_BUFFER
+        self, ws: web.WebSocketResponse, request: web.Request, max_buffer: int = MAX_BUFFER,
+        *, json_frames: bool = False,
     ) -> None:
         self._ws = ws
         transport = request.transport
         assert transport is not None, "the WebSocket must be prepared first"
         self._transport = transport
         self._max_buffer = max_buffer
+        self._json = json_frames
         self.pending_drops = 0
+        #: lifecycle markers dropped and not yet said (JSON frames only)
+        self.pending_events = 0
         self.dropped = 0
         self._close_task: asyncio.Task[bool] | None = None
         self._notice: asyncio.TimerHandle | None = None
+        #: live batches and markers held while a replay is read, else ``None``
+        self._held: list[_Held] | None = None
+        self._held_bytes = 0
+        self._held_full = False  # past the bound: everything newer is dropped until replay
 
     def send_lines(self, stream: str, lines: list[bytes]) -> None:
+        """Send lines that the log did not number (see :meth:`send_stamped`)."""
+        self.send_stamped(stream, lines, None)
+
+    def send_stamped(self, stream: str, lines: list[bytes], stamp: Stamp | None) -> None:
         """Write the lines as frames now, or count them as dropped if the client lags."""
         transport = self._transport
         if self._ws.closed or transport.is_closing():
             return
-        if transport.get_write_buffer_size() > self._max_buffer:
-            self.pending_drops += len(lines)
-            self.dropped += len(lines)
-            if self._notice is None:  # say it even if the process writes nothing more
-                self._schedule_notice(NOTICE_RETRY[0])
+        if self._held is not None:
+            self._hold((stream, lines, stamp), sum(map(len, lines)), len(lines))
             return
-        data = encode_text_frames(lines)
-        if self.pending_drops:
-            data = encode_text_frames([dropped_notice(self.pending_drops)]) + data
-            self.pending_drops = 0
+        if transport.get_write_buffer_size() > self._max_buffer:
+            self._drop(len(lines))
+            return
+        if not self._json:  # the fast path: bare text
+            data = encode_text_frames(lines)
+        else:
+            data = encode_text_frames(self._json_payloads(stream, lines, stamp))
+        if self.pending_drops or self.pending_events:
+            data = self._drop_notice() + data
         transport.write(data)
+
+    def _json_payloads(
+        self, stream: str, lines: list[bytes], stamp: Stamp | None
+    ) -> list[bytes]:
+        if stamp is None:
+            return json_line_payloads(lines, None, format_time(time.time()), stream, None, None)
+        return json_line_payloads(
+            lines, stamp.seq, format_time(stamp.at), stream, stamp.pid, stamp.restarts
+        )
+
+    def send_event(self, event: Mapping[str, Any]) -> None:
+        """Send a lifecycle marker as a JSON frame (bare text clients get none)."""
+        if not self._json:
+            return
+        transport = self._transport
+        if self._ws.closed or transport.is_closing():
+            return
+        if self._held is not None:
+            self._hold(event, 100, 0)
+            return
+        if transport.get_write_buffer_size() > self._max_buffer:
+            self._drop(0, events=1)
+            return
+        data = _json_frame(_marker_document(event))
+        if self.pending_drops or self.pending_events:
+            data = self._drop_notice() + data
+        transport.write(data)
+
+    def send_notice(self, text: bytes) -> None:
+        """Tell this client alone something (input not delivered): a text frame, or
+        ``{"event": "notice", "message"}`` in JSON."""
+        if self._json:
+            self.send_event({"event": "notice", "message": text.decode()})
+        else:
+            self.send_lines("agent", [text])
+
+    def _drop(self, lines: int, events: int = 0) -> None:
+        self.pending_drops += lines
+        self.pending_events += events
+        self.dropped += lines
+        if self._notice is None:  # say it even if the process writes nothing more
+            self._schedule_notice(NOTICE_RETRY[0])
+
+    def _drop_notice(self) -> bytes:
+        """The frame saying what was dropped (and forgetting it)."""
+        lines, events = self.pending_drops, self.pending_events
+        self.pending_drops = self.pending_events = 0
+        if not self._json:
+            return encode_text_frames([dropped_notice(lines)])
+        document: dict[str, Any] = {"event": "dropped", "count": lines}
+        if events:
+            document["events"] = events
+        return _json_frame(document)
+
+    # -- replay ---------------------------------------------------------------------------
+
+    def hold(self) -> None:
+        """Hold what comes live until :meth:`replay` (subscribe right after)."""
+        self._held = []
+
+    def _hold(self, item: _Held, size: int, lines: int) -> None:
+        assert self._held is not None
+        if self._held_full or self._held_bytes + size > self._max_buffer:
+            # bounded like a lagging client; and what is dropped is all newer than what
+            # is held, so the notice goes after it (see replay)
+            self._held_full = True
+            self.pending_drops += lines
+            self.pending_events += 0 if lines else 1
+            self.dropped += lines
+            return
+        self._held.append(item)
+        self._held_bytes += size
+
+    def replay(self, entries: list[LogLine], not_replayed: int, tail: int) -> None:
+        """Send the lines of the log (those before the subscription), then what was
+        held meanwhile, then follow live."""
+        held, self._held = self._held or [], None
+        self._held_bytes = 0
+        self._held_full = False
+        # dropped while held: newer than every held item, so said after them
+        drops, events = self.pending_drops, self.pending_events
+        self.pending_drops = self.pending_events = 0
+        transport = self._transport
+        if self._ws.closed or transport.is_closing():
+            return
+        parts = []
+        if not_replayed:
+            if self._json:
+                parts.append(_json_frame({"event": "dropped", "count": not_replayed}))
+            else:
+                parts.append(encode_text_frames([not_replayed_notice(not_replayed, tail)]))
+        if self._json:
+            parts.append(encode_text_frames(
+                json.dumps(line_document(entry), separators=(",", ":")).encode()
+                for entry in entries
+            ))
+        else:
+            parts.append(encode_text_frames(entry.line.encode() for entry in entries))
+        transport.write(b"".join(parts))
+        for item in held:
+            if isinstance(item, tuple):
+                self.send_stamped(*item)
+            else:
+                self.send_event(item)
+        if drops or events:
+            self.pending_drops += drops
+            self.pending_events += events
+            self.cancel_notice()
+            self._send_notice(NOTICE_RETRY[0])  # now, or once the client has caught up
 
     def _schedule_notice(self, delay: float) -> None:
         self._notice = asyncio.get_running_loop().call_later(delay, self._send_notice, delay)
@@ -85,13 +242,14 @@ class WebSocketSubscriber:
         """Send the pending drop notice once the client has caught up; else retry later."""
         self._notice = None
         transport = self._transport
-        if not self.pending_drops or self._ws.closed or transport.is_closing():
+        if not (self.pending_drops or self.pending_events) or self._ws.closed or (
+            transport.is_closing()
+        ):
             return
         if transport.get_write_buffer_size() > self._max_buffer:
             self._schedule_notice(min(delay * 2, NOTICE_RETRY[1]))
             return
-        transport.write(encode_text_frames([dropped_notice(self.pending_drops)]))
-        self.pending_drops = 0
+        transport.write(self._drop_notice())
 
     def cancel_notice(self) -> None:
         """Forget a pending retry of the drop notice (the client is going away)."""
@@ -128,27 +286,54 @@ class WebSocketSubscriber:
             await self._close_task
 
 
+def _marker_document(event: Mapping[str, Any]) -> dict[str, Any]:
+    """A lifecycle marker as a JSON frame carries it (``at`` in ISO 8601)."""
+    document = dict(event)
+    at = document.get("at")
+    if isinstance(at, float):
+        document["at"] = format_time(at)
+    return document
+
+
 SOCKETS_KEY = web.AppKey("websockets", weakref.WeakSet[WebSocketSubscriber])
 
 
 @routes.get("/attach-console/{slug}", name="attach")
 async def attach_console(request: web.Request) -> web.WebSocketResponse:
-    """Stream the process's output, one line per text frame, from now until it is deleted;
-    write each text frame the client sends, with a newline, to the process's stdin."""
-    watcher = request.app[AGENT_KEY].get(request.match_info["slug"])
+    """Stream the process's output, one line per text frame (or JSON frame with
+    ``?format=json``), from now (or from ``?tail``/``?after`` lines back) until it is
+    deleted; write each text frame the client sends, with a newline, to its stdin."""
+    watcher = process_for(request)
+    query = parse_attach_query(request.query)
+    output = watcher.output_log
+    if query.after is not None and query.after >= output.next_seq:
+        raise InvalidRequest(
+            f"invalid query: after {query.after} is not the seq of a line of this process "
+            f"(its last line so far is numbered below {output.next_seq}; a process deleted "
+            "and created again numbers its lines from 1 again)",
+            {"after": f"must be below {output.next_seq}, the seq of the next line"},
+        )
     # no compression: frames are written pre-encoded, which an extension would break
     ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_INPUT_FRAME)
     await ws.prepare(request)
-    subscriber = WebSocketSubscriber(ws, request)
+    subscriber = WebSocketSubscriber(ws, request, json_frames=query.json)
     request.app[SOCKETS_KEY].add(subscriber)
+    replay = query.tail > 0
+    if replay:
+        subscriber.hold()
+    # the lines numbered from `first` on come live; those before it, from the log
+    first = output.next_seq
     watcher.hub.subscribe(subscriber)
     try:
+        if replay:
+            entries, more = await output.window(query.tail, after=query.after, before=first)
+            subscriber.replay(entries, more, query.tail)
         async for message in ws:
             if message.type is WSMsgType.TEXT:
                 if not watcher.send_input(message.data):
-                    subscriber.send_lines("agent", [INPUT_NOT_DELIVERED])
+                    subscriber.send_notice(INPUT_NOT_DELIVERED)
             elif message.type is WSMsgType.BINARY:
-                subscriber.send_lines("agent", [INPUT_NOT_TEXT])
+                subscriber.send_notice(INPUT_NOT_TEXT)
     finally:
         watcher.hub.unsubscribe(subscriber)
         subscriber.cancel_notice()

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-_READY = re.compile(rb"listening on (http://\S+?)/? ")
+_READY = re.compile(rb"listening on (https?://\S+?)/? ")
 
 
 class AgentProcess:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from smartmob_agent.config import OPTIONS, Settings, settings_from
+from smartmob_agent.config import OPTIONS, Settings, check_settings, settings_from
 from smartmob_agent.errors import InvalidRequest
 
 BY_NAME = {option.name: option for option in OPTIONS}
@@ -53,6 +53,15 @@ def test_settings_are_frozen() -> None:
         pytest.param("max_download", "1048576", 1048576, id="max-download"),
         pytest.param("download_stall", "0.5", 0.5, id="download-stall"),
         pytest.param("download_timeout", "60", 60.0, id="download-timeout"),
+        pytest.param("max_unpacked", "1024", 1024, id="max-unpacked"),
+        pytest.param("max_members", "10", 10, id="max-members"),
+        pytest.param("max_member_size", "4096", 4096, id="max-member-size"),
+        pytest.param("max_ratio", "1000.5", 1000.5, id="max-ratio"),
+        pytest.param("max_path_length", "255", 255, id="max-path-length"),
+        pytest.param("source_allow", "Example.COM. *.internal 10.0.0.0/8 [::1]",
+                     ("example.com", "*.internal", "10.0.0.0/8", "::1/128"), id="source-allow"),
+        pytest.param("allow_file_sources", "/srv/releases", Path("/srv/releases"),
+                     id="allow-file-sources"),
         pytest.param("log_level", "DEBUG", "debug", id="log-level-any-case"),
         pytest.param("log_level", "warning", "warning", id="log-level-warning"),
         pytest.param("webhook", "http://127.0.0.1:9/hook", ("http://127.0.0.1:9/hook",),
@@ -75,11 +84,20 @@ def test_flag_wins_over_environment(option: Any) -> None:
     """When both are given, the flag's value is used and the variable is ignored."""
     good = {
         "host": ("10.0.0.1", "10.0.0.2"), "port": ("1", "2"), "state_dir": ("a", "b"),
-        "stop_timeout": ("1", "2"), "max_body": ("1", "2"), "max_download": ("1", "2"),
+        "stop_timeout": ("1", "2"), "build_timeout": ("1", "2"),
+        "max_body": ("1", "2"), "max_download": ("1", "2"),
         "download_stall": ("1", "2"), "download_timeout": ("1", "2"),
+        "max_unpacked": ("1", "2"), "max_members": ("1", "2"), "max_member_size": ("1", "2"),
+        "max_ratio": ("1", "2"), "max_path_length": ("1", "2"),
+        "source_allow": (["a.example"], "b.example"),
+        "allow_file_sources": ("/srv/a", "/srv/b"),
         "log_level": ("error", "debug"), "webhook": (["http://a/"], "http://b/"),
         "webhook_secret": ("s1", "s2"), "monitor_interval": ("1", "2"),
         "log_lines": ("1", "2"), "log_max_bytes": ("0", "2"), "log_files": ("0", "2"),
+        "token": (["k" * 16], "e" * 16), "token_file": ("a", "b"),
+        "app_token": (["web=" + "k" * 16], "web=" + "e" * 16),
+        "app_tokens_file": ("a", "b"), "insecure": ("true", "false"),
+        "tls_cert": ("a", "b"), "tls_key": ("a", "b"),
     }
     flag, env = good[option.name]
     from_both = settings_from({option.name: flag}, {option.env: env})
@@ -130,6 +148,16 @@ def test_every_option_is_spelled_consistently() -> None:
         pytest.param("max_body", "1.5", "whole number", id="max-body-float"),
         pytest.param("max_body", "1MB", "whole number", id="max-body-unit"),
         pytest.param("max_download", "-1", "positive number of bytes", id="max-download-neg"),
+        pytest.param("max_unpacked", "0", "positive number of bytes", id="max-unpacked-zero"),
+        pytest.param("max_members", "0", "positive whole number", id="max-members-zero"),
+        pytest.param("max_member_size", "1G", "whole number", id="max-member-size-unit"),
+        pytest.param("max_ratio", "0.5", "at least 1", id="max-ratio-below-one"),
+        pytest.param("max_ratio", "inf", "at least 1", id="max-ratio-inf"),
+        pytest.param("max_path_length", "-3", "positive whole number", id="path-length-neg"),
+        pytest.param("source_allow", "http://example.com/", "host name", id="allow-url"),
+        pytest.param("source_allow", "*", "host name", id="allow-star"),
+        pytest.param("source_allow", "2852039166", "host name", id="allow-numeric"),
+        pytest.param("allow_file_sources", "releases", "absolute", id="file-sources-relative"),
         pytest.param("log_level", "loud", "debug, info, warning, error", id="log-level"),
         pytest.param("log_level", "", "debug, info, warning, error", id="log-level-empty"),
     ],
@@ -173,3 +201,21 @@ def test_bad_webhook_url_is_named(url: str) -> None:
     with pytest.raises(InvalidRequest) as caught:
         settings_from({"webhook": [url]}, {})
     assert "--webhook" in caught.value.fields
+
+
+def test_tls_certificate_and_key_go_together() -> None:
+    check_settings(settings_from({"tls_cert": "c", "tls_key": "k"}, {}))
+    check_settings(settings_from({}, {}))
+    for given in ({"tls_cert": "c"}, {"tls_key": "k"}):
+        with pytest.raises(InvalidRequest, match="go together"):
+            check_settings(settings_from(given, {}))
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("1", True), ("true", True), ("YES", True), ("on", True),
+    ("0", False), ("false", False), ("", False), ("off", False),
+])
+def test_a_switch_from_the_environment(text: str, value: bool) -> None:
+    assert settings_from({}, {"SMARTMOB_INSECURE": text}).insecure is value
+    with pytest.raises(InvalidRequest):
+        settings_from({}, {"SMARTMOB_INSECURE": "maybe"})

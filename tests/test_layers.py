@@ -17,18 +17,19 @@ NAME = "smartmob_agent"
 
 PURE_CORE = frozenset({
     "__init__", "errors", "model", "procfile", "policy", "lines", "config",
-    "representations", "frames", "schemas", "dotenv",
+    "representations", "frames", "schemas", "dotenv", "auth", "fetchpolicy", "build",
 })
 ADAPTERS = frozenset({
     "archive", "child", "hub", "proctable", "ports", "events", "webhooks", "monitor", "health",
-    "store", "sources", "logs",
+    "store", "sources", "logs", "builder",
 })
 #: The exceptions to "adapters never import each other": the child finds escaped
 #: descendants through the process table; a health command is a child, reaped as one;
-#: the source cache fills itself through the archive downloads.
+#: the source cache fills itself through the archive downloads; a build's pip and release
+#: command are children, reaped as such.
 ADAPTER_IMPORTS = {
     "child": frozenset({"proctable"}), "health": frozenset({"child"}),
-    "sources": frozenset({"archive"}),
+    "sources": frozenset({"archive"}), "builder": frozenset({"child"}),
 }
 ORCHESTRATION = frozenset({"watcher", "agent"})
 INTERFACES = frozenset({

@@ -60,6 +60,9 @@ def problems_of(body: Any) -> InvalidRequest:
                      id="https-query-fragment"),
         pytest.param({"source_url": "HTTP://127.0.0.1/a.zip"}, id="uppercase-scheme"),
         pytest.param({"source_url": "http://u:p@127.0.0.1/a.zip"}, id="credentials"),
+        # the form only: whether the agent reads it is its fetch policy's call, at create
+        pytest.param({"source_url": "file:///srv/apps/a.zip"}, id="file-url"),
+        pytest.param({"source_url": "FILE://localhost/srv/a.zip"}, id="file-url-localhost"),
         pytest.param({"source_url": "http://127.0.0.1/" + "a" * (MAX_URL - 17)}, id="longest-url"),
     ],
 )
@@ -106,7 +109,8 @@ BAD_FIELDS = [
     ("source_url", 42, "got the number 42"),
     ("source_url", "", "http://"),
     ("source_url", "ftp://127.0.0.1/a.zip", "'ftp://127.0.0.1/a.zip'"),
-    ("source_url", "file:///etc/passwd", "http://"),
+    ("source_url", "file://host/etc/passwd", "file:///"),
+    ("source_url", "file:relative/a.zip", "file:///"),
     ("source_url", "/relative/a.zip", "http://"),
     ("source_url", "http://", "http://"),
     ("source_url", "http:///a.zip", "http://"),
