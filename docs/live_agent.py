@@ -380,9 +380,10 @@ class Demo:
         self.sockets.append(socket)
         return socket
 
-    def attach(self, url: str) -> LiveSocket:
-        """Connect to an ``attach`` URL; each frame is a line (closed by :meth:`stop`)."""
-        socket = LiveSocket(url, json_frames=False)
+    def attach(self, url: str, json_frames: bool = False) -> LiveSocket:
+        """Connect to an ``attach`` URL; each frame is a line, or with ``json_frames``
+        (for ``?format=json``) a decoded JSON frame (closed by :meth:`stop`)."""
+        socket = LiveSocket(url, json_frames=json_frames)
         self.sockets.append(socket)
         return socket
 
