@@ -356,8 +356,10 @@ async def test_sigkilled_agent_twenty_processes_come_back_once_each(
     """SIGKILL of the real agent with 20 running processes, then a new agent on the same
     state folder: the same 20 slugs run again in creation order, each exactly once (one
     live process carries its process id), none of the old children is left, and nothing
-    is downloaded again."""
-    url = archive_server.add("sleep.tgz", app_archive("web: exec sleep 1000\n"))
+    is downloaded again; each first run's output, on disk when the agent died, is still
+    readable from the new agent's logs link."""
+    # $$ is the shell's pid, which exec hands to sleep: the line names the first run
+    url = archive_server.add("sleep.tgz", app_archive("web: echo first run $$; exec sleep 1000\n"))
     state_dir = tmp_path / "state"
     first = AgentProcess(state_dir)
     second: AgentProcess | None = None
@@ -376,9 +378,23 @@ async def test_sigkilled_agent_twenty_processes_come_back_once_each(
         # concurrent creates share a download; later ones download again (no validators)
         assert 1 <= archive_server.hits("sleep.tgz") <= 20
 
+        # the first run's line reaches the log file (flushed within 0.2 s) before the kill
+        for slug in slugs:
+            log_file = state_dir / "logs" / slug / "output.log"
+            line = f"first run {before[slug]['pid']}"
+            await eventually(
+                lambda log_file=log_file, line=line: log_file.exists()
+                and line in log_file.read_text(errors="replace"),
+                what=f"{slug}'s first line on disk",
+            )
         await first.kill()
         second = await restart_check(http, state_dir, archive_server, "sleep.tgz", slugs,
                                      before, process_ids, leftovers)
+        for slug in slugs:
+            async with http.get(f"{second.url}/process-logs/{slug}?tail=100") as response:
+                assert response.status == 200
+                lines = [entry["line"] for entry in await response.json()]
+            assert f"first run {before[slug]['pid']}" in lines, (slug, lines)
     finally:
         await first.kill()
         if second is not None:
