@@ -177,8 +177,9 @@ class Agent:
         self.monitor.start()
         secret = self.settings.webhook_secret
         # a session of their own: hanging receivers must not take the connections that
-        # downloads and health probes need
-        self._webhook_session = aiohttp.ClientSession()
+        # downloads and health probes need; guarded like downloads, since a create
+        # request's notify URLs are as much a way to reach metadata services (SSRF)
+        self._webhook_session = archive.open_session(NOTIFY_POLICY)
         self.webhooks = Webhooks(
             self._webhook_session, self.settings.webhook,
             secret=None if secret is None else secret.encode(),
@@ -352,6 +353,7 @@ class Agent:
         if slug in self._watchers:
             raise Conflict(f"a process named {slug!r} already exists; delete it first")
         self._check_source(spec)
+        _check_notify(spec)
         assert self.store is not None
         port = self._port_for(spec)
         # a new process starts with no output, whatever a crashed deletion left behind
@@ -617,6 +619,24 @@ def _remove_unknown(parents: Iterable[Path], known: Set[str]) -> int:
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.add(entry.name)
     return len(removed)
+
+
+#: Where webhooks may be posted: anywhere but link-local and cloud metadata addresses.
+#: The ``--source-allow`` list is for sources, not for receivers, so it does not apply.
+NOTIFY_POLICY = FetchPolicy()
+
+
+def _check_notify(spec: Spec) -> None:
+    """Refuse a ``notify`` URL aimed at a refused address (a metadata service).
+
+    Raises:
+        InvalidRequest: naming the URL's index in ``notify`` and why.
+    """
+    for index, url in enumerate(spec.options.notify):
+        problem = NOTIFY_POLICY.check_url(url)
+        if problem is not None:
+            detail = f"the URL at position {index} is refused: {problem}"
+            raise InvalidRequest(f"notify: {detail}", {"notify": detail})
 
 
 def fetch_policy(settings: Settings) -> FetchPolicy:

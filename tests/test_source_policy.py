@@ -108,6 +108,24 @@ async def test_a_url_refused_by_its_form_is_a_400(start: Start, url: str, reason
     assert running.agent.list() == []
 
 
+@pytest.mark.parametrize("hook", [
+    "http://169.254.169.254/latest/meta-data/", "http://[::ffff:169.254.169.254]/",
+    "http://[fd00:ec2::254]/",
+])
+async def test_a_notify_url_at_a_metadata_address_is_a_400(
+    start: Start, archive_server: ArchiveServer, hook: str
+) -> None:
+    """A webhook is a request the agent sends where the create request says: the same
+    refusal of metadata and link-local addresses applies to notify URLs (the source
+    allow-list does not: receivers are other hosts)."""
+    running = await start(source_allow=("127.0.0.1",))
+    url = archive_server.add("app.tgz", make_archive(SLEEPER))
+    body = await running.create(url, status=400, notify=["http://127.0.0.1:9/ok", hook])
+    assert body["fields"]["notify"].startswith("the URL at position 1 is refused: "), body
+    assert running.agent.list() == []
+    await running.create(url, notify=["http://hooks.example.com/deploys"])
+
+
 async def test_the_allow_list_is_enforced_at_create(
     start: Start, archive_server: ArchiveServer
 ) -> None:
