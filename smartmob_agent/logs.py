@@ -189,8 +189,9 @@ class ProcessLog:
         size = self._size
         if n <= size:
             self._ring.append((seq, at, stream, lines, run))
-        else:
+        else:  # the ring never sees the batch's first lines: only the files have them
             self._ring.append((end - size, at, stream, lines[-size:], run))
+            self._complete = False
         self._ring_lines += min(n, size)
         if self._ring_lines > size:
             self._trim()

@@ -78,6 +78,17 @@ async def test_the_ring_buffer_is_bounded_and_the_files_hold_the_rest(tmp_path: 
     assert not (tmp_path / "none").exists()
 
 
+async def test_a_first_batch_larger_than_the_ring_is_read_whole_from_the_file(
+    tmp_path: Path,
+) -> None:
+    """A busy agent can read a child's whole output as one batch: the ring keeps its last
+    lines only, so a longer tail must come from the file (this once came from the ring)."""
+    log = ProcessLog(tmp_path / "p", lines=5)
+    log.send_lines("stdout", lines("line", 50))
+    assert [e.line for e in await log.read(100)] == [f"line {j}" for j in range(50)]
+    log.close()
+
+
 async def test_each_line_keeps_its_stream_and_the_time_of_its_batch(tmp_path: Path) -> None:
     now = iter([1000.25, 2000.5])
     log = ProcessLog(tmp_path, lines=1, clock=lambda: next(now))
