@@ -51,8 +51,9 @@ from pathlib import Path
 from typing import Any
 
 from smartmob_agent import build
-from smartmob_agent.child import Child, Reaper, Sink
+from smartmob_agent.child import Child, Reaper, Sink, give_tree
 from smartmob_agent.errors import BuildError, SpawnError
+from smartmob_agent.model import RunAs
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,9 @@ class Builds:
             command may take, in seconds.
         stop_timeout: the grace period of the stop sequence of a run that is stopped.
         keep: how many unused builds :meth:`collect` keeps.
+        run_as: the user the steps run as (:option:`--user`), who then owns each
+            virtual environment (never the build folder, which holds the agent's marks);
+            ``None``: the agent's own.
     """
 
     def __init__(
@@ -120,8 +124,10 @@ class Builds:
         timeout: float = 600.0,
         stop_timeout: float = 10.0,
         keep: int = KEEP_UNUSED,
+        run_as: RunAs | None = None,
     ) -> None:
         self.folder = folder
+        self._run_as = run_as
         self.timeout = timeout
         self.keep = keep
         self._reaper = reaper
@@ -256,7 +262,7 @@ class Builds:
         log.info("building %s from %s", folder, root)
         try:
             # a folder without its mark is a build cut short: start afresh
-            await asyncio.to_thread(_reset, folder)
+            await asyncio.to_thread(_reset, folder, venv, self._run_as)
             deadline = asyncio.get_running_loop().time() + self.timeout
             await self._step(
                 flight, "creating the virtual environment",
@@ -308,7 +314,7 @@ class Builds:
         flight.tail.clear()  # the error quotes this step's output, not an earlier one's
         try:
             child = Child.spawn(command, cwd=cwd, env=env, sink=flight.feed,
-                                reaper=self._reaper)
+                                reaper=self._reaper, run_as=self._run_as)
         except SpawnError as error:
             raise BuildError(f"{step} could not start: {error}") from None
         child.close_input()  # nobody can answer a question
@@ -363,10 +369,15 @@ class Builds:
         return removed
 
 
-def _reset(folder: Path) -> None:
-    """An empty ``folder``, whatever was there."""
+def _reset(folder: Path, venv: Path, run_as: RunAs | None) -> None:
+    """An empty ``folder``, whatever was there; with ``run_as``, holding an empty
+    ``venv`` folder that belongs to that user, who makes the environment there."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
+    if run_as is not None:
+        folder.chmod(0o755)
+        venv.mkdir(mode=0o755)
+        give_tree(venv, run_as)
 
 
 def _write_mark(path: Path, content: Mapping[str, object]) -> None:

@@ -17,19 +17,24 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import grp
 import logging
 import os
+import pwd
+import resource
 import signal
+import stat
 import subprocess
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 from smartmob_agent import proctable
-from smartmob_agent.errors import SpawnError
+from smartmob_agent.errors import InvalidRequest, SpawnError
 from smartmob_agent.lines import DEFAULT_MAX_LINE, LineSplitter
-from smartmob_agent.model import Exit
+from smartmob_agent.model import RLIMIT_NAMES, Exit, RunAs
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,136 @@ _KILL_WAIT = 5.0
 _START_TIME_SLACK = 0.05
 #: Input waiting for a child that does not read its stdin; beyond this, input is refused.
 MAX_STDIN_BUFFER = 64 * 1024
+
+
+#: The ``resource`` constant of each name of :data:`~smartmob_agent.model.RLIMIT_NAMES`.
+_RLIMITS: Mapping[str, int] = {
+    "nofile": resource.RLIMIT_NOFILE, "as": resource.RLIMIT_AS,
+    "nproc": resource.RLIMIT_NPROC, "core": resource.RLIMIT_CORE,
+    "cpu": resource.RLIMIT_CPU, "fsize": resource.RLIMIT_FSIZE,
+}
+assert set(_RLIMITS) == set(RLIMIT_NAMES)
+
+
+def hard_limits() -> dict[str, int | None]:
+    """The agent's own hard resource limits, by ``rlimits`` name (``None``: unlimited)."""
+    limits: dict[str, int | None] = {}
+    for name, number in _RLIMITS.items():
+        hard = resource.getrlimit(number)[1]
+        limits[name] = None if hard == resource.RLIM_INFINITY else hard
+    return limits
+
+
+def _limiter(rlimits: Sequence[tuple[str, int | None]]) -> Callable[[], None]:
+    """The function the child runs between fork and exec: sets each limit, soft and hard,
+    from values computed here (nothing to look up or allocate there)."""
+    pairs = tuple(
+        (_RLIMITS[name], resource.RLIM_INFINITY if value is None else value)
+        for name, value in rlimits
+    )
+    setrlimit = resource.setrlimit
+
+    def apply() -> None:
+        for number, value in pairs:
+            setrlimit(number, (value, value))
+
+    return apply
+
+
+def resolve_run_as(user: str | None, group: str | None) -> RunAs | None:
+    """The user (and group) the children run as, from :option:`--user` and
+    :option:`--group`; ``None`` when they run as the agent does (no ``--user``, or one
+    that names the agent's own user and group).
+
+    A name is looked up first, then a number as a uid or gid; the user's groups (its
+    supplementary groups, as ``initgroups`` finds them) are read once, here.
+
+    Raises:
+        InvalidRequest: an unknown user or group, or a user other than the agent's own
+            while the agent does not run as root (only root can switch users).
+    """
+    if user is None:
+        return None
+    entry = _lookup(user, pwd.getpwnam, pwd.getpwuid)
+    if entry is None:
+        raise InvalidRequest(
+            f"invalid configuration: --user: there is no user {user!r} on this machine",
+            {"--user": "is not a known user"},
+        )
+    gid = entry.pw_gid
+    if group is not None:
+        group_entry = _lookup(group, grp.getgrnam, grp.getgrgid)
+        if group_entry is None:
+            raise InvalidRequest(
+                f"invalid configuration: --group: there is no group {group!r} on this "
+                "machine", {"--group": "is not a known group"},
+            )
+        gid = group_entry.gr_gid
+    euid = os.geteuid()
+    if entry.pw_uid == euid and gid == os.getegid():
+        return None  # the agent's own user: nothing to switch
+    if euid != 0:
+        me = _user_name(euid)
+        raise InvalidRequest(
+            f"invalid configuration: --user {user}"
+            + (f" --group {group}" if group is not None else "")
+            + f": only root can run children as another user, and this agent runs as "
+            f"{me} (uid {euid}): start it as root, or leave --user out",
+            {"--user": "needs root"},
+        )
+    return RunAs(
+        name=entry.pw_name, uid=entry.pw_uid, gid=gid,
+        groups=tuple(sorted(set(os.getgrouplist(entry.pw_name, gid)))),
+        home=entry.pw_dir,
+    )
+
+
+def _lookup(name: str, by_name: Callable[[str], Any], by_id: Callable[[int], Any]) -> Any:
+    """The user or group database entry named ``name``, or numbered so; ``None``."""
+    with contextlib.suppress(KeyError):
+        return by_name(name)
+    if name.isascii() and name.isdigit():
+        with contextlib.suppress(KeyError, OverflowError):
+            return by_id(int(name))
+    return None
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def give_tree(path: Path, run_as: RunAs) -> None:
+    """Make ``path`` and everything under it belong to ``run_as`` (its uid and group).
+
+    Never follows a symbolic link (the link itself changes owner), and walks the tree
+    through folder descriptors, so a folder swapped for a link meanwhile cannot lead
+    the walk elsewhere.
+    """
+    os.chown(path, run_as.uid, run_as.gid, follow_symlinks=False)
+    for _, folders, files, fd in os.fwalk(path, follow_symlinks=False):
+        for name in (*folders, *files):
+            with contextlib.suppress(FileNotFoundError):
+                os.chown(name, run_as.uid, run_as.gid, dir_fd=fd, follow_symlinks=False)
+
+
+def blocked_folder(path: Path, run_as: RunAs) -> Path | None:
+    """The first folder on the way to ``path`` (itself included) that ``run_as`` may not
+    pass through (no search permission for it), or ``None``."""
+    target = path.resolve()
+    for folder in (*reversed(target.parents), target):
+        info = os.stat(folder)
+        if info.st_uid == run_as.uid:
+            bit = stat.S_IXUSR
+        elif info.st_gid == run_as.gid or info.st_gid in run_as.groups:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not info.st_mode & bit:
+            return folder
+    return None
 
 
 def become_subreaper() -> bool:
@@ -163,14 +298,19 @@ class Child:
         reaper: Reaper,
         max_line: int = DEFAULT_MAX_LINE,
         umask: int | None = None,
+        run_as: RunAs | None = None,
+        rlimits: Sequence[tuple[str, int | None]] = (),
     ) -> Child:
         """Start ``/bin/sh -c command`` in ``cwd`` with exactly ``env``.
 
         Its stdin is a pipe the agent keeps open for :meth:`write_input`; ``umask`` (if
-        given) is set in the child before it runs the shell.
+        given) is set in the child before it runs the shell, as the user, group and
+        groups of ``run_as`` are, then the resource limits ``rlimits`` (soft and hard;
+        ``None`` is unlimited).
 
         Raises:
-            SpawnError: if the shell could not be started (missing folder, no /bin/sh).
+            SpawnError: if the shell could not be started (missing folder, no /bin/sh, a
+                limit the kernel refuses).
         """
         try:
             popen = subprocess.Popen(
@@ -184,11 +324,23 @@ class Child:
                 start_new_session=True,
                 close_fds=True,
                 umask=-1 if umask is None else umask,
+                user=None if run_as is None else run_as.uid,
+                group=None if run_as is None else run_as.gid,
+                extra_groups=None if run_as is None else list(run_as.groups),
+                # after the switch of user: lowering a limit needs no privilege
+                preexec_fn=_limiter(rlimits) if rlimits else None,
             )
         except OSError as error:
             raise SpawnError(
                 f"could not start /bin/sh in {cwd.name}: {error.strerror}",
                 transient=error.errno in TRANSIENT_SPAWN_ERRORS,
+            ) from None
+        except subprocess.SubprocessError:  # the limits could not be set
+            limits = ", ".join(f"{name}={'unlimited' if value is None else value}"
+                               for name, value in rlimits)
+            raise SpawnError(
+                f"could not start /bin/sh in {cwd.name}: the kernel refused its resource "
+                f"limits ({limits})"
             ) from None
         try:
             reaper.watch(popen.pid, lambda status: None)

@@ -53,6 +53,8 @@ class Settings:
     insecure: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    user: str | None = None
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,14 @@ def _switch(text: str) -> bool:
     raise ValueError("must be true or false")
 
 
+def _account(text: str) -> str:
+    # a name or a number; whether it exists is for the agent to find out at start
+    name = text.strip()
+    if not name or any(c.isspace() or c in ":/" for c in name):
+        raise ValueError("must be a user or group name, or a number")
+    return name
+
+
 def _secret(text: str) -> str:
     if not text:
         raise ValueError("must not be empty")
@@ -271,6 +281,13 @@ OPTIONS: tuple[Option, ...] = (
            "serve HTTPS with this certificate chain (PEM); needs --tls-key"),
     Option("tls_key", "--tls-key", "SMARTMOB_TLS_KEY", _folder, "FILE",
            "the private key (PEM) of --tls-cert"),
+    Option("user", "--user", "SMARTMOB_USER", _account, "USER",
+           "run every child (builds and release commands too) as this user, a name or "
+           "uid; needs root, unless it names the agent's own user (default: the agent's "
+           "user)"),
+    Option("group", "--group", "SMARTMOB_GROUP", _account, "GROUP",
+           "with --user: run the children with this group instead of the user's primary "
+           "group (default: the user's primary group)"),
 )
 
 assert {option.name for option in OPTIONS} == {f.name for f in fields(Settings)}
@@ -320,4 +337,9 @@ def check_settings(settings: Settings) -> None:
         raise InvalidRequest(
             "invalid configuration: --tls-cert and --tls-key go together: give both or "
             "neither", {"--tls-cert": "needs --tls-key", "--tls-key": "needs --tls-cert"},
+        )
+    if settings.group is not None and settings.user is None:
+        raise InvalidRequest(
+            "invalid configuration: --group goes with --user: it chooses the group of the "
+            "user the children run as", {"--group": "needs --user"},
         )

@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 
 from smartmob_agent.child import Reaper
-from smartmob_agent.model import Exit
+from smartmob_agent.model import Exit, RunAs
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,8 @@ async def _read_snippet(response: aiohttp.ClientResponse, deadline: float) -> st
 
 
 async def probe_command(
-    command: str, cwd: Path, env: Mapping[str, str], timeout: float, *, reaper: Reaper
+    command: str, cwd: Path, env: Mapping[str, str], timeout: float, *, reaper: Reaper,
+    run_as: RunAs | None = None,
 ) -> ProbeResult:
     """Run ``/bin/sh -c command`` in ``cwd`` with exactly ``env``: healthy if it exits 0.
 
@@ -199,7 +200,8 @@ async def probe_command(
     and only its last :data:`OUTPUT_TAIL` bytes are kept, for the detail.
 
     ``reaper`` must be the agent's: it reaps every child on ``SIGCHLD``, so a probe reaping
-    its own child would race it and lose the exit status.
+    its own child would race it and lose the exit status. ``run_as``: the user it runs as,
+    the process's own (see :option:`--user`).
     """
     exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
@@ -208,7 +210,7 @@ async def probe_command(
         if not exited.done():
             exited.set_result(status)
 
-    started = _spawn(command, cwd, env, reaper, on_exit)
+    started = _spawn(command, cwd, env, reaper, on_exit, run_as)
     if isinstance(started, str):
         return ProbeResult(False, started)
     popen, read_fd = started
@@ -240,7 +242,7 @@ async def probe_command(
 
 def _spawn(
     command: str, cwd: Path, env: Mapping[str, str], reaper: Reaper,
-    on_exit: Callable[[int], None],
+    on_exit: Callable[[int], None], run_as: RunAs | None = None,
 ) -> tuple[subprocess.Popen[bytes], int] | str:
     """Start the probe command watched by ``reaper``; return it and its output pipe.
 
@@ -259,6 +261,9 @@ def _spawn(
             stderr=write_fd,
             start_new_session=True,
             close_fds=True,
+            user=None if run_as is None else run_as.uid,
+            group=None if run_as is None else run_as.gid,
+            extra_groups=None if run_as is None else list(run_as.groups),
         )
     except (OSError, ValueError) as error:  # ValueError: a NUL byte in command or env
         os.close(read_fd)

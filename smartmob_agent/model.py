@@ -127,6 +127,28 @@ HEALTH_DEFAULTS: Mapping[str, float | int] = MappingProxyType(
 SIGNAL_NAMES = ("TERM", "INT", "QUIT", "HUP", "KILL", "USR1", "USR2")
 
 
+#: The resource limits a create request may set (``rlimits``), each the name of a
+#: ``RLIMIT_*`` constant in lower case: open files, address space (bytes), processes of
+#: the user, core file size (bytes), CPU time (seconds), file size (bytes).
+RLIMIT_NAMES = ("nofile", "as", "nproc", "core", "cpu", "fsize")
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """The user the children run as (:option:`--user`), resolved once at start: its
+    name, uid, primary or chosen group, every group it belongs to, and its home."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+
+    def environment(self) -> dict[str, str]:
+        """What a login of this user would find in ``HOME``, ``USER`` and ``LOGNAME``."""
+        return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name}
+
+
 @dataclass(frozen=True)
 class Backoff:
     """The exponential restart delay, in seconds (the ``backoff`` option)."""
@@ -156,6 +178,9 @@ class Options:
     autostart: bool = True
     health: Mapping[str, object] | None = None
     notify: tuple[str, ...] = ()
+    #: resource limits as ``(name, value)`` pairs in :data:`RLIMIT_NAMES` order; a value
+    #: of ``None`` means unlimited
+    rlimits: tuple[tuple[str, int | None], ...] = ()
 
     def is_clean(self, exit: Exit) -> bool:
         """Tell whether ``exit`` counts as a clean one (a code in ``exit_codes``)."""

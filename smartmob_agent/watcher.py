@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import os
 import random
 import shutil
 import signal
@@ -38,7 +39,7 @@ import aiohttp
 
 from smartmob_agent import archive, build, dotenv, procfile
 from smartmob_agent.builder import Builds
-from smartmob_agent.child import Child, Reaper, stop_marked
+from smartmob_agent.child import Child, Reaper, give_tree, stop_marked
 from smartmob_agent.errors import (
     AgentError,
     Conflict,
@@ -58,6 +59,7 @@ from smartmob_agent.model import (
     ProcessInfo,
     ProcessState,
     RestartPolicy,
+    RunAs,
     Spec,
     check_transition,
 )
@@ -125,6 +127,8 @@ class Runtime:
     #: called as ``reserve_seq(slug, mark)`` to keep the mark below which a process's
     #: output lines may be numbered (see :class:`~smartmob_agent.logs.ProcessLog`)
     reserve_seq: Callable[[str, int], None] | None = None
+    #: the user the children run as (:option:`--user`); ``None``: the agent's own
+    run_as: RunAs | None = None
 
 
 def child_environment(
@@ -417,7 +421,7 @@ class Watcher:
         builds = runtime.builds
         if builds is None:
             builds = Builds(self.workdir / "builds", runtime.reaper,
-                            stop_timeout=runtime.stop_timeout)
+                            stop_timeout=runtime.stop_timeout, run_as=runtime.run_as)
         assert self.source_sha256 is not None, "known once the source is fetched"
         key = builds.key(self.source_sha256)
         venv: Path | None = None
@@ -456,7 +460,9 @@ class Watcher:
         Each process unpacks a copy of its own, even from a shared archive: see
         :ref:`lifecycle-source-cache`.
         """
-        if self._reuse_source:
+        # a source its user could write to is unpacked again, from the cached archive,
+        # rather than read by the agent as root (see :ref:`security-children`)
+        if self._reuse_source and self._runtime.run_as is None:
             self._reuse_source = False  # once: a later start after a failure fetches again
             root = await asyncio.to_thread(_unpacked_root, self.workdir)
             # without its archive's digest, the source's build cannot be found: fetch
@@ -502,6 +508,8 @@ class Watcher:
             with contextlib.suppress(Exception):
                 await unpacking
             raise
+        if runtime.run_as is not None:  # the children may write in their source
+            await asyncio.to_thread(_give_source, self.workdir, runtime.run_as)
         await asyncio.to_thread(_mark_unpacked, self.workdir, root, digest)
         return root
 
@@ -522,6 +530,7 @@ class Watcher:
                 child = Child.spawn(
                     command.command, cwd=command.cwd, env=command.env,
                     sink=self._on_output, reaper=runtime.reaper, umask=options.umask,
+                    run_as=runtime.run_as, rlimits=options.rlimits,
                 )
             except SpawnError as error:
                 if not error.transient:
@@ -634,7 +643,8 @@ class Watcher:
                 return await probe_http(runtime.session, port, check.http, check.timeout)
             assert check.command is not None
             return await probe_command(
-                check.command, command.cwd, command.env, check.timeout, reaper=runtime.reaper
+                check.command, command.cwd, command.env, check.timeout,
+                reaper=runtime.reaper, run_as=runtime.run_as,
             )
 
         def on_change(healthy: bool | None) -> None:
@@ -892,6 +902,13 @@ UNPACKED_MARK = "unpacked"
 #: Written in a work folder before :data:`UNPACKED_MARK`: the SHA-256 of the archive the
 #: source came from, which names its build.
 DIGEST_FILE = "source.sha256"
+
+
+def _give_source(workdir: Path, run_as: RunAs) -> None:
+    """Make the unpacked source belong to the children's user; the work folder stays
+    the agent's (its marks say what was unpacked), but anyone may pass through it."""
+    os.chmod(workdir, 0o755)
+    give_tree(workdir / "source", run_as)
 
 
 def _mark_unpacked(workdir: Path, root: Path, sha256: str) -> None:

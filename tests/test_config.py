@@ -98,6 +98,7 @@ def test_flag_wins_over_environment(option: Any) -> None:
         "app_token": (["web=" + "k" * 16], "web=" + "e" * 16),
         "app_tokens_file": ("a", "b"), "insecure": ("true", "false"),
         "tls_cert": ("a", "b"), "tls_key": ("a", "b"),
+        "user": ("nobody", "daemon"), "group": ("nogroup", "daemon"),
     }
     flag, env = good[option.name]
     from_both = settings_from({option.name: flag}, {option.env: env})
