@@ -39,7 +39,7 @@ class Linker(Protocol):
 INDEX_RELATIONS = (
     "list", "create", "upload", "events", "agent-log", "bulk_start", "bulk_stop", "bulk_restart",
     "bulk_delete",
-    "tokens",
+    "tokens", "openapi",
 )
 #: Relations of a process status document. ``status`` is ``details`` under the name the
 #: seed's reference table uses; both are served.
@@ -99,6 +99,9 @@ def options_document(options: Options, stop_timeout: float | None) -> dict[str, 
         "autostart": options.autostart,
         "health": None if options.health is None else dict(options.health),
         "notify": list(options.notify),
+        "rlimits": None if not options.rlimits else {
+            name: "unlimited" if value is None else value for name, value in options.rlimits
+        },
     }
 
 

@@ -18,6 +18,7 @@ NAME = "smartmob_agent"
 PURE_CORE = frozenset({
     "__init__", "errors", "model", "procfile", "policy", "lines", "config",
     "representations", "frames", "schemas", "dotenv", "auth", "fetchpolicy", "build",
+    "openapi",
 })
 ADAPTERS = frozenset({
     "archive", "child", "hub", "proctable", "ports", "events", "webhooks", "monitor", "health",
