@@ -13,6 +13,7 @@ import builtins
 import logging
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Set
@@ -24,17 +25,25 @@ import aiohttp
 from smartmob_agent import archive
 from smartmob_agent.auth import Keyring, MintedKey, digest, mint_key, parse_key_lines
 from smartmob_agent.builder import Builds
-from smartmob_agent.child import Reaper, start_time, stop_marked, stop_survivor
+from smartmob_agent.child import (
+    Reaper,
+    blocked_folder,
+    hard_limits,
+    resolve_run_as,
+    start_time,
+    stop_marked,
+    stop_survivor,
+)
 from smartmob_agent.config import Settings
 from smartmob_agent.errors import AgentError, Conflict, InvalidRequest, NotFound, TooLarge
 from smartmob_agent.events import EventBus, make_event
 from smartmob_agent.fetchpolicy import FetchPolicy
 from smartmob_agent.logs import LogHandler, ProcessLog
-from smartmob_agent.model import ProcessInfo, ProcessState, Spec
+from smartmob_agent.model import ProcessInfo, ProcessState, RunAs, Spec
 from smartmob_agent.monitor import Monitor
 from smartmob_agent.ports import PortAllocator
 from smartmob_agent.representations import request_document
-from smartmob_agent.schemas import create_request, spec_from_request
+from smartmob_agent.schemas import check_rlimits, create_request, spec_from_request
 from smartmob_agent.sources import SourceCache, Stored, cache_key
 from smartmob_agent.store import Record, Store, StoreError
 from smartmob_agent.watcher import Runtime, Watcher
@@ -68,7 +77,9 @@ class Agent:
         base_env: the environment children start from (default: the agent's own).
 
     Raises:
-        InvalidRequest: a key file of the settings cannot be read or holds a bad line.
+        InvalidRequest: a key file of the settings cannot be read or holds a bad line;
+            :option:`--user` or :option:`--group` cannot be used (see
+            :func:`~smartmob_agent.child.resolve_run_as`).
     """
 
     def __init__(
@@ -83,6 +94,10 @@ class Agent:
         self.reaper = reaper or Reaper()
         environ = os.environ if base_env is None else base_env
         self._base_env = {k: v for k, v in environ.items() if k not in SECRET_VARIABLES}
+        #: the user the children run as (:option:`--user`), ``None``: the agent's own
+        self.run_as = resolve_run_as(settings.user, settings.group)
+        if self.run_as is not None:  # not root's HOME: a layer above may still set them
+            self._base_env.update(self.run_as.environment())
         self._watchers: dict[str, Watcher] = {}
         self._deletions: dict[Watcher, asyncio.Task[None]] = {}
         self.store: Store | None = None
@@ -139,8 +154,12 @@ class Agent:
         Raises:
             StoreError: the state database cannot be used (the message says what to do).
             OSError: the state folder cannot be created.
+            AgentError: the children's user (:option:`--user`) cannot reach it.
         """
         self.processes_dir.mkdir(parents=True, exist_ok=True)
+        if self.run_as is not None:
+            self.builds_dir.mkdir(parents=True, exist_ok=True)
+            self._check_reachable(self.run_as)
         self.store = Store.open(self.settings.state_dir)
         # connects only to addresses the policy allows, whatever a name resolves to
         self._session = archive.open_session(self.fetch_policy)
@@ -154,7 +173,7 @@ class Agent:
         )
         self.builds = Builds(
             self.builds_dir, self.reaper, timeout=self.settings.build_timeout,
-            stop_timeout=self.settings.stop_timeout,
+            stop_timeout=self.settings.stop_timeout, run_as=self.run_as,
         )
         self._runtime = Runtime(
             session=self._session,
@@ -173,6 +192,7 @@ class Agent:
             log_max_bytes=self.settings.log_max_bytes,
             log_files=self.settings.log_files,
             reserve_seq=self._reserve_seq,
+            run_as=self.run_as,
         )
         self.monitor.start()
         secret = self.settings.webhook_secret
@@ -193,6 +213,29 @@ class Agent:
         except BaseException:
             await self.close()
             raise
+
+    def _check_reachable(self, run_as: RunAs) -> None:
+        """Let the children's user pass through the agent's folders, and refuse to start
+        if a folder above them (the operator's) keeps it out.
+
+        Raises:
+            AgentError: naming the folder the user cannot pass through.
+        """
+        for folder in (self.processes_dir, self.builds_dir):
+            folder.chmod(folder.stat().st_mode | 0o111)  # search only: no listing
+            blocked = blocked_folder(folder, run_as)
+            if blocked is not None:
+                raise AgentError(
+                    f"the children's user {run_as.name} cannot reach {folder}: it may not "
+                    f"pass through {blocked} (mode {blocked.stat().st_mode & 0o7777:04o}); "
+                    "let it (chmod o+x), or choose another --state-dir"
+                )
+        python = Path(os.path.realpath(sys.executable))
+        if blocked_folder(python.parent, run_as) is not None or not python.stat().st_mode & 0o001:
+            log.warning(
+                "the children's user %s may not run this agent's Python (%s): building a "
+                "source that has a requirements.txt will fail", run_as.name, python,
+            )
 
     async def _restore(self) -> None:
         """Bring every process of the state database back to its desired state, after
@@ -346,7 +389,8 @@ class Agent:
             Conflict: a process with the same slug exists (or is being deleted).
             InvalidRequest: the fetch policy refuses the source URL (as far as the URL
                 alone says), unless the ``checksum`` names an archive the agent already
-                holds (an upload): that one is used without a request.
+                holds (an upload): that one is used without a request. A resource limit
+                (``rlimits``) is above the agent's own hard limit.
         """
         assert self._runtime is not None, "Agent.start() first"
         slug = spec.slug
@@ -354,6 +398,7 @@ class Agent:
             raise Conflict(f"a process named {slug!r} already exists; delete it first")
         self._check_source(spec)
         _check_notify(spec)
+        check_rlimits(spec.options, hard_limits())
         assert self.store is not None
         port = self._port_for(spec)
         # a new process starts with no output, whatever a crashed deletion left behind

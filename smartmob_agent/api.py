@@ -7,11 +7,13 @@ and turned into JSON responses by the middleware in :mod:`smartmob_agent.server`
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
-from typing import Any
+import weakref
+from typing import Any, Protocol
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from smartmob_agent import representations as docs
@@ -20,6 +22,7 @@ from smartmob_agent.auth import ADMIN, Principal
 from smartmob_agent.errors import Forbidden, InvalidRequest, NotFound
 from smartmob_agent.links import SOURCE_ROUTE, RequestLinks
 from smartmob_agent.model import Spec
+from smartmob_agent.openapi import openapi_document
 from smartmob_agent.schemas import (
     bulk_request,
     create_request,
@@ -52,6 +55,26 @@ def principal(request: web.Request) -> Principal:
     """
     found: Principal = request.get(PRINCIPAL_KEY, ADMIN)
     return found
+
+
+class Revocable(Protocol):
+    """An open WebSocket, as revoking the key it was opened with closes it."""
+
+    async def shutdown(self, code: int, message: bytes) -> Any:
+        """Close it with ``code`` and ``message``."""
+
+
+#: The WebSockets open with each minted key (by key id): revoking a key must cut off
+#: the sockets it opened too, not only the requests that come after.
+KEY_SOCKETS_KEY = web.AppKey("key_sockets", dict[str, "weakref.WeakSet[Revocable]"])
+
+
+def watch_key(request: web.Request, socket: Revocable) -> None:
+    """Remember that ``socket`` was opened with the request's minted key, if it was."""
+    key_id = principal(request).key_id
+    sockets = request.app.get(KEY_SOCKETS_KEY)
+    if key_id is not None and sockets is not None:
+        sockets.setdefault(key_id, weakref.WeakSet()).add(socket)
 
 
 def process_for(request: web.Request) -> Watcher:
@@ -126,6 +149,8 @@ async def create_process(request: web.Request) -> web.Response:
     spec = _from_upload(request, spec_from_request(data))
     require_app(request, spec.app)
     agent = _agent(request)
+    if data.get("issue_token"):
+        _check_may_mint(request, agent)
     watcher = agent.create(spec, request_id=request.get(REQUEST_ID_KEY))
     links = RequestLinks(request)
     document = docs.process_document(watcher.info(), links)
@@ -136,6 +161,19 @@ async def create_process(request: web.Request) -> web.Response:
     return web.json_response(
         document, status=201, headers={"Location": links.process("details", spec.slug)}
     )
+
+
+def _check_may_mint(request: web.Request, agent: Agent) -> None:
+    """Refuse ``issue_token`` from an app key (a key must not breed keys that outlive
+    its revocation) and on an agent without keys (the key would open nothing)."""
+    if not agent.keyring.enabled:
+        raise InvalidRequest(
+            "issue_token: this agent has no keys, so a minted key would open nothing "
+            "(start it with --token to use keys)",
+            {"issue_token": "needs an agent started with keys (--token)"},
+        )
+    if not principal(request).is_admin:
+        raise Forbidden("only an admin key may ask for issue_token")
 
 
 def _from_upload(request: web.Request, spec: Spec) -> Spec:
@@ -345,6 +383,18 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+@routes.get("/openapi.json", name="openapi")
+async def openapi(request: web.Request) -> web.Response:
+    """The OpenAPI 3.1 document of every route this agent serves, for this host."""
+    server = RequestLinks(request).index("index").removesuffix("/")
+    served = (
+        (route.name, route.method, route.resource.canonical)
+        for route in request.app.router.routes()
+        if route.method != "HEAD" and route.name is not None and route.resource is not None
+    )
+    return web.json_response(openapi_document(server, served))
+
+
 @routes.get("/list-tokens", name="tokens")
 async def list_tokens(request: web.Request) -> web.Response:
     """The minted keys (admin only): id, app and creation time, never the keys."""
@@ -355,6 +405,13 @@ async def list_tokens(request: web.Request) -> web.Response:
 
 @routes.post("/revoke-token/{key_id}", name="revoke_token")
 async def revoke_token(request: web.Request) -> web.Response:
-    """Stop accepting a minted key, for good (admin only); answers ``{}``."""
-    _agent(request).revoke_key(request.match_info["key_id"])
+    """Stop accepting a minted key, for good (admin only), and close the WebSockets it
+    opened (code 1008); answers ``{}``."""
+    key_id = request.match_info["key_id"]
+    _agent(request).revoke_key(key_id)
+    opened = request.app.get(KEY_SOCKETS_KEY, {}).pop(key_id, ())
+    await asyncio.gather(*(
+        socket.shutdown(WSCloseCode.POLICY_VIOLATION, b"the key was revoked")
+        for socket in list(opened)
+    ))
     return web.json_response({})

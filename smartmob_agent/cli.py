@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import ipaddress
 import logging
 import os
@@ -23,12 +24,11 @@ from aiohttp import web
 
 from smartmob_agent import __version__, guardian
 from smartmob_agent.agent import AGENT_ID_VARIABLE, Agent
-from smartmob_agent.child import Reaper, become_subreaper
+from smartmob_agent.child import Reaper, become_subreaper, resolve_run_as
 from smartmob_agent.config import OPTIONS, Settings, check_settings, settings_from
-from smartmob_agent.errors import InvalidRequest
+from smartmob_agent.errors import AgentError, InvalidRequest
 from smartmob_agent.logs import RedactKeys
 from smartmob_agent.server import make_app
-from smartmob_agent.store import StoreError
 
 log = logging.getLogger("smartmob_agent")
 
@@ -105,11 +105,40 @@ def _tls_context(settings: Settings) -> ssl.SSLContext | None:
     try:
         context.load_cert_chain(settings.tls_cert, settings.tls_key)
     except (OSError, ssl.SSLError) as error:
-        raise SystemExit(
+        raise OptionRefused(
             f"smartmob-agent: cannot use the TLS certificate {settings.tls_cert} and key "
             f"{settings.tls_key}: {getattr(error, 'strerror', None) or error}"
         ) from None
     return context
+
+
+_PR_SET_DUMPABLE = 4
+
+
+def make_undumpable() -> bool:
+    """Make the agent's memory and ``/proc/<pid>/environ`` unreadable by other processes
+    of its user (Linux ``PR_SET_DUMPABLE`` 0): its children, running code from archives,
+    must not read the keys it was given in ``SMARTMOB_TOKEN``. Children get the default
+    back when they exec. Returns whether it worked."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return False
+
+
+def _warn_keys_in_argv(flags: dict[str, object]) -> None:
+    if flags.get("token") or flags.get("app_token"):
+        log.warning(
+            "keys given with --token or --app-token can be read by every user of this "
+            "machine in the process list; prefer --token-file, --app-tokens-file or the "
+            "SMARTMOB_TOKEN variable"
+        )
+
+
+class OptionRefused(Exception):
+    """What the options ask for cannot be done (a key file, the exposure rule, a
+    certificate): one line on stderr, exit status 2, like a bad option."""
 
 
 def _check_exposure(settings: Settings, keys_configured: bool) -> None:
@@ -117,7 +146,7 @@ def _check_exposure(settings: Settings, keys_configured: bool) -> None:
     if _is_loopback(settings.host) or keys_configured:
         return
     if not settings.insecure:
-        raise SystemExit(
+        raise OptionRefused(
             f"smartmob-agent: refusing to listen on {settings.host} without a key: anyone "
             "who could reach the agent could run any command as this user. Give --token "
             "(or --token-file), listen on 127.0.0.1 behind an authenticating proxy, or "
@@ -129,9 +158,24 @@ def _check_exposure(settings: Settings, keys_configured: bool) -> None:
     )
 
 
+def _announce_user(agent: Agent) -> None:
+    """Say whom the children run as; warn when that is root."""
+    run_as = agent.run_as
+    if run_as is not None:
+        log.info("children run as user %s (uid %d, gid %d)", run_as.name, run_as.uid,
+                 run_as.gid)
+    elif os.geteuid() == 0:
+        log.warning(
+            "running as root without --user: every child, build and release command runs "
+            "as root; give --user (an unprivileged user) to run them as that user"
+        )
+
+
 async def serve(settings: Settings) -> None:
     """Run the agent until SIGINT or SIGTERM, then stop every child and return."""
     loop = asyncio.get_running_loop()
+    if not make_undumpable():  # pragma: no cover - Linux only
+        log.warning("could not hide the agent's environment from its children")
     if not become_subreaper():  # pragma: no cover - Linux only
         log.warning("could not become a child subreaper: orphaned grandchildren may linger")
     reaper = Reaper()
@@ -139,7 +183,7 @@ async def serve(settings: Settings) -> None:
     try:
         agent = Agent(settings, reaper=reaper)
     except InvalidRequest as error:  # an unreadable key file
-        raise SystemExit(f"smartmob-agent: {error}") from None
+        raise OptionRefused(f"smartmob-agent: {error}") from None
     _check_exposure(settings, agent.keyring.enabled)
     tls = _tls_context(settings)
     guardian = start_guardian(f"{AGENT_ID_VARIABLE}={agent.id}")
@@ -150,7 +194,7 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await agent.start()
-    except StoreError as error:
+    except AgentError as error:  # the state database, or a folder --user cannot reach
         raise SystemExit(f"smartmob-agent: {error}") from None
     except OSError as error:
         raise SystemExit(
@@ -168,6 +212,7 @@ async def serve(settings: Settings) -> None:
                 f"smartmob-agent: cannot listen on {settings.host}:{settings.port}: "
                 f"{error.strerror}"
             ) from None
+        _announce_user(agent)  # just before the ready line: a failed start stays one line
         scheme = "https" if tls is not None else "http"
         for host, port, *_ in runner.addresses:
             shown = f"[{host}]" if ":" in host else host
@@ -198,12 +243,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from(vars(args), os.environ)
         check_settings(settings)
+        resolve_run_as(settings.user, settings.group)  # an unknown user stops it here
     except InvalidRequest as error:
         print(f"smartmob-agent: {error}", file=sys.stderr)
         return 2
     _configure_logging(settings.log_level)
+    _warn_keys_in_argv(vars(args))
     try:
         asyncio.run(serve(settings))
+    except OptionRefused as error:
+        print(error, file=sys.stderr)
+        return 2
     except SystemExit as exit:
         if isinstance(exit.code, str):
             print(exit.code, file=sys.stderr)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from aiohttp import WSCloseCode, web
 from multidict import MultiMapping
 
-from smartmob_agent.api import principal, require_app
+from smartmob_agent.api import principal, require_app, watch_key
 from smartmob_agent.errors import InvalidRequest
 from smartmob_agent.events import Event, EventBus, EventQueue
 from smartmob_agent.schemas import MAX_NAME
@@ -109,6 +109,7 @@ async def events_socket(request: web.Request) -> web.WebSocketResponse:
         assert request.transport is not None, "a prepared WebSocket has a transport"
         client = EventClient(ws, request.transport)
         request.app[EVENT_CLIENTS_KEY].add(client)
+        watch_key(request, client)
         loop = asyncio.get_running_loop()
         reader = loop.create_task(_discard_frames(ws))
         sender = loop.create_task(_send_events(ws, queue))

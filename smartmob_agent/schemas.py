@@ -20,6 +20,7 @@ import fastjsonschema
 from smartmob_agent.errors import InvalidRequest
 from smartmob_agent.model import (
     HEALTH_DEFAULTS,
+    RLIMIT_NAMES,
     SIGNAL_NAMES,
     Backoff,
     Options,
@@ -45,9 +46,20 @@ _NAME_RULE = (
     f"must be a string of 1 to {MAX_NAME} letters, digits, '_', '.' or '-', "
     "not starting with '.' or '-' and without '..'"
 )
+#: app: no '.' at all, since the slug is ``<app>.<node>``: with dots in both, app
+#: ``shop`` node ``a.b`` and app ``shop.a`` node ``b`` would be one slug, and one app's
+#: key could take (and learn of) the other's names.
+APP_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_-]*$"
+_APP: dict[str, Any] = {**_NAME, "pattern": APP_PATTERN}
+_APP_RULE = (
+    f"must be a string of 1 to {MAX_NAME} letters, digits, '_' or '-', not starting "
+    "with '-' (no '.': it separates the app from the node in a slug)"
+)
 
 MAX_SECONDS = 86400
 MAX_NOTIFY = 10
+#: The largest value of a resource limit (the kernel's limits are 64-bit).
+MAX_RLIMIT = 2**63 - 1
 
 _SECONDS_RULE = f"a number of seconds from 0 to {MAX_SECONDS}"
 _URL_PATTERN = r"^[hH][tT][tT][pP][sS]?://[^/?#\s][^\s]*$"
@@ -145,6 +157,22 @@ OPTION_PROPERTIES: dict[str, Any] = {
         "items": {"type": "string", "maxLength": MAX_URL, "pattern": _URL_PATTERN},
         "description": f"must be an array of at most {MAX_NOTIFY} http:// or https:// URLs",
     },
+    "rlimits": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            name: {"anyOf": [
+                {"type": "integer", "minimum": 0, "maximum": MAX_RLIMIT},
+                {"const": "unlimited"},
+            ]}
+            for name in RLIMIT_NAMES
+        },
+        "description": (
+            "must be an object whose entries, each optional, are "
+            + ", ".join(f"'{name}'" for name in RLIMIT_NAMES)
+            + ", each a whole number from 0 or the string 'unlimited'"
+        ),
+    },
 }
 
 CREATE_REQUEST: dict[str, Any] = {
@@ -153,7 +181,7 @@ CREATE_REQUEST: dict[str, Any] = {
     "required": ["app", "node", "process_type", "source_url"],
     "additionalProperties": False,
     "properties": {
-        "app": {**_NAME, "description": _NAME_RULE},
+        "app": {**_APP, "description": _APP_RULE},
         "node": {
             **_NAME,
             "description": f"{_NAME_RULE} (by convention '<process_type>.<n>', like 'web.0')",
@@ -222,7 +250,7 @@ BULK_REQUEST: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
-        "app": {**_NAME, "description": f"{_NAME_RULE}: the app whose processes to act on"},
+        "app": {**_APP, "description": f"{_APP_RULE}: the app whose processes to act on"},
         "all": {"const": True, "description": "must be true: act on every process"},
     },
 }
@@ -360,7 +388,45 @@ def parse_options(data: Mapping[str, Any]) -> Options:
         autostart=data.get("autostart", defaults.autostart),
         health=None if "health" not in data else {**HEALTH_DEFAULTS, **data["health"]},
         notify=tuple(data.get("notify", ())),
+        rlimits=_rlimits(data.get("rlimits", {})),
     )
+
+
+def _rlimits(given: Mapping[str, Any]) -> tuple[tuple[str, int | None], ...]:
+    """The ``rlimits`` of a request as ``(name, value)`` pairs, ``None`` for unlimited."""
+    return tuple(
+        (name, None if given[name] == "unlimited" else int(given[name]))
+        for name in RLIMIT_NAMES if name in given
+    )
+
+
+def check_rlimits(options: Options, hard: Mapping[str, int | None]) -> None:
+    """Refuse resource limits above the agent's own hard limits (``None``: unlimited),
+    which nothing it starts could be given.
+
+    >>> from smartmob_agent.model import Options
+    >>> from smartmob_agent.schemas import check_rlimits
+    >>> check_rlimits(Options(rlimits=(("nofile", 64),)), {"nofile": 1024})
+    >>> check_rlimits(Options(rlimits=(("nofile", None),)), {"nofile": 1024})
+    Traceback (most recent call last):
+      ...
+    smartmob_agent.errors.InvalidRequest: invalid fields in the request: rlimits.nofile
+
+    Raises:
+        InvalidRequest: naming each limit as ``rlimits.<name>``, with the agent's limit.
+    """
+    problems: dict[str, str] = {}
+    for name, value in options.rlimits:
+        limit = hard.get(name)
+        if limit is None or (value is not None and value <= limit):
+            continue
+        got = "'unlimited'" if value is None else str(value)
+        problems[f"rlimits.{name}"] = (
+            f"must be at most {limit}, the agent's own hard limit (got {got})"
+        )
+    if problems:
+        names = ", ".join(sorted(problems))
+        raise InvalidRequest(f"invalid fields in the request: {names}", problems)
 
 
 def spec_from_request(data: Mapping[str, Any]) -> Spec:

@@ -18,8 +18,8 @@ from aiohttp.typedefs import Handler
 from smartmob_agent import errors, eventsocket
 from smartmob_agent import ws as _ws  # noqa: F401  (registers the attach route)
 from smartmob_agent.agent import Agent
-from smartmob_agent.api import AGENT_KEY, PRINCIPAL_KEY, REQUEST_ID_KEY, routes
-from smartmob_agent.auth import ADMIN, FailureLimiter, bearer_key
+from smartmob_agent.api import AGENT_KEY, KEY_SOCKETS_KEY, PRINCIPAL_KEY, REQUEST_ID_KEY, routes
+from smartmob_agent.auth import ADMIN, FailureLimiter, bearer_key, browser_problem, query_key
 from smartmob_agent.config import Settings
 from smartmob_agent.ports import PortsExhausted
 from smartmob_agent.representations import error_document
@@ -126,11 +126,19 @@ ADMIN_ROUTES = frozenset({"tokens", "revoke_token", "agent_log"})
 LIMITER_KEY = web.AppKey("failure_limiter", FailureLimiter)
 
 
+#: The WebSocket routes, where a key may come in the query (browsers cannot set headers
+#: on a WebSocket).
+SOCKET_ROUTES = frozenset({"attach", "events"})
+
+
 def _presented_key(request: web.Request) -> str | None:
     key = bearer_key(request.headers.get("Authorization"))
-    if key is None and request.headers.get("Upgrade", "").lower() == "websocket":
-        # a browser cannot set headers on a WebSocket: it may pass the key in the URL
-        key = request.query.get("token") or None
+    if (
+        key is None
+        and request.match_info.route.name in SOCKET_ROUTES
+        and request.headers.get("Upgrade", "").lower() == "websocket"
+    ):
+        key = query_key(request.rel_url.raw_query_string)
     return key
 
 
@@ -140,10 +148,21 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
 
     Wrong keys from one address are counted; past a few, that address is refused (429)
     without its key being checked, for a while (:class:`~smartmob_agent.auth.FailureLimiter`).
+    An agent without keys refuses what looks like a web page's request instead
+    (:func:`~smartmob_agent.auth.browser_problem`).
     """
     keyring = request.app[AGENT_KEY].keyring
     route = request.match_info.route.name
-    if not keyring.enabled or route in OPEN_ROUTES:
+    if not keyring.enabled:
+        problem = browser_problem(
+            request.headers.get("Host"), request.headers.get("Origin"),
+            request.app[SETTINGS_KEY].host,
+        )
+        if problem is not None and route not in OPEN_ROUTES:
+            raise errors.Forbidden(problem)
+        request[PRINCIPAL_KEY] = ADMIN
+        return await handler(request)
+    if route in OPEN_ROUTES:
         request[PRINCIPAL_KEY] = ADMIN
         return await handler(request)
     limiter = request.app[LIMITER_KEY]
@@ -184,6 +203,7 @@ def make_app(settings: Settings, agent: Agent | None = None) -> web.Application:
     app[SETTINGS_KEY] = settings
     app[LIMITER_KEY] = FailureLimiter()
     app[SOCKETS_KEY] = weakref.WeakSet()
+    app[KEY_SOCKETS_KEY] = {}
     app[eventsocket.EVENT_BUS_KEY] = app[AGENT_KEY].events
     app.add_routes(routes)
     eventsocket.add_routes(app)

@@ -190,7 +190,9 @@ class Webhooks:
             "X-Smartmob-Event": delivery.kind,
             "X-Smartmob-Delivery": delivery.delivery_id,
         }
-        if self._secret is not None:
+        # only the operator's own URLs get signed bodies: a notify URL comes from whoever
+        # may create a process, who could replay a signed body to the operator's receiver
+        if self._secret is not None and url in self._urls:
             headers["X-Smartmob-Signature"] = sign(self._secret, delivery.body)
         problem = ""
         for attempt in range(1, self._max_attempts + 1):

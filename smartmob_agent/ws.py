@@ -29,7 +29,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from smartmob_agent.api import process_for, routes
+from smartmob_agent.api import process_for, routes, watch_key
 from smartmob_agent.errors import InvalidRequest
 from smartmob_agent.frames import encode_text_frames, json_line_payloads
 from smartmob_agent.model import LogLine, Stamp
@@ -318,6 +318,7 @@ async def attach_console(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     subscriber = WebSocketSubscriber(ws, request, json_frames=query.json)
     request.app[SOCKETS_KEY].add(subscriber)
+    watch_key(request, subscriber)
     replay = query.tail > 0
     if replay:
         subscriber.hold()

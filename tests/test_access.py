@@ -3,7 +3,9 @@ slowing down of guessers, and secrets kept out of logs and children."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -271,6 +273,15 @@ def test_the_failure_limiter_refills_and_stays_bounded() -> None:
     assert len(limiter._buckets) == 2
 
 
+def test_ipv6_addresses_of_one_64_share_a_bucket() -> None:
+    limiter = FailureLimiter(burst=2, refill=10.0, clock=lambda: 0.0)
+    limiter.failed("2001:db8:0:1::1")
+    limiter.failed("2001:db8:0:1::2")  # another address of the same /64
+    assert limiter.retry_after("2001:db8:0:1::3") > 0
+    assert limiter.retry_after("2001:db8:0:2::1") == 0  # another /64
+    assert limiter.retry_after("::ffff:192.0.2.1") == 0  # mapped IPv4 counts alone
+
+
 def test_the_keyring_knows_each_kind_of_key() -> None:
     minted = MintedKey("id1", "shop", digest("smk_minted-key-123456789"), 1.0)
     ring = Keyring([ADMIN], {WEB_KEY: "web"}, [minted])
@@ -316,3 +327,100 @@ async def test_key_files_are_read_and_a_bad_line_is_named_not_shown(tmp_path: Pa
     bad = dataclasses.replace(settings, app_tokens_file=tmp_path / "missing")
     with pytest.raises(InvalidRequest, match="cannot read the key file"):
         Agent(bad)
+
+
+# -- what the review found ------------------------------------------------------------------
+
+async def test_the_query_key_is_read_only_on_socket_routes_and_plainly_spelled(
+    client: Client,
+) -> None:
+    """An Upgrade header does not make ?token= work on an ordinary route, and an escaped
+    parameter name (which the log filter would not see) is not read at all."""
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade"}
+    response = await client.get(f"/list-processes?token={ADMIN}", headers=upgrade)
+    assert response.status == 401
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect(URL(f"/events?%74oken={ADMIN}", encoded=True))
+    assert refused.value.status == 401
+
+
+async def test_revoking_a_minted_key_closes_the_sockets_it_opened(
+    client: Client, archive_server: ArchiveServer
+) -> None:
+    created = await create(client, create_body(archive_server, "shop", issue_token=True))
+    key, key_id = created["token"]["key"], created["token"]["id"]
+    events = await client.ws_connect(f"/events?token={key}")
+    attach = await client.ws_connect(f"/attach-console/shop.web.0?token={key}")
+    admin_events = await client.ws_connect("/events", headers=bearer(ADMIN))
+
+    async def close_code(ws: aiohttp.ClientWebSocketResponse) -> int | None:
+        # reading all along, as a client does, so it answers the close handshake
+        async with asyncio.timeout(10):
+            while (await ws.receive()).type != aiohttp.WSMsgType.CLOSE:
+                pass
+        return ws.close_code
+
+    closing = [asyncio.ensure_future(close_code(ws)) for ws in (events, attach)]
+    response = await client.post(f"/revoke-token/{key_id}", headers=bearer(ADMIN))
+    assert response.status == 200
+    assert await asyncio.gather(*closing) == [aiohttp.WSCloseCode.POLICY_VIOLATION] * 2
+    assert not admin_events.closed  # the admin's socket stays
+    await admin_events.close()
+
+
+async def test_only_an_admin_key_mints_and_only_on_an_agent_with_keys(
+    client: Client, archive_server: ArchiveServer, tmp_path: Path,
+    aiohttp_client: Callable[..., Awaitable[Client]],
+) -> None:
+    """A key that could breed keys would outlive its own revocation."""
+    body = create_body(archive_server, "web", issue_token=True)
+    response = await client.post("/create-process", json=body, headers=bearer(WEB_KEY))
+    assert response.status == 403
+    assert "admin" in (await response.json())["error"]
+    assert (await client.get("/process-status/web.web.0", headers=bearer(ADMIN))).status == 404
+    settings = Settings(host="127.0.0.1", port=0, state_dir=tmp_path / "open")
+    async with Agent(settings) as open_agent:
+        open_client = await aiohttp_client(make_app(settings, open_agent))
+        response = await open_client.post("/create-process", json=body)
+        assert response.status == 400
+        assert "issue_token" in (await response.json())["fields"]
+        assert open_agent.list() == []
+
+
+@pytest.fixture
+async def keyless(
+    tmp_path: Path, aiohttp_client: Callable[..., Awaitable[Client]]
+) -> AsyncIterator[Client]:
+    settings = Settings(host="127.0.0.1", port=0, state_dir=tmp_path / "keyless")
+    async with Agent(settings) as agent:
+        yield await aiohttp_client(make_app(settings, agent))
+
+
+@pytest.mark.parametrize("headers", [
+    pytest.param({"Origin": "http://evil.example"}, id="cross-origin"),
+    pytest.param({"Origin": "null"}, id="sandboxed-page"),
+    pytest.param({"Host": "rebind.evil.example:8080"}, id="dns-rebinding"),
+])
+async def test_an_agent_without_keys_refuses_what_a_web_page_could_send(
+    keyless: Client, archive_server: ArchiveServer, headers: dict[str, str]
+) -> None:
+    """Any page the user visits can POST to 127.0.0.1 (a text/plain "simple" request needs
+    no preflight) or reach it under its own name by DNS rebinding: without keys, those
+    are refused, and nothing is created."""
+    body = json.dumps(create_body(archive_server, "csrf"))
+    response = await keyless.post(
+        "/create-process", data=body, headers={"Content-Type": "text/plain", **headers}
+    )
+    assert response.status == 403
+    assert "keys" in (await response.json())["error"]
+    listing = await (await keyless.get("/list-processes")).json()
+    assert listing["processes"] == []
+    assert (await keyless.get("/healthz", headers=headers)).status == 200
+
+
+async def test_an_agent_without_keys_still_answers_plain_clients(keyless: Client) -> None:
+    for headers in ({}, {"Host": "localhost:8080"}, {"Host": "[::1]:8080"}):
+        assert (await keyless.get("/", headers=headers)).status == 200, headers
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await keyless.ws_connect("/events", origin="http://evil.example")
+    assert refused.value.status == 403

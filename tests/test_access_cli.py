@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -39,7 +40,7 @@ async def run_to_exit(state: Path, *args: str) -> tuple[int, str]:
 
 async def test_it_refuses_a_non_loopback_address_without_a_key(tmp_path: Path) -> None:
     code, stderr = await run_to_exit(tmp_path / "s", "--host", "0.0.0.0")
-    assert code == 1
+    assert code == 2
     assert "refusing to listen on 0.0.0.0 without a key" in stderr
     assert "Traceback" not in stderr
     assert stderr.count("\n") == 1  # one line, no traceback
@@ -75,7 +76,7 @@ async def test_a_key_file_and_a_bad_key_file(
         await agent.kill()
     keys.write_text("too-short\n")
     code, stderr = await run_to_exit(tmp_path / "s2", "--token-file", str(keys))
-    assert code == 1
+    assert code == 2
     assert f"{keys} line 1" in stderr
     assert "too-short" not in stderr
 
@@ -163,9 +164,34 @@ async def test_a_bad_certificate_is_one_line(tmp_path: Path) -> None:
     code, stderr = await run_to_exit(
         tmp_path / "s", "--tls-cert", str(bogus), "--tls-key", str(bogus)
     )
-    assert code == 1
+    assert code == 2
     assert "cannot use the TLS certificate" in stderr
     assert "Traceback" not in stderr
     code, stderr = await run_to_exit(tmp_path / "s", "--tls-cert", str(bogus))
     assert code == 2
     assert "--tls-key" in stderr
+
+
+def test_the_agent_can_make_itself_undumpable() -> None:
+    """make_undumpable() (called first thing by serve) clears the process's dumpable flag,
+    which is what keeps processes of the same user (its children) from reading its
+    /proc/<pid>/environ, where SMARTMOB_TOKEN may be."""
+    script = (
+        "import ctypes; from smartmob_agent.cli import make_undumpable\n"
+        "libc = ctypes.CDLL(None)\n"
+        "before = libc.prctl(3, 0, 0, 0, 0)\n"  # PR_GET_DUMPABLE
+        "print(before, make_undumpable(), libc.prctl(3, 0, 0, 0, 0))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=30, check=True)
+    assert result.stdout.split() == ["1", "True", "0"]
+
+
+async def test_keys_on_the_command_line_are_warned_about(tmp_path: Path) -> None:
+    agent = AgentProcess(tmp_path / "s", ["--token", KEY])
+    try:
+        await agent.start()
+        assert "can be read by every user of this machine in the process list" in agent.stderr
+        assert KEY not in agent.stderr
+    finally:
+        await agent.kill()

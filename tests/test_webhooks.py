@@ -162,6 +162,21 @@ async def test_no_signature_without_a_secret(
     await hooks.close()
 
 
+async def test_only_global_urls_get_signed_bodies(
+    receiver: Receiver, session: aiohttp.ClientSession
+) -> None:
+    """A process's notify URL comes from whoever created it: it gets no signature, which it
+    could replay to the operator's receivers; a global URL given as notify too does."""
+    hooks = Webhooks(session, [receiver.url("/ok")], b"s3cret")
+    hooks.submit(event(1), [receiver.url("/theirs"), receiver.url("/ok")])
+    [ours] = await receiver.wait_for("/ok", 1)
+    [theirs] = await receiver.wait_for("/theirs", 1)
+    assert ours.headers["X-Smartmob-Signature"].startswith("sha256=")
+    assert "X-Smartmob-Signature" not in theirs.headers
+    assert theirs.body == ours.body
+    await hooks.close()
+
+
 async def test_a_process_urls_join_the_global_ones_without_duplicates(
     receiver: Receiver, session: aiohttp.ClientSession
 ) -> None:
