@@ -115,6 +115,21 @@ def _tls_context(settings: Settings) -> ssl.SSLContext | None:
 _PR_SET_DUMPABLE = 4
 
 
+#: Signals a parent commonly sets to "ignore" for the agent (``nohup``; ``&`` in a
+#: script ignores SIGQUIT along with SIGINT).
+_INHERITED_IGNORES = (signal.SIGHUP, signal.SIGQUIT)
+
+
+def _handle_inherited_ignores(loop: asyncio.AbstractEventLoop) -> None:
+    """Keep ignoring what the agent was told to ignore, but by a handler that does
+    nothing: an ignored signal stays ignored across exec, a handled one does not, so its
+    children get the default back (``nohup smartmob-agent`` must not make every app deaf
+    to a ``signal`` control's SIGHUP)."""
+    for number in _INHERITED_IGNORES:
+        if signal.getsignal(number) == signal.SIG_IGN:
+            loop.add_signal_handler(number, lambda: None)
+
+
 def make_undumpable() -> bool:
     """Make the agent's memory and ``/proc/<pid>/environ`` unreadable by other processes
     of its user (Linux ``PR_SET_DUMPABLE`` 0): its children, running code from archives,
@@ -180,6 +195,7 @@ async def serve(settings: Settings) -> None:
         log.warning("could not become a child subreaper: orphaned grandchildren may linger")
     reaper = Reaper()
     loop.add_signal_handler(signal.SIGCHLD, reaper.reap_orphans)
+    _handle_inherited_ignores(loop)
     try:
         agent = Agent(settings, reaper=reaper)
     except InvalidRequest as error:  # an unreadable key file
