@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,15 @@ from aiohttp.test_utils import TestClient, TestServer
 from smartmob_agent.agent import Agent
 from smartmob_agent.config import Settings
 from smartmob_agent.server import make_app
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Run the in-process agents' children as ``smartmob-agent`` runs them: if pytest was
+    started with SIGHUP or SIGQUIT ignored (under ``nohup``), handle them instead, so
+    that children get the default action back at exec (see cli._handle_inherited_ignores)."""
+    for number in (signal.SIGHUP, signal.SIGQUIT):
+        if signal.getsignal(number) == signal.SIG_IGN:
+            signal.signal(number, lambda *_: None)
 
 
 @dataclass
