@@ -486,13 +486,7 @@ def parse_log_query(query: Mapping[str, str]) -> tuple[int, float | None]:
         InvalidRequest: naming each bad parameter.
     """
     problems: dict[str, str] = {}
-    tail = DEFAULT_TAIL
-    text = query.get("tail")
-    if text is not None:
-        if text.isascii() and text.isdigit() and int(text) <= MAX_TAIL:
-            tail = int(text)
-        else:
-            problems["tail"] = f"must be a whole number of lines from 0 to {MAX_TAIL}"
+    tail = _whole_parameter(query, "tail", MAX_TAIL, _TAIL_RULE, problems)
     since = None
     text = query.get("since")
     if text is not None:
@@ -502,10 +496,8 @@ def parse_log_query(query: Mapping[str, str]) -> tuple[int, float | None]:
                 "must be a time in ISO 8601 with a time zone (2026-12-01T18:00:00.123Z) or "
                 "seconds since the epoch (1796148000.123)"
             )
-    if problems:
-        detail = "; ".join(f"{name} {why}" for name, why in problems.items())
-        raise InvalidRequest(f"invalid query: {detail}", problems)
-    return tail, since
+    _check_query(problems)
+    return DEFAULT_TAIL if tail is None else tail, since
 
 
 #: The highest sequence number ``after`` may name (SQLite's largest integer).
@@ -538,31 +530,43 @@ def parse_attach_query(query: Mapping[str, str]) -> AttachQuery:
         InvalidRequest: naming each bad parameter.
     """
     problems: dict[str, str] = {}
-    tail = None
-    text = query.get("tail")
-    if text is not None:
-        if _whole(text, MAX_TAIL):
-            tail = int(text)
-        else:
-            problems["tail"] = f"must be a whole number of lines from 0 to {MAX_TAIL}"
-    after = None
-    text = query.get("after")
-    if text is not None:
-        if _whole(text, MAX_SEQ):
-            after = int(text)
-        else:
-            problems["after"] = (
-                "must be the seq of a line (a whole number from 0), as a JSON frame gives it"
-            )
+    tail = _whole_parameter(query, "tail", MAX_TAIL, _TAIL_RULE, problems)
+    after = _whole_parameter(
+        query, "after", MAX_SEQ,
+        "must be the seq of a line (a whole number from 0), as a JSON frame gives it",
+        problems,
+    )
     form = query.get("format", "text")
     if form not in ("text", "json"):
         problems["format"] = "must be text (one bare line per frame, the default) or json"
-    if problems:
-        detail = "; ".join(f"{name} {why}" for name, why in problems.items())
-        raise InvalidRequest(f"invalid query: {detail}", problems)
+    _check_query(problems)
     if tail is None:
         tail = 0 if after is None else MAX_TAIL
     return AttachQuery(tail, after, form == "json")
+
+
+_TAIL_RULE = f"must be a whole number of lines from 0 to {MAX_TAIL}"
+
+
+def _whole_parameter(
+    query: Mapping[str, str], name: str, highest: int, rule: str, problems: dict[str, str]
+) -> int | None:
+    """The query parameter ``name`` as a whole number up to ``highest``; ``None`` when
+    absent, or when bad (then ``rule`` is noted in ``problems``)."""
+    text = query.get(name)
+    if text is None:
+        return None
+    if _whole(text, highest):
+        return int(text)
+    problems[name] = rule
+    return None
+
+
+def _check_query(problems: dict[str, str]) -> None:
+    """Raise the error naming every bad query parameter, if there is one."""
+    if problems:
+        detail = "; ".join(f"{name} {why}" for name, why in problems.items())
+        raise InvalidRequest(f"invalid query: {detail}", problems)
 
 
 def _whole(text: str, highest: int) -> bool:

@@ -153,16 +153,13 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     """
     keyring = request.app[AGENT_KEY].keyring
     route = request.match_info.route.name
-    if not keyring.enabled:
-        problem = browser_problem(
+    if route in OPEN_ROUTES or not keyring.enabled:
+        problem = None if route in OPEN_ROUTES else browser_problem(
             request.headers.get("Host"), request.headers.get("Origin"),
             request.app[SETTINGS_KEY].host,
         )
-        if problem is not None and route not in OPEN_ROUTES:
+        if problem is not None:
             raise errors.Forbidden(problem)
-        request[PRINCIPAL_KEY] = ADMIN
-        return await handler(request)
-    if route in OPEN_ROUTES:
         request[PRINCIPAL_KEY] = ADMIN
         return await handler(request)
     limiter = request.app[LIMITER_KEY]

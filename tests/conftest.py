@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -16,6 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from smartmob_agent.agent import Agent
 from smartmob_agent.config import Settings
 from smartmob_agent.server import make_app
+from tests.puppet import PuppetServer
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -105,3 +107,18 @@ async def client(
 ) -> TestClient[Any, Any]:
     """An HTTP client of the agent's web app, served on 127.0.0.1."""
     return await aiohttp_client(make_app(settings, agent))
+
+
+@pytest.fixture
+async def puppets() -> AsyncIterator[PuppetServer]:
+    """A server that the puppet children of a test connect to (see tests/puppet.py)."""
+    server = await PuppetServer().start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client session for tests that talk to a real agent process."""
+    async with aiohttp.ClientSession() as session:
+        yield session

@@ -36,24 +36,11 @@ def bearer(key: str) -> dict[str, str]:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
+    """Keys configured; conftest's agent and client fixtures use these settings."""
     return Settings(
         host="127.0.0.1", port=0, state_dir=tmp_path / "state", stop_timeout=5.0,
         token=(ADMIN,), app_token=(("web", WEB_KEY),),
     )
-
-
-@pytest.fixture
-async def agent(settings: Settings) -> AsyncIterator[Agent]:
-    async with Agent(settings) as agent:
-        yield agent
-
-
-@pytest.fixture
-async def client(
-    agent: Agent, settings: Settings,
-    aiohttp_client: Callable[..., Awaitable[Client]],
-) -> Client:
-    return await aiohttp_client(make_app(settings, agent))
 
 
 def create_body(archive_server: ArchiveServer, app: str, node: str = "web.0",

@@ -8,7 +8,6 @@ import os
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -20,12 +19,6 @@ from tests.conftest import ArchiveServer
 from tests.helpers import app_archive, eventually
 
 KEY = "cli-admin-key-0123456789abcdef"
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def run_to_exit(state: Path, *args: str) -> tuple[int, str]:

@@ -28,9 +28,9 @@ from smartmob_agent.server import make_app
 from smartmob_agent.ws import WebSocketSubscriber
 from tests.conftest import ArchiveServer
 from tests.helpers import app_archive, eventually, wait_for_state
-from tests.puppet import PUPPET_SCRIPT, Puppet, PuppetServer
+from tests.puppet import PuppetServer
 from tests.test_logs import logged
-from tests.test_ws_functional import open_stuck_client
+from tests.test_ws_functional import open_stuck_client, start_puppet
 
 Client = TestClient[Any, Any]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -44,28 +44,6 @@ for i in range(3):
     print(f"run {run} line {i}", flush=True)
 sys.exit(3)
 """
-
-
-@pytest.fixture
-async def puppets() -> AsyncIterator[PuppetServer]:
-    server = await PuppetServer().start()
-    yield server
-    await server.close()
-
-
-async def start_puppet(
-    client: Client, agent: Agent, archive_server: ArchiveServer, puppets: PuppetServer,
-) -> tuple[dict[str, Any], Puppet]:
-    """Create a process whose child is a puppet; its status document and puppet."""
-    url = archive_server.add("puppet.tgz", app_archive(
-        "web: {PYTHON} -u puppet.py\n", {"puppet.py": PUPPET_SCRIPT}))
-    body = {"app": "myapp", "node": "web.0", "process_type": "web", "source_url": url,
-            "env": {"PUPPET_PORT": str(puppets.port)}}
-    response = await client.post("/create-process", data=json.dumps(body))
-    assert response.status == 201, await response.text()
-    process = await response.json()
-    await wait_for_state(agent.get(process["slug"]), S.RUNNING)
-    return process, await puppets.next()
 
 
 async def frames(ws: aiohttp.ClientWebSocketResponse, count: int) -> list[str]:

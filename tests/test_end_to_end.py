@@ -29,12 +29,6 @@ FAMILY = (
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
 async def agent_process(tmp_path: Path) -> AsyncIterator[AgentProcess]:
     process = await AgentProcess(tmp_path / "state").start()
     yield process

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from tests.agent_process import AgentProcess
 from tests.conftest import ArchiveServer
@@ -25,12 +23,6 @@ def ignored_mask(pid: int) -> int:
         if line.startswith("SigIgn:"):
             return int(line.split()[1], 16)
     raise AssertionError(f"no SigIgn line for pid {pid}")
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def test_children_of_an_agent_started_under_nohup_can_get_sighup(

@@ -35,7 +35,7 @@ import signal
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -421,12 +421,6 @@ class Run:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         return kill_at
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.mark.timeout(180)

@@ -11,12 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from tests.agent_process import AgentProcess
 from tests.conftest import ArchiveServer
@@ -31,12 +29,6 @@ for i in itertools.count():
     time.sleep(0.002)
 """
 SLUG = "clock.web.0"
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def running(http: aiohttp.ClientSession, agent: AgentProcess) -> dict[str, Any]:
@@ -90,21 +82,30 @@ async def start(state_dir: Path, agents: list[AgentProcess]) -> AgentProcess:
     return await agent.start()
 
 
+async def start_ticking(
+    state_dir: Path, agents: list[AgentProcess], http: aiohttp.ClientSession,
+    archive_server: ArchiveServer,
+) -> AgentProcess:
+    """Start an agent and create the ``clock.web.0`` process, which ticks a line at a time."""
+    url = archive_server.add("ticker.tgz", app_archive("web: exec {PYTHON} ticker.py\n",
+                                                       {"ticker.py": TICKER}))
+    agent = await start(state_dir, agents)
+    body = {"app": "clock", "node": "web.0", "process_type": "web", "source_url": url}
+    async with http.post(f"{agent.url}/create-process", data=json.dumps(body)) as response:
+        assert response.status == 201, await response.text()
+    return agent
+
+
 async def test_seq_is_never_reused_after_a_sigkill_of_the_agent(
     tmp_path: Path, http: aiohttp.ClientSession, archive_server: ArchiveServer
 ) -> None:
     """Three times: a client sees lines up to seq M, the agent is SIGKILLed (its file
     losing the last lines, at least once), a new agent starts on the same folder: every
     new line is numbered above M, and the whole log stays strictly increasing."""
-    url = archive_server.add("ticker.tgz", app_archive("web: exec {PYTHON} ticker.py\n",
-                                                       {"ticker.py": TICKER}))
     state_dir = tmp_path / "state"
     agents: list[AgentProcess] = []
     try:
-        agent = await start(state_dir, agents)
-        body = {"app": "clock", "node": "web.0", "process_type": "web", "source_url": url}
-        async with http.post(f"{agent.url}/create-process", data=json.dumps(body)) as response:
-            assert response.status == 201, await response.text()
+        agent = await start_ticking(state_dir, agents, http, archive_server)
         lost = []
         seen_max = 0
         for _ in range(3):
@@ -140,15 +141,10 @@ async def test_seq_goes_on_one_by_one_after_a_clean_restart(
     """A clean stop gives the unused numbers back: the next agent's first line is
     numbered right after the last line of the previous one; restarts of the process
     (here, by a restart control) go on numbering too."""
-    url = archive_server.add("ticker.tgz", app_archive("web: exec {PYTHON} ticker.py\n",
-                                                       {"ticker.py": TICKER}))
     state_dir = tmp_path / "state"
     agents: list[AgentProcess] = []
     try:
-        agent = await start(state_dir, agents)
-        body = {"app": "clock", "node": "web.0", "process_type": "web", "source_url": url}
-        async with http.post(f"{agent.url}/create-process", data=json.dumps(body)) as response:
-            assert response.status == 201, await response.text()
+        agent = await start_ticking(state_dir, agents, http, archive_server)
         document = await running(http, agent)
         ws, first_run = await follow(http, document, 20)
         async with http.post(document["restart"]) as response:

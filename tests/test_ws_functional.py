@@ -7,11 +7,9 @@ import base64
 import json
 import os
 import socket
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import pytest
 from aiohttp.test_utils import TestClient
 
 from smartmob_agent.agent import Agent
@@ -22,13 +20,6 @@ from tests.helpers import app_archive, eventually, wait_for_state
 from tests.puppet import PUPPET_SCRIPT, Puppet, PuppetServer
 
 Client = TestClient[Any, Any]
-
-
-@pytest.fixture
-async def puppets() -> AsyncIterator[PuppetServer]:
-    server = await PuppetServer().start()
-    yield server
-    await server.close()
 
 
 async def start_puppet(
