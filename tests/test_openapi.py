@@ -347,3 +347,16 @@ def test_the_live_agent_keeps_to_its_document(
         )
 
     run()
+
+
+def test_the_document_is_the_committed_snapshot(tmp_path: Path) -> None:
+    """The OpenAPI document is byte-identical to ``tests/openapi_snapshot.json``, so a
+    refactoring cannot change the API contract unnoticed. After an intended change to the
+    API, write the snapshot again (the assertion message says how) and review its diff."""
+    document = openapi_document(SERVER, served_routes(tmp_path), version="snapshot")
+    text = json.dumps(document, indent=1) + "\n"
+    snapshot = Path(__file__).with_name("openapi_snapshot.json")
+    assert text == snapshot.read_text(), (
+        "the OpenAPI document changed: if that is intended, write it with "
+        "openapi_document(SERVER, served_routes(tmp), version='snapshot') to " + str(snapshot)
+    )
