@@ -1,4 +1,4 @@
-"""The cost of sampling CPU and memory of 500 process trees (``smartmob_agent.monitor``).
+"""The cost of sampling CPU and memory of 500 process trees (``smartmob_agent.processes.monitor``).
 
 Spawns 500 trees shaped like the agent's children (``/bin/sh -c 'sleep 1000; true'``, in
 their own session: the shell stays, so 1000 processes; ``--bare`` runs ``sleep 1000``
@@ -44,7 +44,7 @@ import psutil
 
 sys.path.insert(0, str(b.agent_code_dir()))  # the snapshot, if the header names one
 
-from smartmob_agent.monitor import Monitor, sample_trees
+from smartmob_agent.processes.monitor import Monitor, sample_trees
 
 TARGET_CPU = 0.050
 BATCH = 50

@@ -22,13 +22,14 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from smartmob_agent import __version__, guardian
-from smartmob_agent.agent import AGENT_ID_VARIABLE, Agent
-from smartmob_agent.child import Reaper, become_subreaper, resolve_run_as
+from smartmob_agent import __version__
 from smartmob_agent.config import OPTIONS, Settings, check_settings, settings_from
 from smartmob_agent.errors import AgentError, InvalidRequest
-from smartmob_agent.logs import RedactKeys
-from smartmob_agent.server import make_app
+from smartmob_agent.output.logs import RedactKeys
+from smartmob_agent.processes import guardian
+from smartmob_agent.processes.child import Reaper, become_subreaper, resolve_run_as
+from smartmob_agent.supervision.agent import AGENT_ID_VARIABLE, Agent
+from smartmob_agent.web.server import make_app
 
 log = logging.getLogger("smartmob_agent")
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from smartmob_agent.auth import check_key, split_app_key
 from smartmob_agent.errors import InvalidRequest
-from smartmob_agent.fetchpolicy import parse_allow_entry
+from smartmob_agent.keys import check_key, split_app_key
+from smartmob_agent.sources.fetchpolicy import parse_allow_entry
 
 
 @dataclass(frozen=True)

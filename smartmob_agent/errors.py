@@ -1,8 +1,8 @@
 """The exception hierarchy.
 
 Every error the agent raises on purpose is an :class:`AgentError`. Each carries a message
-written for a person; :mod:`smartmob_agent.server` maps the classes to HTTP statuses in
-one place, and :mod:`smartmob_agent.watcher` turns those raised after ``201`` into the
+written for a person; :mod:`smartmob_agent.web.server` maps the classes to HTTP statuses in
+one place, and :mod:`smartmob_agent.supervision.watcher` turns those raised after ``201`` into the
 ``failed`` state with the message as ``error``.
 """
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from smartmob_agent.auth import MintedKey
+from smartmob_agent.keys import MintedKey
 from smartmob_agent.model import (
     DownloadProgress,
     ExitRecord,

@@ -64,7 +64,7 @@ MAX_RLIMIT = 2**63 - 1
 _SECONDS_RULE = f"a number of seconds from 0 to {MAX_SECONDS}"
 _URL_PATTERN = r"^[hH][tT][tT][pP][sS]?://[^/?#\s][^\s]*$"
 #: A source may also be a file:///path, which the agent reads only when configured to
-#: (see smartmob_agent.fetchpolicy: the policy decides, the schema only the form).
+#: (see smartmob_agent.sources.fetchpolicy: the policy decides, the schema only the form).
 _SOURCE_URL_PATTERN = (
     r"^(?:[hH][tT][tT][pP][sS]?://[^/?#\s]|[fF][iI][lL][eE]://(?:[lL][oO][cC][aA][lL]"
     r"[hH][oO][sS][tT])?/)[^\s]*$"

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smartmob_agent.auth import MintedKey
 from smartmob_agent.errors import AgentError
+from smartmob_agent.keys import MintedKey
 
 #: Each step upgrades the schema by one version; step ``i`` brings it to version ``i + 1``.
 #: One SQL statement each, run in the same transaction as the version change.
@@ -41,7 +41,7 @@ MIGRATIONS: tuple[str, ...] = (
     )
     """,
     "CREATE TABLE agent (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    # minted access keys: only their SHA-256 is kept (see smartmob_agent.auth)
+    # minted access keys: only their SHA-256 is kept (see smartmob_agent.keys)
     """
     CREATE TABLE tokens (
         id TEXT PRIMARY KEY,
@@ -50,7 +50,7 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL
     )
     """,
-    # output line numbers below this mark may have been used (see smartmob_agent.logs)
+    # output line numbers below this mark may have been used (see smartmob_agent.output.logs)
     "ALTER TABLE processes ADD COLUMN seq_reserved INTEGER NOT NULL DEFAULT 0",
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -12,7 +12,7 @@ import zipfile
 from collections.abc import Callable, Mapping
 
 from smartmob_agent.model import ProcessState
-from smartmob_agent.watcher import Watcher
+from smartmob_agent.supervision.watcher import Watcher
 
 #: The interpreter running the tests, quoted for a Procfile line.
 PYTHON = shlex.quote(sys.executable)

@@ -15,11 +15,12 @@ import pytest
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
-from smartmob_agent.agent import Agent
-from smartmob_agent.auth import FailureLimiter, Keyring, MintedKey, digest
 from smartmob_agent.config import Settings, settings_from
 from smartmob_agent.errors import InvalidRequest
-from smartmob_agent.server import make_app
+from smartmob_agent.keys import Keyring, MintedKey, digest
+from smartmob_agent.supervision.agent import Agent
+from smartmob_agent.web.access import FailureLimiter
+from smartmob_agent.web.server import make_app
 from tests.conftest import ArchiveServer
 from tests.helpers import app_archive
 

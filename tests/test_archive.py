@@ -26,7 +26,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from smartmob_agent.archive import (
+from smartmob_agent.errors import ArchiveError, DownloadError
+from smartmob_agent.sources.archive import (
     DownloadLimits,
     UnpackLimits,
     detect_format,
@@ -35,7 +36,6 @@ from smartmob_agent.archive import (
     source_root,
     unpack,
 )
-from smartmob_agent.errors import ArchiveError, DownloadError
 from tests.conftest import ArchiveServer
 from tests.helpers import ARCHIVE_KINDS, eventually, make_archive
 

@@ -19,13 +19,13 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from smartmob_agent.agent import Agent
 from smartmob_agent.config import Settings
-from smartmob_agent.logs import LOG_NAME
 from smartmob_agent.model import LogLine, Stamp
 from smartmob_agent.model import ProcessState as S
-from smartmob_agent.server import make_app
-from smartmob_agent.ws import WebSocketSubscriber
+from smartmob_agent.output.logs import LOG_NAME
+from smartmob_agent.supervision.agent import Agent
+from smartmob_agent.web.attach import WebSocketSubscriber
+from smartmob_agent.web.server import make_app
 from tests.conftest import ArchiveServer
 from tests.helpers import app_archive, eventually, wait_for_state
 from tests.puppet import PuppetServer

@@ -2,7 +2,7 @@
 pip installing a wheel made here (no network: ``PIP_NO_INDEX``, no configuration file),
 real release commands, a real agent serving archives from 127.0.0.1.
 
-Counts of runs come from :class:`~smartmob_agent.builder.Builds`; the states from the
+Counts of runs come from :class:`~smartmob_agent.sources.builds.Builds`; the states from the
 watchers' own state-change events, and the output from the processes' logs.
 """
 
@@ -23,14 +23,14 @@ from typing import Any
 import psutil
 import pytest
 
-from smartmob_agent import build
-from smartmob_agent.agent import Agent
-from smartmob_agent.builder import Builds
 from smartmob_agent.config import Settings
 from smartmob_agent.model import Options, RestartPolicy, Spec
 from smartmob_agent.model import ProcessState as S
-from smartmob_agent.procfile import ProcfileEntry
-from smartmob_agent.watcher import Watcher
+from smartmob_agent.sources import buildplan as build
+from smartmob_agent.sources.builds import Builds
+from smartmob_agent.sources.procfile import ProcfileEntry
+from smartmob_agent.supervision.agent import Agent
+from smartmob_agent.supervision.watcher import Watcher
 from tests.conftest import ArchiveServer
 from tests.helpers import eventually, make_archive, pid_alive, record_states, wait_for_state
 

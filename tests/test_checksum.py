@@ -9,8 +9,8 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from smartmob_agent.agent import Agent
 from smartmob_agent.model import ProcessState as S
+from smartmob_agent.supervision.agent import Agent
 from tests.conftest import ArchiveServer
 from tests.helpers import app_archive, wait_for_state
 

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from smartmob_agent.dotenv import (
+from smartmob_agent.errors import AgentError
+from smartmob_agent.sources.dotenv import (
     MAX_DOTENV_BYTES,
     MAX_QUOTED_LINES,
     MAX_REPORTED_PROBLEMS,
@@ -15,7 +16,6 @@ from smartmob_agent.dotenv import (
     decode_dotenv,
     parse_dotenv,
 )
-from smartmob_agent.errors import AgentError
 
 
 @pytest.mark.parametrize(

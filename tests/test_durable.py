@@ -24,14 +24,14 @@ import aiohttp
 import psutil
 import pytest
 
-from smartmob_agent.agent import AGENT_ID_VARIABLE, Agent
 from smartmob_agent.config import Settings
 from smartmob_agent.model import ProcessState as S
 from smartmob_agent.model import Spec
-from smartmob_agent.proctable import marked_processes
+from smartmob_agent.processes.proctable import marked_processes
 from smartmob_agent.schemas import create_request, spec_from_request
 from smartmob_agent.store import DATABASE_NAME, Record, Store
-from smartmob_agent.watcher import PROCESS_ID_VARIABLE, Watcher
+from smartmob_agent.supervision.agent import AGENT_ID_VARIABLE, Agent
+from smartmob_agent.supervision.watcher import PROCESS_ID_VARIABLE, Watcher
 from tests.agent_process import AgentProcess
 from tests.conftest import ArchiveServer
 from tests.helpers import app_archive, eventually, pid_alive, wait_for_state
@@ -297,7 +297,7 @@ def running(process: psutil.Process) -> bool:
 def guardian_of(agent: AgentProcess) -> psutil.Process:
     """The agent's guardian process (a child of the agent)."""
     found = [child for child in psutil.Process(agent.pid).children()
-             if "smartmob_agent.guardian" in " ".join(child.cmdline())]
+             if "smartmob_agent.processes.guardian" in " ".join(child.cmdline())]
     assert len(found) == 1, found
     return found[0]
 

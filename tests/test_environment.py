@@ -22,12 +22,12 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from smartmob_agent.agent import AGENT_ID_VARIABLE, Agent
 from smartmob_agent.config import Settings
 from smartmob_agent.model import ProcessState as S
-from smartmob_agent.ports import PortAllocator
-from smartmob_agent.watcher import PROCESS_ID_VARIABLE
-from smartmob_agent.ws import INPUT_NOT_DELIVERED, INPUT_NOT_TEXT
+from smartmob_agent.processes.ports import PortAllocator
+from smartmob_agent.supervision.agent import AGENT_ID_VARIABLE, Agent
+from smartmob_agent.supervision.watcher import PROCESS_ID_VARIABLE
+from smartmob_agent.web.attach import INPUT_NOT_DELIVERED, INPUT_NOT_TEXT
 from tests.conftest import ArchiveServer
 from tests.helpers import PYTHON, app_archive, eventually, make_archive, wait_for_state
 

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from smartmob_agent.events import (
+from smartmob_agent.events.bus import (
     DEFAULT_MAXSIZE,
     DROPPED,
     EVENT_KINDS,
@@ -23,9 +23,9 @@ from smartmob_agent.events import (
     EventQueueClosed,
     make_event,
 )
-from smartmob_agent.eventsocket import CLOSE_TIMEOUT, EVENT_BUS_KEY, EVENT_CLIENTS_KEY, add_routes
 from smartmob_agent.representations import format_time
-from smartmob_agent.server import error_middleware
+from smartmob_agent.web.events import CLOSE_TIMEOUT, EVENT_BUS_KEY, EVENT_CLIENTS_KEY, add_routes
+from smartmob_agent.web.server import error_middleware
 from tests.helpers import eventually
 from tests.test_ws_functional import open_stuck_client
 

@@ -25,9 +25,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from smartmob_agent.agent import Agent
 from smartmob_agent.config import Settings
-from smartmob_agent.server import make_app
+from smartmob_agent.supervision.agent import Agent
+from smartmob_agent.web.server import make_app
 from tests.conftest import ArchiveServer
 from tests.helpers import app_archive, eventually
 

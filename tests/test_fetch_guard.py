@@ -17,9 +17,9 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestServer
 
-from smartmob_agent.archive import DownloadLimits, download, open_session
 from smartmob_agent.errors import DownloadError
-from smartmob_agent.fetchpolicy import FetchPolicy
+from smartmob_agent.sources.archive import DownloadLimits, download, open_session
+from smartmob_agent.sources.fetchpolicy import FetchPolicy
 
 BODY = b"the archive " * 1000
 

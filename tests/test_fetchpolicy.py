@@ -6,7 +6,7 @@ from pathlib import PurePosixPath
 
 import pytest
 
-from smartmob_agent.fetchpolicy import FetchPolicy, parse_allow_entry
+from smartmob_agent.sources.fetchpolicy import FetchPolicy, parse_allow_entry
 
 DEFAULT = FetchPolicy()
 FILES = FetchPolicy(file_root=PurePosixPath("/srv/releases"))

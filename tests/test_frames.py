@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from smartmob_agent.frames import encode_text_frames, json_line_payloads, text_frame_header
+from smartmob_agent.web.frames import encode_text_frames, json_line_payloads, text_frame_header
 
 
 def parse_frames(data: bytes) -> list[tuple[bool, int, bytes]]:

@@ -17,8 +17,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from smartmob_agent.child import Reaper
-from smartmob_agent.health import (
+from smartmob_agent.processes.child import Reaper
+from smartmob_agent.supervision.health import (
     HealthCheck,
     HealthMonitor,
     ProbeResult,

@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from smartmob_agent.agent import Agent
 from smartmob_agent.config import Settings
 from smartmob_agent.model import ProcessState as S
-from smartmob_agent.server import make_app
+from smartmob_agent.supervision.agent import Agent
+from smartmob_agent.web.server import make_app
 from tests.conftest import ArchiveServer
 from tests.helpers import wait_for_state
 from tests.hostile_archives import Hostile, builders

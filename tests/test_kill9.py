@@ -247,7 +247,7 @@ async def guardian_of(agent: AgentProcess) -> tuple[int, list[str]]:
                 for child in children:
                     with contextlib.suppress(psutil.Error):  # a child just ended (a zombie)
                         command = child.cmdline()
-                        if "smartmob_agent.guardian" in " ".join(command):
+                        if "smartmob_agent.processes.guardian" in " ".join(command):
                             found.append((child.pid, command[5:]))
                 if found:
                     break

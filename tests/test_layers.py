@@ -1,4 +1,10 @@
-"""The layering rule of style.md, enforced on the package's import statements."""
+"""The layering rules of ``docs/internals.rst``, enforced on the package's import statements.
+
+Modules are named by their dotted path inside the package (``supervision.watcher``; a
+package's ``__init__`` by the package's name, the top one as ``__init__``). The rules are
+stated on packages, so a new module placed in a package is checked without being listed;
+only the pure modules (parsing, policy, documents) are listed by name.
+"""
 
 from __future__ import annotations
 
@@ -15,86 +21,138 @@ import smartmob_agent
 PACKAGE = Path(smartmob_agent.__file__).parent
 NAME = "smartmob_agent"
 
-PURE_CORE = frozenset({
-    "__init__", "errors", "model", "procfile", "policy", "lines", "config",
-    "representations", "frames", "schemas", "dotenv", "auth", "fetchpolicy", "build",
-    "openapi",
-})
-ADAPTERS = frozenset({
-    "archive", "child", "hub", "proctable", "ports", "events", "webhooks", "monitor", "health",
-    "store", "sources", "logs", "builder",
-})
-#: The exceptions to "adapters never import each other": the child finds escaped
-#: descendants through the process table; a health command is a child, reaped as one;
-#: the source cache fills itself through the archive downloads; a build's pip and release
-#: command are children, reaped as such.
-ADAPTER_IMPORTS = {
-    "child": frozenset({"proctable"}), "health": frozenset({"child"}),
-    "sources": frozenset({"archive"}), "builder": frozenset({"child"}),
-}
-ORCHESTRATION = frozenset({"watcher", "agent"})
-INTERFACES = frozenset({
-    "api", "ws", "links", "server", "cli", "guardian", "__main__", "eventsocket",
-})
-LAYERS = {
-    **dict.fromkeys(PURE_CORE, 1),
-    **dict.fromkeys(ADAPTERS, 2),
-    **dict.fromkeys(ORCHESTRATION, 3),
-    **dict.fromkeys(INTERFACES, 4),
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts) or "__init__"
+
+
+MODULES = sorted(_module_name(path) for path in PACKAGE.rglob("*.py"))
+SUBPACKAGES = frozenset(
+    _module_name(path.parent / "__init__.py") for path in PACKAGE.glob("*/__init__.py")
+)
+
+#: Parsing, policy and documents: pure functions and data, no I/O of their own.
+PURE = frozenset({
+    "__init__", "errors", "model", "keys", "schemas", "representations", "config",
+    "supervision.restart",
+    "sources.procfile", "sources.dotenv", "sources.decode", "sources.fetchpolicy",
+    "sources.buildplan",
+    "output.lines",
+    "web.frames", "web.access", "web.openapi",
+}) & frozenset(MODULES)
+#: What each part of the tree may import, besides the pure modules and itself. The
+#: adapters (processes, sources, output, events, store) touch one kind of outside resource
+#: each; ``supervision`` puts them together; ``web`` and the CLI are the interfaces.
+MAY_IMPORT: dict[str, frozenset[str]] = {
+    "store": frozenset(),
+    "output": frozenset(),
+    "events": frozenset(),
+    # a child's output is split into lines as it is read
+    "processes": frozenset({"output"}),
+    # a build's pip and release commands are children, reaped as such
+    "sources": frozenset({"processes"}),
+    "supervision": frozenset({"processes", "sources", "output", "events", "store"}),
+    "web": frozenset({"supervision", "processes", "sources", "output", "events", "store"}),
+    "cli": frozenset({"supervision", "processes", "output", "web", "store"}),
+    "__main__": frozenset({"cli"}),
 }
 
-#: Outside resources the pure core must not touch.
-FORBIDDEN_IN_CORE = frozenset({"asyncio", "aiohttp", "sqlite3", "subprocess", "socket"})
+#: Outside resources that pure modules must not touch.
+FORBIDDEN_IN_PURE = frozenset({"asyncio", "aiohttp", "sqlite3", "subprocess", "socket"})
+#: Calls that read or write files: a pure module makes none.
+FILE_CALLS = frozenset({
+    "open", "read_text", "read_bytes", "write_text", "write_bytes", "mkdir", "unlink",
+    "rmtree", "iterdir", "rglob", "scandir", "listdir",
+})
 
-MODULES = sorted(path.stem for path in PACKAGE.glob("*.py"))
+
+def part_of(module: str) -> str:
+    """The part of the tree ``module`` belongs to (its subpackage, else its own name)."""
+    return module.split(".")[0]
+
+
+def _resolve(dotted: str) -> str:
+    """The package module that an import of ``smartmob_agent.<dotted>`` loads."""
+    while dotted and dotted not in MODULES:
+        dotted = dotted.rpartition(".")[0]
+    return dotted or "__init__"
 
 
 def scan(source: str, module: str = "") -> tuple[frozenset[str], frozenset[str]]:
-    """Return (top-level outside packages, package modules) that ``source`` imports.
+    """Return (outside imports, package modules) that ``source`` imports.
 
-    Every import counts, including those inside functions or ``if TYPE_CHECKING``.
+    Outside imports are dotted as far as the statement names them (``from aiohttp import
+    web`` is ``aiohttp.web``). Every import counts, including those inside functions or
+    ``if TYPE_CHECKING``.
     """
     outside: set[str] = set()
     inside: set[str] = set()
+    here = module.split(".")[:-1] if module not in SUBPACKAGES else module.split(".")
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 top, _, rest = alias.name.partition(".")
                 if top == NAME:
-                    inside.add(rest.split(".")[0] or "__init__")
+                    inside.add(_resolve(rest))
                 else:
-                    outside.add(top)
+                    outside.add(alias.name)
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative: inside the package
-                base = (node.module or "").split(".")[0]
-                names = [base] if base else [alias.name for alias in node.names]
-                inside.update(name if name in MODULES else "__init__" for name in names)
+                base = here[: len(here) - (node.level - 1)] if node.level > 1 else here
+                prefix = ".".join([*base, *([node.module] if node.module else [])])
+                for alias in node.names:
+                    inside.add(_resolve(f"{prefix}.{alias.name}".strip(".")))
                 continue
             assert node.module is not None
             top, _, rest = node.module.partition(".")
             if top == "__future__":
                 continue
             if top != NAME:
-                outside.add(top)
-            elif rest:
-                inside.add(rest.split(".")[0])
-            else:  # from smartmob_agent import archive, __version__
-                inside.update(
-                    alias.name if alias.name in MODULES else "__init__" for alias in node.names
-                )
+                outside.add(node.module)
+                outside.update(f"{node.module}.{alias.name}" for alias in node.names)
+                continue
+            for alias in node.names:  # from smartmob_agent.sources import archive, X
+                inside.add(_resolve(f"{rest}.{alias.name}".strip(".")))
     inside.discard(module)
     return frozenset(outside), frozenset(inside)
+
+
+def _path(module: str) -> Path:
+    if module == "__init__":
+        return PACKAGE / "__init__.py"
+    relative = Path(*module.split("."))
+    if module in SUBPACKAGES:
+        return PACKAGE / relative / "__init__.py"
+    return PACKAGE / relative.with_suffix(".py")
 
 
 @cache
 def imports_of(module: str) -> tuple[frozenset[str], frozenset[str]]:
     """What the package module ``module`` imports, as :func:`scan` reports it."""
-    return scan((PACKAGE / f"{module}.py").read_text(), module)
+    return scan(_path(module).read_text(), module)
 
 
-def test_every_module_has_a_layer() -> None:
-    """Each module of the package is placed in exactly one layer (add new ones here)."""
-    assert set(MODULES) == set(LAYERS), "classify the new module in tests/test_layers.py"
+def file_calls(module: str) -> frozenset[str]:
+    """The file-touching calls (:data:`FILE_CALLS`) that ``module`` makes."""
+    found = set()
+    for node in ast.walk(ast.parse(_path(module).read_text())):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else (
+                func.attr if isinstance(func, ast.Attribute) else "")
+            if name in FILE_CALLS:
+                found.add(name)
+    return frozenset(found)
+
+
+def test_every_module_has_a_place() -> None:
+    """Each module is pure, or lives in a part of the tree that has import rules."""
+    unplaced = [m for m in MODULES if m not in PURE and part_of(m) not in MAY_IMPORT
+                and m not in SUBPACKAGES]
+    assert not unplaced, "add the module to PURE or its part to MAY_IMPORT: " + str(unplaced)
 
 
 def test_the_scanner_sees_every_form_of_import() -> None:
@@ -104,68 +162,117 @@ from __future__ import annotations
 import os.path
 import asyncio, json as j
 from aiohttp import web
-from smartmob_agent import archive, __version__
+from smartmob_agent import __version__
+from smartmob_agent.sources import archive
 from smartmob_agent.model import Exit
-import smartmob_agent.child
+import smartmob_agent.processes.child
 from . import hub
 from .lines import LineSplitter
 from typing import TYPE_CHECKING
 if TYPE_CHECKING:
-    from smartmob_agent.agent import Agent
+    from smartmob_agent.supervision.agent import Agent
 def later():
     import subprocess
     from smartmob_agent import cli
 """
-    outside, inside = scan(source)
-    assert outside == {"os", "asyncio", "json", "aiohttp", "typing", "subprocess"}
-    assert inside == {"archive", "__init__", "model", "child", "hub", "lines", "agent", "cli"}
+    outside, inside = scan(source, "output.logs")
+    assert outside == {
+        "os.path", "asyncio", "json", "aiohttp", "aiohttp.web", "typing",
+        "typing.TYPE_CHECKING", "subprocess",
+    }
+    assert inside == {
+        "__init__", "sources.archive", "model", "processes.child", "output.hub",
+        "output.lines", "supervision.agent", "cli",
+    }
 
 
-@pytest.mark.parametrize("module", sorted(PURE_CORE))
-def test_pure_core_touches_no_outside_resource(module: str) -> None:
-    """The pure core imports no asyncio, aiohttp, sqlite3, subprocess or socket."""
+@pytest.mark.parametrize("module", sorted(PURE))
+def test_pure_modules_touch_no_outside_resource(module: str) -> None:
+    """A pure module imports no asyncio, aiohttp, sqlite3, subprocess or socket, and reads
+    or writes no file."""
     outside, _ = imports_of(module)
-    assert not outside & FORBIDDEN_IN_CORE
+    assert not {name.split(".")[0] for name in outside} & FORBIDDEN_IN_PURE
+    assert not file_calls(module)
 
 
-@pytest.mark.parametrize("module", sorted(PURE_CORE))
-def test_pure_core_imports_only_pure_core(module: str) -> None:
-    """The pure core imports nothing from adapters, orchestration or interfaces."""
+@pytest.mark.parametrize("module", sorted(PURE))
+def test_pure_modules_import_only_pure_modules(module: str) -> None:
+    """The pure modules import nothing but each other."""
     _, inside = imports_of(module)
-    assert inside <= PURE_CORE, sorted(inside - PURE_CORE)
+    assert inside <= PURE | SUBPACKAGES, sorted(inside - PURE - SUBPACKAGES)
 
 
-@pytest.mark.parametrize("module", sorted(ADAPTERS))
-def test_adapters_import_only_the_pure_core(module: str) -> None:
-    """An adapter imports only the pure core, never another adapter or anything above."""
+@pytest.mark.parametrize("module", sorted(set(MODULES) - PURE - SUBPACKAGES))
+def test_each_part_imports_only_what_it_may(module: str) -> None:
+    """Adapters import pure modules and the parts :data:`MAY_IMPORT` allows; supervision
+    imports no ``web``; nothing imports the CLI."""
     _, inside = imports_of(module)
-    allowed = PURE_CORE | ADAPTER_IMPORTS.get(module, frozenset())
-    assert inside <= allowed, sorted(inside - allowed)
+    allowed = MAY_IMPORT[part_of(module)] | {part_of(module)}
+    wrong = {m for m in inside if m not in PURE and part_of(m) not in allowed}
+    assert not wrong, f"{module} imports {sorted(wrong)}"
 
 
-@pytest.mark.parametrize("module", sorted(ORCHESTRATION))
-def test_orchestration_does_not_import_interfaces(module: str) -> None:
-    """Watcher and agent import the core and adapters, never the interfaces."""
-    _, inside = imports_of(module)
-    assert not inside & INTERFACES, sorted(inside & INTERFACES)
+@pytest.mark.parametrize("module", MODULES)
+def test_only_the_interfaces_use_the_server_side_of_aiohttp(module: str) -> None:
+    """Nothing outside ``web`` and the CLI imports ``aiohttp.web``."""
+    if part_of(module) in {"web", "cli"}:
+        return
+    outside, _ = imports_of(module)
+    server = {n for n in outside if n == "aiohttp.web" or n.startswith("aiohttp.web")}
+    assert not server, f"{module} imports {sorted(server)}"
 
 
-@pytest.mark.parametrize("module", sorted(set(MODULES) - INTERFACES))
-def test_nothing_below_imports_an_interface(module: str) -> None:
-    """No module below the interfaces imports one of them, nor a module of a higher layer."""
-    _, inside = imports_of(module)
-    higher = {name for name in inside if LAYERS.get(name, 0) > LAYERS[module]}
-    assert not higher, f"{module} (layer {LAYERS[module]}) imports {sorted(higher)}"
+def test_supervision_does_not_import_the_web_layer() -> None:
+    """Stated on its own, since it is the rule that keeps the lifecycle testable alone."""
+    for module in MODULES:
+        if part_of(module) == "supervision":
+            _, inside = imports_of(module)
+            assert not {m for m in inside if part_of(m) == "web"}, module
 
 
 def test_guardian_uses_only_the_standard_library() -> None:
-    """guardian.py imports nothing but the standard library (and proctable, which imports
+    """The guardian imports nothing but the standard library (and proctable, which imports
     only that too), so it starts fast and alone."""
-    outside, inside = imports_of("guardian")
-    assert inside <= {"proctable"}
-    assert imports_of("proctable")[1] == frozenset()
-    assert imports_of("proctable")[0] <= sys.stdlib_module_names
-    assert outside <= sys.stdlib_module_names, sorted(outside - sys.stdlib_module_names)
+    outside, inside = imports_of("processes.guardian")
+    assert inside <= {"processes.proctable", "processes", "__init__"}
+    assert imports_of("processes.proctable")[1] <= {"processes", "__init__"}
+    stdlib = sys.stdlib_module_names
+    assert {n.split(".")[0] for n in imports_of("processes.proctable")[0]} <= stdlib
+    assert {n.split(".")[0] for n in outside} <= stdlib, sorted(outside)
+    for package_init in ("__init__", "processes"):
+        assert {n.split(".")[0] for n in imports_of(package_init)[0]} <= stdlib
+
+
+def test_routes_are_registered_by_the_app_factory_only() -> None:
+    """No module of ``web`` adds a route at import time, to its own application or to
+    another module's table: each handler module fills a route table of its own, and
+    ``web.server`` registers every table explicitly."""
+    for module in MODULES:
+        if part_of(module) != "web":
+            continue
+        tree = ast.parse(_path(module).read_text())
+        own_tables = {
+            target.id for node in tree.body if isinstance(node, ast.Assign)
+            for target in node.targets if isinstance(target, ast.Name)
+            and isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Attribute)
+            and node.value.func.attr == "RouteTableDef"
+        }
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                for decorator in node.decorator_list:
+                    if (isinstance(decorator, ast.Call)
+                            and isinstance(decorator.func, ast.Attribute)
+                            and isinstance(decorator.func.value, ast.Name)
+                            and decorator.func.attr in {"get", "post", "route", "view"}):
+                        table = decorator.func.value.id
+                        assert table in own_tables, (
+                            f"{module}: {node.name} is added to {table}, a table of another "
+                            "module, when imported")
+                continue  # a function body may register routes when called
+            calls = [n for n in ast.walk(node) if isinstance(n, ast.Call)
+                     and isinstance(n.func, ast.Attribute)
+                     and n.func.attr in {"add_routes", "add_route", "add_get", "add_post"}]
+            assert not calls, f"{module} line {node.lineno} registers a route at import time"
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -179,9 +286,9 @@ def test_module_imports_alone(module: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("module", sorted(PURE_CORE))
-def test_pure_core_pulls_in_no_io_framework(module: str) -> None:
-    """Importing a pure-core module does not load asyncio, aiohttp, sqlite3 or subprocess."""
+@pytest.mark.parametrize("module", sorted(PURE))
+def test_pure_modules_pull_in_no_io_framework(module: str) -> None:
+    """Importing a pure module does not load asyncio, aiohttp, sqlite3 or subprocess."""
     name = NAME if module == "__init__" else f"{NAME}.{module}"
     code = (
         f"import sys, {name}\n"

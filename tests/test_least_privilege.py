@@ -28,13 +28,13 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from smartmob_agent.agent import Agent
-from smartmob_agent.child import blocked_folder, resolve_run_as
 from smartmob_agent.config import Settings
 from smartmob_agent.errors import InvalidRequest
 from smartmob_agent.model import Options
 from smartmob_agent.model import ProcessState as S
+from smartmob_agent.processes.child import blocked_folder, resolve_run_as
 from smartmob_agent.schemas import check_rlimits, create_request, spec_from_request
+from smartmob_agent.supervision.agent import Agent
 from tests.agent_process import AgentProcess
 from tests.conftest import ArchiveServer
 from tests.helpers import app_archive, eventually, make_archive, wait_for_state

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from smartmob_agent.lines import DEFAULT_MAX_LINE, LineSplitter
+from smartmob_agent.output.lines import DEFAULT_MAX_LINE, LineSplitter
 
 EURO = "€".encode()  # 3 bytes
 EMOJI = "😀".encode()  # 4 bytes

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from smartmob_agent.monitor import Monitor, Usage, sample_trees
+from smartmob_agent.processes.monitor import Monitor, Usage, sample_trees
 from tests.helpers import PYTHON, eventually
 
 MB = 1_000_000

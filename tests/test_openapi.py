@@ -29,8 +29,8 @@ from schemathesis.specs.openapi.checks import (
 from schemathesis.specs.openapi.definitions import OPENAPI_31
 
 from smartmob_agent import schemas
-from smartmob_agent.auth import MintedKey
 from smartmob_agent.config import Settings
+from smartmob_agent.keys import MintedKey
 from smartmob_agent.model import (
     DownloadProgress,
     Exit,
@@ -40,7 +40,6 @@ from smartmob_agent.model import (
     ProcessState,
     Spec,
 )
-from smartmob_agent.openapi import OPERATIONS, REQUEST_SCHEMAS, openapi_document
 from smartmob_agent.representations import (
     index_document,
     key_document,
@@ -49,7 +48,8 @@ from smartmob_agent.representations import (
     process_document,
     upload_document,
 )
-from smartmob_agent.server import make_app
+from smartmob_agent.web.openapi import OPERATIONS, REQUEST_SCHEMAS, openapi_document
+from smartmob_agent.web.server import make_app
 
 SERVER = "http://127.0.0.1:8080"
 #: The admin key of the fuzzed agent.

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from smartmob_agent.model import Backoff, Exit, Options, RestartPolicy
-from smartmob_agent.policy import (
+from smartmob_agent.supervision.restart import (
     JITTER,
     SHELL_CANNOT_RUN,
     Action,

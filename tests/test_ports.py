@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 import pytest
 
 from smartmob_agent.errors import AgentError
-from smartmob_agent.ports import MAX_TRIES, PortAllocator, PortsExhausted, probe_free_port
+from smartmob_agent.processes.ports import MAX_TRIES, PortAllocator, PortsExhausted, probe_free_port
 
 
 def scripted(ports: Iterable[int]) -> tuple[Callable[[], int], list[int]]:

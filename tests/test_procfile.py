@@ -9,7 +9,7 @@ import procfile
 import pytest
 
 from smartmob_agent.errors import ProcfileError
-from smartmob_agent.procfile import (
+from smartmob_agent.sources.procfile import (
     MAX_LINE_CHARS,
     MAX_PROCESS_TYPES,
     MAX_PROCFILE_BYTES,

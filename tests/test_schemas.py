@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from smartmob_agent.agent import Agent
 from smartmob_agent.errors import InvalidRequest
 from smartmob_agent.model import SIGNAL_NAMES, Backoff, Options, RestartPolicy
 from smartmob_agent.schemas import (
@@ -24,6 +23,7 @@ from smartmob_agent.schemas import (
     parse_options,
     signal_request,
 )
+from smartmob_agent.supervision.agent import Agent
 
 VALID: dict[str, Any] = {
     "app": "shop",

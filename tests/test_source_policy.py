@@ -19,12 +19,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from smartmob_agent import archive
-from smartmob_agent.agent import Agent
 from smartmob_agent.config import Settings
 from smartmob_agent.model import ProcessState as S
-from smartmob_agent.server import make_app
-from smartmob_agent.sources import cache_key
+from smartmob_agent.sources import archive
+from smartmob_agent.sources.cache import cache_key
+from smartmob_agent.supervision.agent import Agent
+from smartmob_agent.web.server import make_app
 from tests.conftest import ArchiveServer
 from tests.helpers import make_archive, wait_for_state
 from tests.test_fetch_guard import StandInResolver

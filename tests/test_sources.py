@@ -23,14 +23,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from smartmob_agent.agent import Agent
 from smartmob_agent.config import Settings
 from smartmob_agent.errors import DownloadError
 from smartmob_agent.model import ProcessState as S
 from smartmob_agent.model import Spec
 from smartmob_agent.schemas import create_request, spec_from_request
-from smartmob_agent.sources import KEEP_UNUSED, SourceCache, cache_key
-from smartmob_agent.watcher import Watcher
+from smartmob_agent.sources.cache import KEEP_UNUSED, SourceCache, cache_key
+from smartmob_agent.supervision.agent import Agent
+from smartmob_agent.supervision.watcher import Watcher
 from tests.conftest import ArchiveServer
 from tests.helpers import app_archive, eventually, wait_for_state
 

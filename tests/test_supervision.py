@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from smartmob_agent.agent import Agent
 from smartmob_agent.model import ProcessState as S
-from smartmob_agent.watcher import Watcher
+from smartmob_agent.supervision.agent import Agent
+from smartmob_agent.supervision.watcher import Watcher
 from tests.conftest import ArchiveServer
 from tests.helpers import app_archive, eventually, pid_alive, wait_for_state
 

@@ -25,11 +25,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from smartmob_agent.agent import Agent
 from smartmob_agent.config import Settings
 from smartmob_agent.model import ProcessState as S
-from smartmob_agent.server import make_app
-from smartmob_agent.sources import KEEP_UNUSED, cache_key
+from smartmob_agent.sources.cache import KEEP_UNUSED, cache_key
+from smartmob_agent.supervision.agent import Agent
+from smartmob_agent.web.server import make_app
 from tests.agent_process import AgentProcess
 from tests.conftest import ArchiveServer
 from tests.helpers import app_archive, eventually, make_archive, wait_for_state

@@ -15,14 +15,14 @@ from typing import Any
 import aiohttp
 import pytest
 
-from smartmob_agent import child as child_module
-from smartmob_agent.agent import Agent
-from smartmob_agent.child import Reaper
 from smartmob_agent.config import Settings
 from smartmob_agent.model import Exit, Spec
 from smartmob_agent.model import ProcessState as S
-from smartmob_agent.policy import JITTER, BackoffPolicy
-from smartmob_agent.watcher import Runtime, Watcher
+from smartmob_agent.processes import child as child_module
+from smartmob_agent.processes.child import Reaper
+from smartmob_agent.supervision.agent import Agent
+from smartmob_agent.supervision.restart import JITTER, BackoffPolicy
+from smartmob_agent.supervision.watcher import Runtime, Watcher
 from tests.conftest import ArchiveServer
 from tests.helpers import (
     app_archive,

@@ -25,12 +25,12 @@ from typing import Any
 
 import pytest
 
-from smartmob_agent import watcher as watcher_module
-from smartmob_agent.agent import Agent
-from smartmob_agent.health import HealthMonitor
 from smartmob_agent.model import Options, Spec
 from smartmob_agent.model import ProcessState as S
-from smartmob_agent.watcher import Watcher
+from smartmob_agent.supervision import watcher as watcher_module
+from smartmob_agent.supervision.agent import Agent
+from smartmob_agent.supervision.health import HealthMonitor
+from smartmob_agent.supervision.watcher import Watcher
 from tests.conftest import ArchiveServer
 from tests.helpers import app_archive, eventually, pid_alive, record_states, wait_for_state
 

@@ -18,8 +18,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from smartmob_agent.events import make_event
-from smartmob_agent.webhooks import Webhooks, shown, sign
+from smartmob_agent.events.bus import make_event
+from smartmob_agent.events.webhooks import Webhooks, shown, sign
 
 #: Short delays between attempts, so retries cost the suite little time.
 FAST_RETRY = (0.01, 0.02)

@@ -12,9 +12,9 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestClient
 
-from smartmob_agent.agent import Agent
 from smartmob_agent.model import ProcessState as S
-from smartmob_agent.ws import MAX_BUFFER
+from smartmob_agent.supervision.agent import Agent
+from smartmob_agent.web.attach import MAX_BUFFER
 from tests.conftest import ArchiveServer
 from tests.helpers import app_archive, eventually, wait_for_state
 from tests.puppet import PUPPET_SCRIPT, Puppet, PuppetServer

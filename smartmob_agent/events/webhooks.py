@@ -32,7 +32,7 @@ from yarl import URL
 
 from smartmob_agent import __version__
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("smartmob_agent.webhooks")  # stable name: internals.rst
 
 #: Shortest time between two warnings that one URL's queue overflows.
 WARN_INTERVAL = 60.0

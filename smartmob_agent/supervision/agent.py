@@ -1,7 +1,7 @@
 """The registry of every process on this machine: the only object the web layer uses.
 
 :class:`Agent` creates, lists, finds, controls and deletes
-:class:`~smartmob_agent.watcher.Watcher` objects, owns what they share (the HTTP client
+:class:`~smartmob_agent.supervision.watcher.Watcher` objects, owns what they share (the HTTP client
 session, the reaper, the state folder, the ports, the tree monitor, the event bus and
 the webhooks) and stops them all on shutdown.
 """
@@ -22,10 +22,14 @@ from typing import Any
 
 import aiohttp
 
-from smartmob_agent import archive
-from smartmob_agent.auth import Keyring, MintedKey, digest, mint_key, parse_key_lines
-from smartmob_agent.builder import Builds
-from smartmob_agent.child import (
+from smartmob_agent.config import Settings
+from smartmob_agent.errors import AgentError, Conflict, InvalidRequest, NotFound, TooLarge
+from smartmob_agent.events.bus import EventBus, make_event
+from smartmob_agent.events.webhooks import Webhooks
+from smartmob_agent.keys import Keyring, MintedKey, digest, mint_key, parse_key_lines
+from smartmob_agent.model import ProcessInfo, ProcessState, RunAs, Spec
+from smartmob_agent.output.logs import LogHandler, ProcessLog
+from smartmob_agent.processes.child import (
     Reaper,
     blocked_folder,
     hard_limits,
@@ -34,22 +38,18 @@ from smartmob_agent.child import (
     stop_marked,
     stop_survivor,
 )
-from smartmob_agent.config import Settings
-from smartmob_agent.errors import AgentError, Conflict, InvalidRequest, NotFound, TooLarge
-from smartmob_agent.events import EventBus, make_event
-from smartmob_agent.fetchpolicy import FetchPolicy
-from smartmob_agent.logs import LogHandler, ProcessLog
-from smartmob_agent.model import ProcessInfo, ProcessState, RunAs, Spec
-from smartmob_agent.monitor import Monitor
-from smartmob_agent.ports import PortAllocator
+from smartmob_agent.processes.monitor import Monitor
+from smartmob_agent.processes.ports import PortAllocator
 from smartmob_agent.representations import request_document
 from smartmob_agent.schemas import check_rlimits, create_request, spec_from_request
-from smartmob_agent.sources import SourceCache, Stored, cache_key
+from smartmob_agent.sources import archive
+from smartmob_agent.sources.builds import Builds
+from smartmob_agent.sources.cache import SourceCache, Stored, cache_key
+from smartmob_agent.sources.fetchpolicy import FetchPolicy
 from smartmob_agent.store import Record, Store, StoreError
-from smartmob_agent.watcher import Runtime, Watcher
-from smartmob_agent.webhooks import Webhooks
+from smartmob_agent.supervision.watcher import Runtime, Watcher
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("smartmob_agent.agent")  # stable name: internals.rst
 
 #: Set in every child's environment; the guardian finds the agent's descendants by it.
 AGENT_ID_VARIABLE = "SMARTMOB_AGENT_ID"
@@ -79,7 +79,7 @@ class Agent:
     Raises:
         InvalidRequest: a key file of the settings cannot be read or holds a bad line;
             :option:`--user` or :option:`--group` cannot be used (see
-            :func:`~smartmob_agent.child.resolve_run_as`).
+            :func:`~smartmob_agent.processes.child.resolve_run_as`).
     """
 
     def __init__(
@@ -104,13 +104,15 @@ class Agent:
         self._session: aiohttp.ClientSession | None = None
         self._webhook_session: aiohttp.ClientSession | None = None
         self._runtime: Runtime | None = None
-        #: the downloaded source archives, shared by every process (see :mod:`.sources`)
+        #: the downloaded source archives, shared by every process (a
+        #: :class:`~smartmob_agent.sources.cache.SourceCache`)
         self.sources: SourceCache | None = None
-        #: the builds of sources (virtual environments, releases; see :mod:`.builder`)
+        #: the builds of sources (virtual environments, releases; a
+        #: :class:`~smartmob_agent.sources.builds.Builds`)
         self.builds: Builds | None = None
         self.ports = PortAllocator()
         self.monitor = Monitor(settings.monitor_interval)
-        #: every lifecycle event of every process (see :mod:`smartmob_agent.events`)
+        #: every lifecycle event of every process (see :mod:`smartmob_agent.events.bus`)
         self.events = EventBus()
         self.webhooks: Webhooks | None = None
         #: which source URLs may be fetched, and where from (see :mod:`.fetchpolicy`)

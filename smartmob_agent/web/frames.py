@@ -54,7 +54,7 @@ def json_line_payloads(
 
     The part every line shares is encoded once per batch.
 
-    >>> from smartmob_agent.frames import json_line_payloads
+    >>> from smartmob_agent.web.frames import json_line_payloads
     >>> json_line_payloads([b'hi', b'"quoted"'], 7, "2026-12-01T18:00:00.123Z", "stdout",
     ...                    42, 0)[1]
     b'{"seq":8,"at":"2026-12-01T18:00:00.123Z","stream":"stdout","line":"\\\\"quoted\\\\"","pid":42,"restarts":0}'

@@ -1,8 +1,8 @@
-"""REST handlers: HTTP in, calls on the :class:`~smartmob_agent.agent.Agent`, JSON out.
+"""REST handlers: HTTP in, calls on the :class:`~smartmob_agent.supervision.agent.Agent`, JSON out.
 
 No business logic lives here: handlers parse and validate the request, call the agent,
 and return a representation. Errors are raised as :mod:`smartmob_agent.errors` classes
-and turned into JSON responses by the middleware in :mod:`smartmob_agent.server`.
+and turned into JSON responses by the middleware in :mod:`smartmob_agent.web.server`.
 """
 
 from __future__ import annotations
@@ -17,12 +17,9 @@ from aiohttp import WSCloseCode, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from smartmob_agent import representations as docs
-from smartmob_agent.agent import Agent
-from smartmob_agent.auth import ADMIN, Principal
 from smartmob_agent.errors import Forbidden, InvalidRequest, NotFound
-from smartmob_agent.links import SOURCE_ROUTE, RequestLinks
+from smartmob_agent.keys import ADMIN, Principal
 from smartmob_agent.model import Spec
-from smartmob_agent.openapi import openapi_document
 from smartmob_agent.schemas import (
     bulk_request,
     create_request,
@@ -31,7 +28,10 @@ from smartmob_agent.schemas import (
     signal_request,
     spec_from_request,
 )
-from smartmob_agent.watcher import Watcher
+from smartmob_agent.supervision.agent import Agent
+from smartmob_agent.supervision.watcher import Watcher
+from smartmob_agent.web.links import SOURCE_ROUTE, RequestLinks
+from smartmob_agent.web.openapi import openapi_document
 
 routes = web.RouteTableDef()
 
@@ -261,7 +261,7 @@ async def agent_log(request: web.Request) -> web.Response:
 def prefers_text(accept: str) -> bool:
     """Whether an ``Accept`` header prefers ``text/plain`` to JSON (ties go to JSON).
 
-    >>> from smartmob_agent.api import prefers_text
+    >>> from smartmob_agent.web.api import prefers_text
     >>> prefers_text("text/plain"), prefers_text("application/json, text/plain;q=0.5")
     (True, False)
     >>> prefers_text(""), prefers_text("*/*"), prefers_text("text/*;q=0.9, */*;q=0.1")

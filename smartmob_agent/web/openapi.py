@@ -349,7 +349,7 @@ def openapi_document(
     """The OpenAPI 3.1 document of the routes ``(name, method, path template)`` served
     at ``server`` (an absolute URL without the trailing ``/``).
 
-    >>> from smartmob_agent.openapi import openapi_document
+    >>> from smartmob_agent.web.openapi import openapi_document
     >>> document = openapi_document("http://127.0.0.1:8080", [("health", "GET", "/healthz")])
     >>> document["openapi"], document["servers"], list(document["paths"])
     ('3.1.0', [{'url': 'http://127.0.0.1:8080'}], ['/healthz'])

@@ -8,7 +8,7 @@ SIGKILLs every process whose environment carries the marker it was given (an ent
 as ``SMARTMOB_AGENT_ID=<id>``, which every child inherits) and the groups they lead, and
 exits. After a clean shutdown it finds nobody and exits at once.
 
-Imports only the standard library (and :mod:`~smartmob_agent.proctable`, which does too),
+Imports only the standard library (and :mod:`~smartmob_agent.processes.proctable`, which does too),
 to stay small in memory.
 """
 
@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 
-from smartmob_agent.proctable import marked_processes
+from smartmob_agent.processes.proctable import marked_processes
 
 _SWEEPS = 5
 
@@ -46,10 +46,11 @@ def command(marker: str) -> list[str]:
     ``-I -S`` skips site-packages and the environment: the guardian needs only the
     standard library and this package, whose folder is put on the path explicitly.
     """
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # this file is smartmob_agent/processes/guardian.py: the package's parent is 3 levels up
+    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     code = (
         f"import sys; sys.path.insert(0, {package_parent!r}); "
-        "from smartmob_agent.guardian import main; raise SystemExit(main())"
+        "from smartmob_agent.processes.guardian import main; raise SystemExit(main())"
     )
     return [sys.executable, "-I", "-S", "-c", code, marker]
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     environment entry such as ``SMARTMOB_AGENT_ID=<id>``."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or "=" not in args[0]:
-        print("usage: python -m smartmob_agent.guardian NAME=VALUE", file=sys.stderr)
+        print("usage: python -m smartmob_agent.processes.guardian NAME=VALUE", file=sys.stderr)
         return 2
     # the agent decides when we end: terminal and service signals are not for us
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):

@@ -21,7 +21,7 @@ from typing import Any
 
 from smartmob_agent.representations import format_time
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("smartmob_agent.events")  # stable name: internals.rst
 
 #: The kinds of event the agent publishes (the ``event`` field).
 EVENT_KINDS = frozenset({"process:online", "process:exit", "process:exception", "process:state"})

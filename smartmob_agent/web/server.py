@@ -15,18 +15,20 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from smartmob_agent import errors, eventsocket
-from smartmob_agent import ws as _ws  # noqa: F401  (registers the attach route)
-from smartmob_agent.agent import Agent
-from smartmob_agent.api import AGENT_KEY, KEY_SOCKETS_KEY, PRINCIPAL_KEY, REQUEST_ID_KEY, routes
-from smartmob_agent.auth import ADMIN, FailureLimiter, bearer_key, browser_problem, query_key
+from smartmob_agent import errors
 from smartmob_agent.config import Settings
-from smartmob_agent.ports import PortsExhausted
+from smartmob_agent.keys import ADMIN
+from smartmob_agent.processes.ports import PortsExhausted
 from smartmob_agent.representations import error_document
 from smartmob_agent.store import StoreError
-from smartmob_agent.ws import SOCKETS_KEY, close_all
+from smartmob_agent.supervision.agent import Agent
+from smartmob_agent.web import api, attach
+from smartmob_agent.web import events as eventsocket
+from smartmob_agent.web.access import FailureLimiter, bearer_key, browser_problem, query_key
+from smartmob_agent.web.api import AGENT_KEY, KEY_SOCKETS_KEY, PRINCIPAL_KEY, REQUEST_ID_KEY
+from smartmob_agent.web.attach import SOCKETS_KEY, close_all
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("smartmob_agent.server")  # stable name: internals.rst
 
 #: HTTP status of each error class (most specific first); any other AgentError is 400.
 ERROR_STATUS: tuple[tuple[type[errors.AgentError], int], ...] = (
@@ -147,9 +149,9 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     """Let in only requests with a key the agent knows, and note whom each comes from.
 
     Wrong keys from one address are counted; past a few, that address is refused (429)
-    without its key being checked, for a while (:class:`~smartmob_agent.auth.FailureLimiter`).
+    without its key being checked, for a while (:class:`~smartmob_agent.web.access.FailureLimiter`).
     An agent without keys refuses what looks like a web page's request instead
-    (:func:`~smartmob_agent.auth.browser_problem`).
+    (:func:`~smartmob_agent.web.access.browser_problem`).
     """
     keyring = request.app[AGENT_KEY].keyring
     route = request.match_info.route.name
@@ -202,7 +204,8 @@ def make_app(settings: Settings, agent: Agent | None = None) -> web.Application:
     app[SOCKETS_KEY] = weakref.WeakSet()
     app[KEY_SOCKETS_KEY] = {}
     app[eventsocket.EVENT_BUS_KEY] = app[AGENT_KEY].events
-    app.add_routes(routes)
+    app.add_routes(api.routes)
+    app.add_routes(attach.routes)
     eventsocket.add_routes(app)
     app.on_shutdown.append(close_all)
     if owned:

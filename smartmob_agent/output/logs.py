@@ -50,7 +50,7 @@ from typing import BinaryIO
 
 from smartmob_agent.model import LogLine, Stamp
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("smartmob_agent.logs")  # stable name: internals.rst
 
 #: Name of the current log file in a process's log folder; rotated ones add ``.1``, ...
 LOG_NAME = "output.log"

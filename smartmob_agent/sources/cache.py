@@ -54,16 +54,16 @@ from pathlib import Path
 
 import aiohttp
 
-from smartmob_agent import archive
 from smartmob_agent.errors import (
     ArchiveError,
     DownloadError,
     StorageError,
     TooLarge,
 )
-from smartmob_agent.fetchpolicy import FetchPolicy
+from smartmob_agent.sources import archive
+from smartmob_agent.sources.fetchpolicy import FetchPolicy
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("smartmob_agent.sources")  # stable name: internals.rst
 
 #: Entries that no process uses, kept (the most recently used first) for rollbacks.
 KEEP_UNUSED = 3

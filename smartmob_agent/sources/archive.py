@@ -2,7 +2,7 @@
 
 Knows nothing of processes. :func:`download` streams a URL to a file, never holding the
 body in memory, reporting its progress if asked (:func:`fetch` does the same with a
-conditional GET), going only where the :class:`~smartmob_agent.fetchpolicy.FetchPolicy`
+conditional GET), going only where the :class:`~smartmob_agent.sources.fetchpolicy.FetchPolicy`
 allows: the URL, each redirect and, through the session of :func:`open_session`, the
 addresses a host name resolves to. :func:`detect_format` recognises zip and tar (plain,
 gzip, bzip2, xz) by their first bytes, whatever the server claimed; :func:`unpack`
@@ -40,7 +40,7 @@ from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 from smartmob_agent.errors import ArchiveError, DownloadError
-from smartmob_agent.fetchpolicy import FetchPolicy
+from smartmob_agent.sources.fetchpolicy import FetchPolicy
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer

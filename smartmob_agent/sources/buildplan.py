@@ -4,7 +4,7 @@ key, with which commands and environment (see :ref:`lifecycle-build`).
 Like Heroku's Python buildpack: a source with a ``requirements.txt`` at its root gets a
 virtual environment of its own, with the requirements installed, before its processes
 start; a Procfile with a ``release`` entry has that command run once per new source
-first. The adapter that runs them is :mod:`smartmob_agent.builder`; nothing here touches
+first. The adapter that runs them is :mod:`smartmob_agent.sources.builds`; nothing here touches
 a file or a process.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from smartmob_agent.errors import ProcfileError
-from smartmob_agent.procfile import ProcfileEntry
+from smartmob_agent.sources.procfile import ProcfileEntry
 
 #: The file whose presence at the root of a source asks for a virtual environment.
 REQUIREMENTS = "requirements.txt"

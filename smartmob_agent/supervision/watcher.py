@@ -1,8 +1,8 @@
 """The life of one process over time: provision, then run and restart as its options say.
 
 A :class:`Watcher` owns one process resource: it downloads and unpacks the source,
-reads the Procfile and ``.env``, then spawns :class:`~smartmob_agent.child.Child` after
-child, restarting as :func:`~smartmob_agent.policy.decide` says, until it is stopped.
+reads the Procfile and ``.env``, then spawns :class:`~smartmob_agent.processes.child.Child` after
+child, restarting as :func:`~smartmob_agent.supervision.restart.decide` says, until it is stopped.
 Every change of state goes through :meth:`Watcher._enter`, which checks the transition
 table, tells the listeners and publishes a ``process:state`` event; each is driven by a
 real event: a step finishing, a child spawned, a child's exit, a control.
@@ -37,18 +37,12 @@ from typing import Any
 
 import aiohttp
 
-from smartmob_agent import archive, build, dotenv, procfile
-from smartmob_agent.builder import Builds
-from smartmob_agent.child import Child, Reaper, give_tree, stop_marked
 from smartmob_agent.errors import (
     AgentError,
     Conflict,
     ProcfileError,
     SpawnError,
 )
-from smartmob_agent.health import HealthCheck, HealthMonitor, ProbeResult, probe_command, probe_http
-from smartmob_agent.hub import Hub
-from smartmob_agent.logs import ProcessLog
 from smartmob_agent.model import (
     RESTING_STATES,
     Backoff,
@@ -63,11 +57,30 @@ from smartmob_agent.model import (
     Spec,
     check_transition,
 )
-from smartmob_agent.monitor import Monitor
-from smartmob_agent.policy import Action, BackoffPolicy, backoff_policy, decide, next_delay
-from smartmob_agent.sources import SourceCache
+from smartmob_agent.output.hub import Hub
+from smartmob_agent.output.logs import ProcessLog
+from smartmob_agent.processes.child import Child, Reaper, give_tree, stop_marked
+from smartmob_agent.processes.monitor import Monitor
+from smartmob_agent.sources import archive, dotenv, procfile
+from smartmob_agent.sources import buildplan as build
+from smartmob_agent.sources.builds import Builds
+from smartmob_agent.sources.cache import SourceCache
+from smartmob_agent.supervision.health import (
+    HealthCheck,
+    HealthMonitor,
+    ProbeResult,
+    probe_command,
+    probe_http,
+)
+from smartmob_agent.supervision.restart import (
+    Action,
+    BackoffPolicy,
+    backoff_policy,
+    decide,
+    next_delay,
+)
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("smartmob_agent.watcher")  # stable name: internals.rst
 
 S = ProcessState
 #: Set in the environment of every child of a process, with a value of its own: the
@@ -118,14 +131,15 @@ class Runtime:
     #: the folder of the processes' output log files (one folder each); ``None`` keeps
     #: output lines in memory only
     logs_dir: Path | None = None
-    #: output lines of each process kept in memory (see :class:`~smartmob_agent.logs.ProcessLog`)
+    #: output lines of each process kept in memory (see
+    #: :class:`~smartmob_agent.output.logs.ProcessLog`)
     log_lines: int = 1000
     #: size at which an output log file is rotated
     log_max_bytes: int = 10 * 1024 * 1024
     #: rotated output log files kept per process
     log_files: int = 3
     #: called as ``reserve_seq(slug, mark)`` to keep the mark below which a process's
-    #: output lines may be numbered (see :class:`~smartmob_agent.logs.ProcessLog`)
+    #: output lines may be numbered (see :class:`~smartmob_agent.output.logs.ProcessLog`)
     reserve_seq: Callable[[str, int], None] | None = None
     #: the user the children run as (:option:`--user`); ``None``: the agent's own
     run_as: RunAs | None = None
@@ -243,8 +257,8 @@ class Watcher:
 
     @property
     def build_key(self) -> str | None:
-        """The key of the build of its source (see :mod:`.builder`), once known; the
-        agent keeps it from being collected."""
+        """The key of the build of its source (see :mod:`~smartmob_agent.sources.builds`), once
+        known; the agent keeps it from being collected."""
         builds = self._runtime.builds
         if builds is None or self.source_sha256 is None:
             return None

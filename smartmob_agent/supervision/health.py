@@ -27,10 +27,10 @@ from typing import Any
 
 import aiohttp
 
-from smartmob_agent.child import Reaper
 from smartmob_agent.model import Exit, RunAs
+from smartmob_agent.processes.child import Reaper
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("smartmob_agent.health")  # stable name: internals.rst
 
 #: Bytes of a probe command's output kept (its end): enough for the last line.
 OUTPUT_TAIL = 4096

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("smartmob_agent.monitor")  # stable name: internals.rst
 
 #: Takes the root pids to measure; returns ``{root: (cpu_seconds, rss_bytes)}``.
 Sampler = Callable[[Collection[int]], dict[int, tuple[float, int]]]

@@ -2,7 +2,7 @@
 text frame a client sends as one line of the process's stdin.
 
 Lines travel as pre-encoded frames written straight to the connection's transport, a
-whole batch in one write (see :mod:`smartmob_agent.frames`), which is what lets one
+whole batch in one write (see :mod:`smartmob_agent.web.frames`), which is what lets one
 client follow a process writing hundreds of thousands of lines a second. What a client
 has not yet taken is bounded by :data:`MAX_BUFFER`: past it, lines for that client are
 dropped and counted, and a notice frame tells the client how many once it catches up.
@@ -29,14 +29,17 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from smartmob_agent.api import process_for, routes, watch_key
 from smartmob_agent.errors import InvalidRequest
-from smartmob_agent.frames import encode_text_frames, json_line_payloads
 from smartmob_agent.model import LogLine, Stamp
 from smartmob_agent.representations import format_time, line_document
 from smartmob_agent.schemas import parse_attach_query
+from smartmob_agent.web.api import process_for, watch_key
+from smartmob_agent.web.frames import encode_text_frames, json_line_payloads
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("smartmob_agent.ws")  # stable name: internals.rst
+
+#: The attach route; :func:`smartmob_agent.web.server.make_app` registers it.
+routes = web.RouteTableDef()
 
 #: Bytes queued for one client (beyond the kernel's socket buffer) before lines drop.
 MAX_BUFFER = 1024 * 1024

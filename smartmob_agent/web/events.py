@@ -3,7 +3,7 @@
 ``GET /events`` (optionally ``?app=<app>`` and/or ``?slug=<slug>``) upgrades to a
 WebSocket that receives every event published from the handshake on, filtered, until the
 client leaves or the agent shuts down (close code 1001). What a client has not yet taken
-is bounded by its :class:`~smartmob_agent.events.EventQueue`: past it, the oldest events
+is bounded by its :class:`~smartmob_agent.events.bus.EventQueue`: past it, the oldest events
 are dropped and an ``events:dropped`` frame tells the client how many.
 """
 
@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from aiohttp import WSCloseCode, web
 from multidict import MultiMapping
 
-from smartmob_agent.api import principal, require_app, watch_key
 from smartmob_agent.errors import InvalidRequest
-from smartmob_agent.events import Event, EventBus, EventQueue
+from smartmob_agent.events.bus import Event, EventBus, EventQueue
 from smartmob_agent.schemas import MAX_NAME
+from smartmob_agent.web.api import principal, require_app, watch_key
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("smartmob_agent.eventsocket")  # stable name: internals.rst
 
 EVENT_BUS_KEY = web.AppKey("event_bus", EventBus)
 

@@ -2,7 +2,7 @@
 
 A :class:`Child` is one pid from spawn to reap. It runs ``/bin/sh -c COMMAND`` in a new
 session (so it leads its own process group), reads stdout and stderr in 64 KiB chunks
-straight from the pipes into a :class:`~smartmob_agent.lines.LineSplitter`, and learns
+straight from the pipes into a :class:`~smartmob_agent.output.lines.LineSplitter`, and learns
 of its exit from a pidfd the moment the kernel records it, whatever happened to the
 pipes (a grandchild may hold them open for ever).
 
@@ -31,12 +31,12 @@ from typing import Any
 
 import psutil
 
-from smartmob_agent import proctable
 from smartmob_agent.errors import InvalidRequest, SpawnError
-from smartmob_agent.lines import DEFAULT_MAX_LINE, LineSplitter
 from smartmob_agent.model import RLIMIT_NAMES, Exit, RunAs
+from smartmob_agent.output.lines import DEFAULT_MAX_LINE, LineSplitter
+from smartmob_agent.processes import proctable
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("smartmob_agent.child")  # stable name: internals.rst
 
 #: Receives batches of output lines: ``sink(stream, lines)``.
 Sink = Callable[[str, list[bytes]], None]

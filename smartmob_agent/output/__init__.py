@@ -1,0 +1,1 @@
+"""Output of children: splitting bytes into lines, the per-process fan-out hub and the log files."""

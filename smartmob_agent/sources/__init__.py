@@ -1,0 +1,1 @@
+"""Sources of apps: fetching, unpacking, caching, Procfile and .env parsing, builds."""

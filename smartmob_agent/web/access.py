@@ -1,0 +1,156 @@
+"""What the HTTP layer checks before a handler runs: keys in requests, the browser guard
+against cross-site requests and DNS rebinding, and the slowing down of guessers: pure.
+
+The keys themselves and their scopes are :mod:`smartmob_agent.keys`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+import urllib.parse
+from collections import OrderedDict
+from collections.abc import Callable
+
+
+def bearer_key(authorization: str | None) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header, or ``None``.
+
+    >>> from smartmob_agent.web.access import bearer_key
+    >>> bearer_key("Bearer abc"), bearer_key("bearer  abc "), bearer_key("Basic abc")
+    ('abc', 'abc', None)
+    """
+    if not authorization:
+        return None
+    scheme, _, key = authorization.strip().partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        return None
+    return key
+
+
+def query_key(raw_query: str) -> str | None:
+    """The key of a raw (still percent-encoded) query string's ``token`` parameter.
+
+    Only a parameter spelled exactly ``token=`` counts, not an escaped ``%74oken=``: the
+    filter that hides keys in log lines looks for the plain spelling.
+
+    >>> from smartmob_agent.web.access import query_key
+    >>> query_key("app=a&token=abc%2Bd"), query_key("%74oken=abc&xtoken=1")
+    ('abc+d', None)
+    """
+    for part in raw_query.split("&"):
+        name, _, value = part.partition("=")
+        if name == "token":
+            return urllib.parse.unquote(value) or None
+    return None
+
+
+def _hostname(authority: str) -> str:
+    """The host of a ``host[:port]`` (brackets of an IPv6 address removed), lowercase."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        return authority[1:].split("]", 1)[0]
+    if authority.count(":") == 1:
+        return authority.split(":", 1)[0]
+    return authority
+
+
+def browser_problem(host: str | None, origin: str | None, listen_host: str) -> str | None:
+    """Why an agent without keys must refuse this request as a browser's, or ``None``.
+
+    Without keys, the only lock is that the agent listens on loopback. A web page the
+    user visits can still reach it: by a cross-origin request (a "simple" POST needs no
+    preflight, and the agent reads JSON whatever the content type), or through DNS
+    rebinding (a name of the page's that now resolves to 127.0.0.1, whose answers the
+    page may read). So: a request from another origin is refused, and the ``Host`` must
+    be an IP address, ``localhost`` or the address the agent was told to listen on.
+
+    >>> from smartmob_agent.web.access import browser_problem
+    >>> browser_problem("127.0.0.1:8080", None, "127.0.0.1") is None
+    True
+    >>> browser_problem("evil.example:8080", None, "127.0.0.1")[:40]
+    "the Host 'evil.example' is not an IP add"
+    >>> browser_problem("127.0.0.1:8080", "http://evil.example", "127.0.0.1")[:36]
+    'a request from a web page of another'
+    """
+    if host:
+        name = _hostname(host)
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            if name not in {"localhost", listen_host.lower()}:
+                return (
+                    f"the Host {name!r} is not an IP address, localhost or --host: an agent "
+                    "without keys answers no other name (a web page could reach it by "
+                    "DNS rebinding); give it keys to use names"
+                )
+    if origin is not None and (not host or origin.split("://", 1)[-1].lower() != host.lower()):
+        return (
+            "a request from a web page of another origin is refused by an agent without "
+            "keys (any page the user visits could otherwise run commands); give it keys"
+        )
+    return None
+
+
+class FailureLimiter:
+    """Slows down an address that keeps presenting wrong keys.
+
+    Each address may fail ``burst`` times; a failure costs one token of its bucket, and
+    the bucket refills at one token per ``refill`` seconds. An address with an empty
+    bucket is refused without its key being checked until a token comes back. At most
+    ``max_addresses`` buckets are kept (the least recently failing are forgotten), so
+    failures from many addresses cannot grow the agent. IPv6 addresses count by /64.
+    """
+
+    def __init__(
+        self,
+        burst: int = 10,
+        refill: float = 6.0,
+        max_addresses: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._burst = burst
+        self._refill = refill
+        self._max = max_addresses
+        self._clock = clock
+        #: address -> (tokens left, when they were counted)
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    @staticmethod
+    def bucket(address: str) -> str:
+        """The bucket an address counts in: itself, or for IPv6 its /64 network, since
+        one client usually holds a whole /64 and could try from a new address each time.
+
+        >>> from smartmob_agent.web.access import FailureLimiter
+        >>> FailureLimiter.bucket("2001:db8::1"), FailureLimiter.bucket("192.0.2.7")
+        ('2001:db8::/64', '192.0.2.7')
+        """
+        try:
+            parsed = ipaddress.ip_address(address)
+        except ValueError:
+            return address
+        if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is None:
+            return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+        return address
+
+    def _tokens(self, address: str) -> float:
+        entry = self._buckets.get(address)
+        if entry is None:
+            return float(self._burst)
+        tokens, counted = entry
+        return min(float(self._burst), tokens + (self._clock() - counted) / self._refill)
+
+    def retry_after(self, address: str) -> float:
+        """Seconds until ``address`` may try again; ``0`` if it may now."""
+        tokens = self._tokens(self.bucket(address))
+        return 0.0 if tokens >= 1 else (1 - tokens) * self._refill
+
+    def failed(self, address: str) -> None:
+        """Count one wrong key from ``address``."""
+        address = self.bucket(address)
+        tokens = max(0.0, self._tokens(address) - 1)
+        self._buckets[address] = (tokens, self._clock())
+        self._buckets.move_to_end(address)
+        while len(self._buckets) > self._max:
+            self._buckets.popitem(last=False)
