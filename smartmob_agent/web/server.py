@@ -45,7 +45,11 @@ ERROR_STATUS: tuple[tuple[type[errors.AgentError], int], ...] = (
     (errors.InvalidTransition, 500),  # a bug of the agent, not of the client
 )
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,200}")
+#: A client's request id is echoed as sent if it is 1 to 200 printable ASCII characters
+#: (spaces included): clients such as gitmesh-deploy send ``?`` or a sentence and check
+#: the echo. Control and non-ASCII characters are what would let an id forge a header or
+#: a log line, so an id holding one is replaced.
+_REQUEST_ID = re.compile(r"[\x20-\x7e]{1,200}")
 
 
 def status_of(error: errors.AgentError) -> int:

@@ -1,0 +1,143 @@
+"""The original project's own clients, as their users run them, against the real agent.
+
+gitmesh-deploy's ``post_receive`` hook archives a git push, uploads the archive, GETs the
+agent's index and POSTs its ``create`` link with an ``X-Request-Id`` header, and asserts
+that the same id comes back on every answer. When its own request id is unset it sends
+``?``; people send sentences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.agent_process import AgentProcess
+from tests.conftest import ArchiveServer
+
+#: The ids gitmesh-deploy's users send (the first when its own id is unset).
+IDS = ("?", "MY-REQUEST-ID", str(uuid.uuid4()), "My very own request ID!")
+
+needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs the git command")
+
+
+@pytest.fixture
+async def agent_process(tmp_path: Path) -> AsyncIterator[AgentProcess]:
+    process = await AgentProcess(tmp_path / "state").start()
+    yield process
+    await process.kill()
+
+
+def git_archive(tmp_path: Path) -> bytes:
+    """A pushed repository as gitmesh-deploy archives it: ``git archive`` of HEAD."""
+    repo = tmp_path / "repo"
+    repo.mkdir(parents=True)
+    (repo / "Procfile").write_text("web: echo hello from git; sleep 1000\n")
+
+    def run(*args: str) -> bytes:
+        return subprocess.run(
+            ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.org",
+             *args],
+            check=True, capture_output=True, timeout=30,
+        ).stdout
+
+    run("init", "-q")
+    run("add", "Procfile")
+    run("commit", "-q", "-m", "first push")
+    return run("archive", "--format=tar.gz", "HEAD")
+
+
+@needs_git
+@pytest.mark.parametrize("request_id", IDS)
+async def test_gitmesh_deploy_flow_echoes_its_request_id(
+    tmp_path: Path, agent_process: AgentProcess, archive_server: ArchiveServer,
+    http: aiohttp.ClientSession, request_id: str,
+) -> None:
+    """git archive -> upload -> index -> create: every answer echoes the id, and the
+    agent's download of the archive carries it."""
+    headers = {"X-Request-Id": request_id}
+    source_url = archive_server.add("push.tgz", git_archive(tmp_path))
+
+    async with http.get(agent_process.url + "/", headers=headers) as response:
+        assert response.status == 200
+        assert response.headers["X-Request-Id"] == request_id
+        links = await response.json()
+    body = {"app": "gitmesh", "node": "web.0", "process_type": "web",
+            "source_url": source_url}
+    async with http.post(links["create"], data=json.dumps(body), headers=headers) as response:
+        assert response.status == 201, await response.text()
+        assert response.headers["X-Request-Id"] == request_id
+        details = (await response.json())["details"]
+
+    async with asyncio.timeout(15):
+        while True:
+            async with http.get(details, headers=headers) as response:
+                assert response.headers["X-Request-Id"] == request_id
+                status = await response.json()
+            if status["state"] == "running":
+                break
+            assert status["state"] != "failed", status
+            await asyncio.sleep(0.02)
+    downloads = [r for r in archive_server.requests if r.path == "/push.tgz"]
+    assert [r.headers.get("X-Request-Id") for r in downloads] == [request_id]
+
+    # the upload link answers the same way, for a hook that uploads to the agent itself
+    async with http.post(links["upload"], data=git_archive(tmp_path / "again"),
+                         headers=headers) as response:
+        assert response.status == 201, await response.text()
+        assert response.headers["X-Request-Id"] == request_id
+
+
+async def raw_request_id(url: str, value: bytes) -> str | None:
+    """GET / with ``X-Request-Id: <value>`` sent byte for byte (a client library would
+    refuse to send some of these); return the id the agent answered, or ``None`` when the
+    HTTP parser refused the request as malformed (then nothing of it is echoed)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                     b"X-Request-Id: " + value + b"\r\n\r\n")
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+    if head.startswith("HTTP/1.0 400") or head.startswith("HTTP/1.1 400"):
+        assert value.decode("latin-1") not in head
+        return None
+    assert head.startswith("HTTP/1.1 200"), head
+    [echoed] = [line.split(":", 1)[1].strip() for line in head.split("\r\n")[1:]
+                if line.lower().startswith("x-request-id:")]
+    return echoed
+
+
+@pytest.mark.parametrize("value", [
+    b"x" * 201,                 # too long
+    b"tab\there",               # a control character
+    b"caf\xc3\xa9",             # non-ASCII (UTF-8)
+    b"fake\x7fdelete",          # DEL
+])
+async def test_hostile_request_ids_are_replaced(
+    agent_process: AgentProcess, value: bytes
+) -> None:
+    """Ids that are too long or hold control or non-ASCII bytes get a fresh id, so an id
+    can never forge a header or a log line."""
+    echoed = await raw_request_id(agent_process.url, value)
+    if echoed is None:  # refused by the HTTP parser before any handler: nothing echoed
+        return
+    assert echoed != value.decode("latin-1")
+    assert len(echoed) == 32
+    assert all(c in "0123456789abcdef" for c in echoed)
+
+
+async def test_the_longest_printable_id_is_echoed(agent_process: AgentProcess) -> None:
+    """200 printable characters, spaces and punctuation included, come back as sent."""
+    value = (b"a ?!\"#$%&'()*+,-./:;<=>@[\\]^_`{|}~" * 7)[:200]
+    assert await raw_request_id(agent_process.url, value) == value.decode()
