@@ -8,6 +8,7 @@ its parser from it and the docs list it.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -51,6 +52,7 @@ class Settings:
     app_token: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     app_tokens_file: Path | None = None
     insecure: bool = False
+    allow_host: tuple[str, ...] = ()
     tls_cert: Path | None = None
     tls_key: Path | None = None
     user: str | None = None
@@ -167,6 +169,16 @@ def _host(text: str) -> str:
     return host
 
 
+def _host_name(text: str) -> str:
+    name = text.strip().lower().rstrip(".")
+    if not HOST_NAME.fullmatch(name) or len(name) > 253:
+        raise ValueError(
+            "must be a host name such as smartmob-agent or agent.example.org, or *.domain "
+            "for every name under a domain (no port, no scheme)"
+        )
+    return name
+
+
 def _folder(text: str) -> Path:
     # an empty value would silently mean the current folder
     if not text.strip():
@@ -204,6 +216,9 @@ def _secret(text: str) -> str:
         raise ValueError("must not be empty")
     return text
 
+
+#: A DNS name, or ``*.`` and a domain: what ``--allow-host`` takes.
+HOST_NAME = re.compile(r"(\*\.)?[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*")
 
 OPTIONS: tuple[Option, ...] = (
     Option("host", "--host", "SMARTMOB_HOST", _host, "ADDRESS",
@@ -277,6 +292,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("insecure", "--insecure", "SMARTMOB_INSECURE", _switch, "",
            "allow listening on a non-loopback address without any key (anyone who can "
            "reach the agent can then run any command)", switch=True),
+    Option("allow_host", "--allow-host", "SMARTMOB_ALLOW_HOST", _host_name, "NAME",
+           "also answer requests whose Host is this name (e.g. a docker-compose service "
+           "name), or any name under a domain with *.example.org; an agent without keys "
+           "otherwise answers only IP addresses, localhost and --host (a guard against DNS "
+           "rebinding); repeat for more (the variable takes them separated by spaces)",
+           repeat=True),
     Option("tls_cert", "--tls-cert", "SMARTMOB_TLS_CERT", _folder, "FILE",
            "serve HTTPS with this certificate chain (PEM); needs --tls-key"),
     Option("tls_key", "--tls-key", "SMARTMOB_TLS_KEY", _folder, "FILE",

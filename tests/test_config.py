@@ -70,6 +70,8 @@ def test_settings_are_frozen() -> None:
                      id="webhooks-separated-by-spaces"),
         pytest.param("webhook_secret", "s3cret", "s3cret", id="webhook-secret"),
         pytest.param("monitor_interval", "0.5", 0.5, id="monitor-interval"),
+        pytest.param("allow_host", "Smartmob-Agent *.example.org.",
+                     ("smartmob-agent", "*.example.org"), id="allow-host"),
     ],
 )
 def test_each_option_from_flag_and_from_environment(name: str, text: str, value: Any) -> None:
@@ -97,6 +99,7 @@ def test_flag_wins_over_environment(option: Any) -> None:
         "token": (["k" * 16], "e" * 16), "token_file": ("a", "b"),
         "app_token": (["web=" + "k" * 16], "web=" + "e" * 16),
         "app_tokens_file": ("a", "b"), "insecure": ("true", "false"),
+        "allow_host": (["a.example"], "b.example"),
         "tls_cert": ("a", "b"), "tls_key": ("a", "b"),
         "user": ("nobody", "daemon"), "group": ("nogroup", "daemon"),
     }

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -141,3 +143,68 @@ async def test_the_longest_printable_id_is_echoed(agent_process: AgentProcess) -
     """200 printable characters, spaces and punctuation included, come back as sent."""
     value = (b"a ?!\"#$%&'()*+,-./:;<=>@[\\]^_`{|}~" * 7)[:200]
     assert await raw_request_id(agent_process.url, value) == value.decode()
+
+
+async def index_by_name(
+    http: aiohttp.ClientSession, agent: AgentProcess, host: str
+) -> tuple[int, dict[str, str]]:
+    """GET / with ``Host: <host>``, as a client that reaches the agent by that name."""
+    async with http.get(agent.url + "/", headers={"Host": host}) as response:
+        return response.status, await response.json()
+
+
+async def test_a_service_name_is_answered_with_allow_host(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """smartmob-demo's docker-compose reaches the agent as http://smartmob-agent/: with
+    --allow-host it answers, and its links are built from that name."""
+    agent = await AgentProcess(
+        tmp_path / "state", ["--allow-host", "smartmob-agent", "--allow-host", "*.example.org"]
+    ).start()
+    try:
+        status, links = await index_by_name(http, agent, "smartmob-agent")
+        assert status == 200, links
+        assert links["list"] == "http://smartmob-agent/list-processes"
+        status, links = await index_by_name(http, agent, "Agent-7.Fleet.Example.org:8080")
+        assert status == 200, links
+        assert links["list"] == "http://agent-7.fleet.example.org:8080/list-processes"
+        for refused in ("example.org", "smartmob-agent.evil.test", "evil-example.org"):
+            status, error = await index_by_name(http, agent, refused)
+            assert status == 403, (refused, error)
+    finally:
+        await agent.kill()
+
+
+async def test_without_allow_host_the_refusal_names_the_flag(
+    agent_process: AgentProcess, http: aiohttp.ClientSession
+) -> None:
+    """The guard against DNS rebinding stays; its 403 says which flag lets the name in."""
+    status, error = await index_by_name(http, agent_process, "smartmob-agent")
+    assert status == 403
+    assert "--allow-host smartmob-agent" in error["error"]
+
+
+async def test_allow_host_from_the_environment(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """SMARTMOB_ALLOW_HOST takes names separated by spaces."""
+    env = {**os.environ, "SMARTMOB_ALLOW_HOST": "smartmob-agent agent.internal"}
+    agent = await AgentProcess(tmp_path / "state", env=env).start()
+    try:
+        for name in ("smartmob-agent", "agent.internal"):
+            status, _ = await index_by_name(http, agent, name)
+            assert status == 200, name
+    finally:
+        await agent.kill()
+
+
+@pytest.mark.parametrize("value", ["http://smartmob-agent", "agent:8080", "*", "a b", ""])
+def test_a_bad_allow_host_stops_the_agent_at_start(tmp_path: Path, value: str) -> None:
+    """A value that is not a host name (or *.domain) is a usage error (exit status 2)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "smartmob_agent", "--state-dir", str(tmp_path / "s"),
+         "--port", "0", "--allow-host", value],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--allow-host" in result.stderr

@@ -10,7 +10,7 @@ import ipaddress
 import time
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 
 def bearer_key(authorization: str | None) -> str | None:
@@ -56,7 +56,29 @@ def _hostname(authority: str) -> str:
     return authority
 
 
-def browser_problem(host: str | None, origin: str | None, listen_host: str) -> str | None:
+def host_allowed(name: str, allowed: Iterable[str]) -> bool:
+    """Whether the host ``name`` is one of ``allowed`` (``--allow-host``): the same name,
+    or a name under the domain of a ``*.domain`` entry (not the domain itself).
+
+    >>> from smartmob_agent.web.access import host_allowed
+    >>> host_allowed("smartmob-agent", ["smartmob-agent"])
+    True
+    >>> [host_allowed(n, ["*.example.org"]) for n in ("a.example.org", "a.b.example.org",
+    ...                                             "example.org", "evil-example.org")]
+    [True, True, False, False]
+    """
+    for entry in allowed:
+        if entry.startswith("*."):
+            if name.endswith(entry[1:]) and len(name) > len(entry) - 1:
+                return True
+        elif name == entry:
+            return True
+    return False
+
+
+def browser_problem(
+    host: str | None, origin: str | None, listen_host: str, allowed: Iterable[str] = ()
+) -> str | None:
     """Why an agent without keys must refuse this request as a browser's, or ``None``.
 
     Without keys, the only lock is that the agent listens on loopback. A web page the
@@ -64,7 +86,9 @@ def browser_problem(host: str | None, origin: str | None, listen_host: str) -> s
     preflight, and the agent reads JSON whatever the content type), or through DNS
     rebinding (a name of the page's that now resolves to 127.0.0.1, whose answers the
     page may read). So: a request from another origin is refused, and the ``Host`` must
-    be an IP address, ``localhost`` or the address the agent was told to listen on.
+    be an IP address, ``localhost``, the address the agent was told to listen on, or a
+    name given with ``--allow-host`` (``allowed``: a service name behind docker-compose,
+    Kubernetes or a reverse proxy).
 
     >>> from smartmob_agent.web.access import browser_problem
     >>> browser_problem("127.0.0.1:8080", None, "127.0.0.1") is None
@@ -79,11 +103,14 @@ def browser_problem(host: str | None, origin: str | None, listen_host: str) -> s
         try:
             ipaddress.ip_address(name)
         except ValueError:
-            if name not in {"localhost", listen_host.lower()}:
+            if name not in {"localhost", listen_host.lower()} and not host_allowed(
+                name, allowed
+            ):
                 return (
-                    f"the Host {name!r} is not an IP address, localhost or --host: an agent "
-                    "without keys answers no other name (a web page could reach it by "
-                    "DNS rebinding); give it keys to use names"
+                    f"the Host {name!r} is not an IP address, localhost, --host or an "
+                    "--allow-host name: an agent without keys answers no other name (a web "
+                    f"page could reach it by DNS rebinding); start it with --allow-host "
+                    f"{name} to answer this name, or give it keys"
                 )
     if origin is not None and (not host or origin.split("://", 1)[-1].lower() != host.lower()):
         return (

@@ -162,7 +162,7 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     if route in OPEN_ROUTES or not keyring.enabled:
         problem = None if route in OPEN_ROUTES else browser_problem(
             request.headers.get("Host"), request.headers.get("Origin"),
-            request.app[SETTINGS_KEY].host,
+            request.app[SETTINGS_KEY].host, request.app[SETTINGS_KEY].allow_host,
         )
         if problem is not None:
             raise errors.Forbidden(problem)
