@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from aiohttp.typedefs import Handler
 
 from smartmob_agent.events.bus import (
     DEFAULT_MAXSIZE,
@@ -23,7 +24,9 @@ from smartmob_agent.events.bus import (
     EventQueueClosed,
     make_event,
 )
+from smartmob_agent.keys import ADMIN
 from smartmob_agent.representations import format_time
+from smartmob_agent.web.api import PRINCIPAL_KEY
 from smartmob_agent.web.events import CLOSE_TIMEOUT, EVENT_BUS_KEY, EVENT_CLIENTS_KEY, add_routes
 from smartmob_agent.web.server import error_middleware
 from tests.helpers import eventually
@@ -235,6 +238,14 @@ async def test_a_failing_callback_is_logged_and_harms_no_one(
 # --- the events WebSocket -------------------------------------------------------------
 
 
+@web.middleware
+async def as_admin(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Name the admin as the principal of every request, as the access middleware does on
+    an agent without keys (a handler refuses a request nobody was named for)."""
+    request[PRINCIPAL_KEY] = ADMIN
+    return await handler(request)
+
+
 @pytest.fixture
 def bus() -> EventBus:
     """A fresh event bus."""
@@ -245,8 +256,9 @@ def bus() -> EventBus:
 async def client(
     bus: EventBus, aiohttp_client: Callable[..., Awaitable[Client]]
 ) -> Client:
-    """A client of a tiny app serving ``/events`` from ``bus``, with the agent's errors."""
-    app = web.Application(middlewares=[error_middleware])
+    """A client of a tiny app serving ``/events`` from ``bus``, with the agent's errors,
+    every request from the admin (as on an agent without keys)."""
+    app = web.Application(middlewares=[error_middleware, as_admin])
     app[EVENT_BUS_KEY] = bus
     add_routes(app)
     return await aiohttp_client(app)
