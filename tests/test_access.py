@@ -18,7 +18,7 @@ from yarl import URL
 
 from smartmob_agent.config import Settings, settings_from
 from smartmob_agent.errors import InvalidRequest
-from smartmob_agent.keys import Keyring, MintedKey, digest
+from smartmob_agent.keys import Keyring, MintedKey, Principal, digest
 from smartmob_agent.supervision.agent import Agent
 from smartmob_agent.web import api
 from smartmob_agent.web import events as eventsocket
@@ -44,6 +44,13 @@ Client = TestClient[Any, Any]
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def identified(ring: Keyring, key: str) -> Principal:
+    """Whom ``ring`` says ``key`` comes from (a key it does not know fails the test)."""
+    who = ring.identify(key)
+    assert who is not None, "the keyring does not know the key"
+    return who
 
 
 @pytest.fixture
@@ -285,9 +292,9 @@ def test_the_keyring_knows_each_kind_of_key() -> None:
     minted = MintedKey("id1", "shop", digest("smk_minted-key-123456789"), 1.0)
     ring = Keyring([ADMIN], {WEB_KEY: "web"}, [minted])
     assert ring.enabled
-    assert ring.identify(ADMIN).is_admin  # type: ignore[union-attr]
-    assert ring.identify(WEB_KEY).app == "web"  # type: ignore[union-attr]
-    assert ring.identify("smk_minted-key-123456789").app == "shop"  # type: ignore[union-attr]
+    assert identified(ring, ADMIN).is_admin
+    assert identified(ring, WEB_KEY).app == "web"
+    assert identified(ring, "smk_minted-key-123456789").app == "shop"
     assert ring.identify(WRONG) is None
     assert ring.identify(ADMIN[:-1]) is None
     assert not Keyring().enabled
@@ -316,8 +323,8 @@ async def test_key_files_are_read_and_a_bad_line_is_named_not_shown(tmp_path: Pa
     settings = Settings(state_dir=tmp_path / "s", token_file=admin_file,
                         app_tokens_file=apps_file)
     ring = Agent(settings).keyring
-    assert ring.identify(ADMIN).is_admin  # type: ignore[union-attr]
-    assert ring.identify(WEB_KEY).app == "web"  # type: ignore[union-attr]
+    assert identified(ring, ADMIN).is_admin
+    assert identified(ring, WEB_KEY).app == "web"
     apps_file.write_text("web=short\n")
     with pytest.raises(InvalidRequest) as error:
         Agent(settings)
