@@ -10,6 +10,7 @@ import tarfile
 import time
 import zipfile
 from collections.abc import Callable, Mapping
+from typing import Literal
 
 from smartmob_agent.model import ProcessState
 from smartmob_agent.supervision.watcher import Watcher
@@ -18,6 +19,18 @@ from smartmob_agent.supervision.watcher import Watcher
 PYTHON = shlex.quote(sys.executable)
 
 ARCHIVE_KINDS = ("zip", "tar", "tar.gz", "tar.bz2", "tar.xz")
+
+#: A mode of :func:`tarfile.open` that writes an archive (typeshed types modes as literals).
+TarWriteMode = Literal["w", "w:gz", "w:bz2", "w:xz"]
+_TAR_WRITE_MODES: dict[str, TarWriteMode] = {
+    "tar": "w", "tar.gz": "w:gz", "tar.bz2": "w:bz2", "tar.xz": "w:xz",
+}
+
+
+def tar_write_mode(kind: str) -> TarWriteMode:
+    """The :func:`tarfile.open` mode that writes a ``tar``, ``tar.gz``, ``tar.bz2`` or
+    ``tar.xz`` archive."""
+    return _TAR_WRITE_MODES[kind]
 
 
 def make_archive(
@@ -44,22 +57,23 @@ def make_archive(
                 data = content.encode() if isinstance(content, str) else content
                 archive.writestr(info, data)
         return buffer.getvalue()
-    mode = {"tar": "w", "tar.gz": "w:gz", "tar.bz2": "w:bz2", "tar.xz": "w:xz"}[kind]
-    with tarfile.open(fileobj=buffer, mode=mode) as archive:  # type: ignore[call-overload]
+    with tarfile.open(fileobj=buffer, mode=tar_write_mode(kind)) as tar:
         for name, content in files.items():
             data = content.encode() if isinstance(content, str) else content
-            info = tarfile.TarInfo(prefix + name)
-            info.size = len(data)
-            info.mode = 0o755 if name in executable else 0o644
-            info.mtime = int(time.time())
-            archive.addfile(info, io.BytesIO(data))
+            member = tarfile.TarInfo(prefix + name)
+            member.size = len(data)
+            member.mode = 0o755 if name in executable else 0o644
+            member.mtime = int(time.time())
+            tar.addfile(member, io.BytesIO(data))
     return buffer.getvalue()
 
 
 def app_archive(
-    procfile: str, scripts: Mapping[str, str] | None = None, kind: str = "tar.gz", top: str = ""
+    procfile: str, scripts: Mapping[str, str | bytes] | None = None, kind: str = "tar.gz",
+    top: str = "",
 ) -> bytes:
-    """An app: a Procfile plus Python scripts (``{PYTHON}`` in the Procfile is the test's)."""
+    """An app: a Procfile plus Python scripts or other files (``{PYTHON}`` in the Procfile
+    is the test's)."""
     files: dict[str, str | bytes] = {"Procfile": procfile.replace("{PYTHON}", PYTHON)}
     files.update(scripts or {})
     return make_archive(files, kind, top=top)

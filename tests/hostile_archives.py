@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.helpers import tar_write_mode
+
 PROCFILE = b"web: exec sleep 1000\n"
 #: Enough ``..`` to reach ``/`` from any work folder, then down to the target.
 CLIMB = "../" * 40
@@ -69,8 +71,8 @@ def tar(
 ) -> bytes:
     """A tar archive of ``members`` in order (``compression``: "", gz, bz2 or xz)."""
     buffer = io.BytesIO()
-    mode = f"w:{compression}" if compression else "w"
-    with tarfile.open(fileobj=buffer, mode=mode, format=tarfile.GNU_FORMAT,  # type: ignore[call-overload]
+    mode = tar_write_mode(f"tar.{compression}" if compression else "tar")
+    with tarfile.open(fileobj=buffer, mode=mode, format=tarfile.GNU_FORMAT,
                       encoding=encoding) as archive:
         for info, data in members:
             if data is not None:
@@ -118,7 +120,7 @@ def many_tiny_members(count: int) -> bytes:
 def zeros_member_tar(size: int, compression: str) -> bytes:
     """A tar holding one member of ``size`` zeros, streamed (never ``size`` in memory)."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode=f"w:{compression}") as archive:  # type: ignore[call-overload]
+    with tarfile.open(fileobj=buffer, mode=tar_write_mode(f"tar.{compression}")) as archive:
         archive.addfile(file("Procfile", PROCFILE)[0], io.BytesIO(PROCFILE))
         info = _info("zeros")
         info.size = size
@@ -264,12 +266,12 @@ def builders(outside: Path) -> dict[str, Callable[[], Hostile]]:
         "unicode-names-tar": lambda: Hostile(
             "app.tar.gz",
             tar([procfile, *(file(name, data) for name, data in UNICODE.items())]),
-            None, files=dict(UNICODE)),
+            None, files={name: data for name, data in UNICODE.items()}),
         "unicode-names-zip": lambda: Hostile(
             "app.zip",
             zip_archive([("Procfile", PROCFILE, REG),
                          *((name, data, REG) for name, data in UNICODE.items())]),
-            None, files=dict(UNICODE)),
+            None, files={name: data for name, data in UNICODE.items()}),
         "latin-1-names": lambda: Hostile(
             "app.tar.gz",
             tar([procfile, file("café/naïve.txt", b"latin-1")], encoding="latin-1"),
@@ -289,7 +291,7 @@ def corpus(outside: Path) -> dict[str, Hostile]:
 #: A zip of an app, to put inside a tar.
 ZIP_APP = zip_archive([("Procfile", PROCFILE, REG)])
 #: Names of every sort that must unpack as they are.
-UNICODE: dict[str | bytes, bytes] = {
+UNICODE: dict[str, bytes] = {
     "données/café.txt": b"fr",
     "日本語/ファイル.txt": b"ja",
     "emoji 😀.txt": b"emoji",

@@ -12,15 +12,26 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
 from smartmob_agent.config import Settings, settings_from
 from smartmob_agent.errors import InvalidRequest
-from smartmob_agent.keys import Keyring, MintedKey, digest
+from smartmob_agent.keys import Keyring, MintedKey, Principal, digest
 from smartmob_agent.supervision.agent import Agent
+from smartmob_agent.web import api
+from smartmob_agent.web import events as eventsocket
 from smartmob_agent.web.access import FailureLimiter
-from smartmob_agent.web.server import make_app
+from smartmob_agent.web.api import AGENT_KEY, principal
+from smartmob_agent.web.events import EVENT_BUS_KEY
+from smartmob_agent.web.server import (
+    LIMITER_KEY,
+    SETTINGS_KEY,
+    access_middleware,
+    error_middleware,
+    make_app,
+)
 from tests.conftest import ArchiveServer
 from tests.helpers import app_archive
 
@@ -33,6 +44,13 @@ Client = TestClient[Any, Any]
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def identified(ring: Keyring, key: str) -> Principal:
+    """Whom ``ring`` says ``key`` comes from (a key it does not know fails the test)."""
+    who = ring.identify(key)
+    assert who is not None, "the keyring does not know the key"
+    return who
 
 
 @pytest.fixture
@@ -274,9 +292,9 @@ def test_the_keyring_knows_each_kind_of_key() -> None:
     minted = MintedKey("id1", "shop", digest("smk_minted-key-123456789"), 1.0)
     ring = Keyring([ADMIN], {WEB_KEY: "web"}, [minted])
     assert ring.enabled
-    assert ring.identify(ADMIN).is_admin  # type: ignore[union-attr]
-    assert ring.identify(WEB_KEY).app == "web"  # type: ignore[union-attr]
-    assert ring.identify("smk_minted-key-123456789").app == "shop"  # type: ignore[union-attr]
+    assert identified(ring, ADMIN).is_admin
+    assert identified(ring, WEB_KEY).app == "web"
+    assert identified(ring, "smk_minted-key-123456789").app == "shop"
     assert ring.identify(WRONG) is None
     assert ring.identify(ADMIN[:-1]) is None
     assert not Keyring().enabled
@@ -305,8 +323,8 @@ async def test_key_files_are_read_and_a_bad_line_is_named_not_shown(tmp_path: Pa
     settings = Settings(state_dir=tmp_path / "s", token_file=admin_file,
                         app_tokens_file=apps_file)
     ring = Agent(settings).keyring
-    assert ring.identify(ADMIN).is_admin  # type: ignore[union-attr]
-    assert ring.identify(WEB_KEY).app == "web"  # type: ignore[union-attr]
+    assert identified(ring, ADMIN).is_admin
+    assert identified(ring, WEB_KEY).app == "web"
     apps_file.write_text("web=short\n")
     with pytest.raises(InvalidRequest) as error:
         Agent(settings)
@@ -412,3 +430,80 @@ async def test_an_agent_without_keys_still_answers_plain_clients(keyless: Client
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
         await keyless.ws_connect("/events", origin="http://evil.example")
     assert refused.value.status == 403
+
+
+# -- fail closed: no principal, no access ----------------------------------------------------
+
+async def say_who(request: web.Request) -> web.Response:
+    """Answer who the request comes from, as a handler sees it."""
+    who = principal(request)
+    return web.json_response({"app": who.app, "admin": who.is_admin})
+
+
+def app_with_access(settings: Settings, agent: Agent, route_name: str) -> web.Application:
+    """An application with the agent's access middleware and one route, ``/who``, named
+    ``route_name`` (``health`` makes it a route open to anyone)."""
+    app = web.Application(middlewares=[error_middleware, access_middleware])
+    app[AGENT_KEY], app[SETTINGS_KEY], app[LIMITER_KEY] = agent, settings, FailureLimiter()
+    app.router.add_get("/who", say_who, name=route_name)
+    return app
+
+
+async def test_a_handler_on_an_app_without_the_access_middleware_refuses(
+    tmp_path: Path, archive_server: ArchiveServer,
+    aiohttp_client: Callable[..., Awaitable[Client]],
+) -> None:
+    """An application that serves the API without the access middleware (an embedder's
+    mistake) refuses every request that needs to know who asks, with a JSON 403, even for
+    an agent without keys: a missing principal is never taken for the admin."""
+    settings = Settings(host="127.0.0.1", port=0, state_dir=tmp_path / "state")
+    async with Agent(settings) as agent:
+        app = web.Application(middlewares=[error_middleware])
+        app[AGENT_KEY], app[SETTINGS_KEY] = agent, settings
+        app[EVENT_BUS_KEY] = agent.events
+        app.add_routes(api.routes)
+        eventsocket.add_routes(app)
+        client = await aiohttp_client(app)
+        response = await client.get("/list-processes")
+        assert response.status == 403
+        assert "no key was checked" in (await response.json())["error"]
+        response = await client.post("/create-process", json=create_body(archive_server, "a"))
+        assert response.status == 403
+        assert agent.list(None) == []
+        assert (await client.get("/process-status/a.web.0")).status == 403
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await client.ws_connect("/events")
+        assert refused.value.status == 403
+        assert agent.events.subscriber_count == 0
+        assert (await client.get("/healthz")).status == 200  # it asks for no one
+
+
+async def test_an_open_route_names_nobody_on_an_agent_with_keys(
+    settings: Settings, agent: Agent, aiohttp_client: Callable[..., Awaitable[Client]]
+) -> None:
+    """A route open to anyone checks no key, so a handler there that asks who the request
+    comes from is refused, whatever key the request carries; a route behind the keys
+    gets the principal of the key."""
+    open_route = await aiohttp_client(app_with_access(settings, agent, "health"))
+    for headers in ({}, bearer(ADMIN), bearer(WEB_KEY)):
+        response = await open_route.get("/who", headers=headers)
+        assert response.status == 403, headers
+    keyed_route = await aiohttp_client(app_with_access(settings, agent, "who"))
+    assert (await keyed_route.get("/who")).status == 401
+    response = await keyed_route.get("/who", headers=bearer(ADMIN))
+    assert await response.json() == {"app": None, "admin": True}
+    response = await keyed_route.get("/who", headers=bearer(WEB_KEY))
+    assert await response.json() == {"app": "web", "admin": False}
+
+
+async def test_an_agent_without_keys_names_the_admin_on_every_route(
+    tmp_path: Path, aiohttp_client: Callable[..., Awaitable[Client]]
+) -> None:
+    """Without keys, the access middleware sets the admin explicitly, on the open routes
+    too."""
+    settings = Settings(host="127.0.0.1", port=0, state_dir=tmp_path / "keyless")
+    async with Agent(settings) as agent:
+        for route_name in ("health", "who"):
+            client = await aiohttp_client(app_with_access(settings, agent, route_name))
+            response = await client.get("/who")
+            assert await response.json() == {"app": None, "admin": True}, route_name

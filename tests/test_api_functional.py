@@ -34,7 +34,8 @@ async def get_json(client: Client, url: str, status: int = 200) -> Any:
 
 
 async def index(client: Client) -> dict[str, str]:
-    return await get_json(client, str(client.make_url("/")))  # type: ignore[no-any-return]
+    document: dict[str, str] = await get_json(client, str(client.make_url("/")))
+    return document
 
 
 async def create(client: Client, body: Any, status: int = 201) -> Any:
@@ -285,7 +286,7 @@ async def test_failures_after_201_are_explained(
 
 async def create_links(client: Client) -> dict[str, str]:
     listing = await get_json(client, (await index(client))["list"])
-    return next(p for p in listing["processes"] if p["slug"] == "myapp.web.0")  # type: ignore[no-any-return]
+    return next(p for p in listing["processes"] if p["slug"] == "myapp.web.0")
 
 
 async def test_request_without_host_is_400(client: Client) -> None:

@@ -20,6 +20,7 @@ import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
@@ -37,7 +38,10 @@ from smartmob_agent.sources.archive import (
     unpack,
 )
 from tests.conftest import ArchiveServer
-from tests.helpers import ARCHIVE_KINDS, eventually, make_archive
+from tests.helpers import ARCHIVE_KINDS, eventually, make_archive, tar_write_mode
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 FILES: dict[str, str | bytes] = {
     "Procfile": "web: ./bin/run\n",
@@ -129,8 +133,7 @@ def special(name: str, kind: bytes) -> Entry:
 def build_tar(entries: list[Entry], kind: str = "tar") -> bytes:
     """A tar archive holding exactly ``entries``, in order."""
     buffer = io.BytesIO()
-    mode = {"tar": "w", "tar.gz": "w:gz", "tar.bz2": "w:bz2", "tar.xz": "w:xz"}[kind]
-    with tarfile.open(fileobj=buffer, mode=mode, format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+    with tarfile.open(fileobj=buffer, mode=tar_write_mode(kind), format=tarfile.PAX_FORMAT) as tar:
         for info, data in entries:
             tar.addfile(info, io.BytesIO(data) if data is not None else None)
     return buffer.getvalue()
@@ -487,7 +490,9 @@ def test_hostile_zip_is_refused_and_writes_nothing(box: Sandbox, case: str) -> N
 
 def corruptions() -> Iterator[object]:
     """Broken archives of every kind: truncated, bytes flipped, compressed non-tar."""
-    payload = {"Procfile": "web: x\n", "blob": os.urandom(100_000), "text": "hello " * 5000}
+    payload: dict[str, str | bytes] = {
+        "Procfile": "web: x\n", "blob": os.urandom(100_000), "text": "hello " * 5000,
+    }
     for kind in ARCHIVE_KINDS:
         data = make_archive(payload, kind)
         yield pytest.param(kind, data[: len(data) // 2], id=f"{kind}-truncated-half")
@@ -524,10 +529,13 @@ def test_corruption_message_is_one_line(box: Sandbox) -> None:
 # -- limits and cancellation -------------------------------------------------------------
 
 
-def assert_refused(box: Sandbox, data: bytes, message: str, **options: object) -> None:
+def assert_refused(
+    box: Sandbox, data: bytes, message: str, *, limits: UnpackLimits | None = None,
+    cancel: threading.Event | None = None,
+) -> None:
     """Unpacking ``data`` raises ArchiveError with exactly ``message`` and leaves nothing."""
     with pytest.raises(ArchiveError) as caught:
-        unpack(box.write(data), box.dest, **options)  # type: ignore[arg-type]
+        unpack(box.write(data), box.dest, limits=limits or UnpackLimits(), cancel=cancel)
     assert str(caught.value) == message
     box.assert_untouched()
 
@@ -793,9 +801,10 @@ class ZeroFile(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        count = min(len(buffer), self.left)
-        buffer[:count] = b"\0" * count
+    def readinto(self, buffer: WriteableBuffer, /) -> int:
+        view = memoryview(buffer).cast("B")
+        count = min(len(view), self.left)
+        view[:count] = b"\0" * count
         self.left -= count
         return count
 

@@ -30,7 +30,7 @@ from tests.conftest import ArchiveServer
 from tests.helpers import app_archive, eventually, wait_for_state
 from tests.puppet import PuppetServer
 from tests.test_logs import logged
-from tests.test_ws_functional import open_stuck_client, start_puppet
+from tests.test_ws_functional import open_stuck_client, socket_subscribers, start_puppet
 
 Client = TestClient[Any, Any]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -300,9 +300,9 @@ async def test_a_stuck_json_client_gets_dropped_frames_that_add_up(
                                     f"/attach-console/{process['slug']}?format=json")
     hub = agent.get(process["slug"]).hub
     await eventually(lambda: hub.subscriber_count == 1, what="the client attached")
-    subscriber = hub._subscribers[0]
+    [subscriber] = socket_subscribers(hub)
     await puppet.run(f"[print({'z' * 100!r}) for _ in range(50_000)]")
-    assert subscriber.dropped > 0  # type: ignore[attr-defined]
+    assert subscriber.dropped > 0
     await puppet.run("print('done')")
     loop = asyncio.get_running_loop()
     data, received = bytearray(), list[dict[str, Any]]()
@@ -320,7 +320,7 @@ async def test_a_stuck_json_client_gets_dropped_frames_that_add_up(
     stuck.close()
     assert accounted() == 50_001
     drops = [f["count"] for f in received if f.get("event") == "dropped"]
-    assert sum(drops) == subscriber.dropped  # type: ignore[attr-defined]
+    assert sum(drops) == subscriber.dropped
     lines = [f for f in received if "seq" in f]
     assert len(lines) + len(drops) == len(received)
     previous, pending = None, 0
@@ -431,6 +431,8 @@ async def test_what_comes_live_during_a_replay_is_held_bounded_and_said() -> Non
     transport = FakeTransport()
     request = SimpleNamespace(transport=transport)
     ws = SimpleNamespace(closed=False)
+    # stand-ins for the prepared WebSocket and its request: only .closed and .transport
+    # are read, and the test needs a transport whose buffer it controls
     subscriber = WebSocketSubscriber(ws, request, max_buffer=250,  # type: ignore[arg-type]
                                      json_frames=True)
     subscriber.hold()

@@ -198,7 +198,10 @@ async def test_processes_of_one_source_share_one_build(
         assert watcher.state is S.RUNNING, watcher.error
     assert builds_of(agent).builds_run == 1
     for watcher in (first, second):
-        await eventually(lambda w=watcher: b"42 True" in w.hub.recent, what="42 True")
+        def said_so(watcher: Watcher = watcher) -> bool:
+            return b"42 True" in watcher.hub.recent
+
+        await eventually(said_so, what="42 True")
         assert any("Successfully installed tiny-1.0" in line for line in await output(watcher))
     third = agent.create(spec(url, "web.2"))
     states = record_states(third)

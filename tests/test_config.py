@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from smartmob_agent.config import OPTIONS, Settings, check_settings, settings_from
+from smartmob_agent.config import OPTIONS, Option, Settings, check_settings, settings_from
 from smartmob_agent.errors import InvalidRequest
 
 BY_NAME = {option.name: option for option in OPTIONS}
@@ -34,7 +34,7 @@ def test_flags_given_as_none_mean_not_given() -> None:
 def test_settings_are_frozen() -> None:
     """Settings cannot change once built."""
     with pytest.raises(dataclasses.FrozenInstanceError):
-        Settings().port = 1  # type: ignore[misc]
+        Settings().port = 1  # type: ignore[misc]  # frozen: the write is the test
 
 
 @pytest.mark.parametrize(
@@ -82,9 +82,9 @@ def test_each_option_from_flag_and_from_environment(name: str, text: str, value:
 
 
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda option: option.name)
-def test_flag_wins_over_environment(option: Any) -> None:
+def test_flag_wins_over_environment(option: Option) -> None:
     """When both are given, the flag's value is used and the variable is ignored."""
-    good = {
+    good: dict[str, tuple[str | list[str], str]] = {
         "host": ("10.0.0.1", "10.0.0.2"), "port": ("1", "2"), "state_dir": ("a", "b"),
         "stop_timeout": ("1", "2"), "build_timeout": ("1", "2"),
         "max_body": ("1", "2"), "max_download": ("1", "2"),

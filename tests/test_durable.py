@@ -161,7 +161,8 @@ async def test_a_new_agent_brings_back_every_process_in_its_desired_state(
         await second.control(back["shop.never.0"], "start")
         await wait_for_state(back["shop.never.0"], S.RUNNING)
         assert archive_server.hits("app.tgz") == 2
-        desired = {r.slug: r.desired for r in second.store.load()}  # type: ignore[union-attr]
+        assert second.store is not None
+        desired = {r.slug: r.desired for r in second.store.load()}
         assert desired == {"shop.running.0": "running", "shop.stopped.0": "running",
                            "shop.never.0": "running", "shop.fresh.0": "stopped"}
     finally:
@@ -376,11 +377,11 @@ async def test_sigkilled_agent_twenty_processes_come_back_once_each(
         for slug in slugs:
             log_file = state_dir / "logs" / slug / "output.log"
             line = f"first run {before[slug]['pid']}"
-            await eventually(
-                lambda log_file=log_file, line=line: log_file.exists()
-                and line in log_file.read_text(errors="replace"),
-                what=f"{slug}'s first line on disk",
-            )
+
+            def on_disk(log_file: Path = log_file, line: str = line) -> bool:
+                return log_file.exists() and line in log_file.read_text(errors="replace")
+
+            await eventually(on_disk, what=f"{slug}'s first line on disk")
         await first.kill()
         second = await restart_check(http, state_dir, archive_server, "sleep.tgz", slugs,
                                      before, process_ids, leftovers)

@@ -80,8 +80,11 @@ async def start_family(
         document = await create(http, agent.url, node=node, process_type=process_type,
                                 source_url=url)
         status = await wait_running(http, document["details"])
-        await eventually(lambda pid=status["pid"]: len(family_of(pid)) >= 3,
-                         what="the grandchildren to start")
+
+        def grandchildren_started(pid: int = status["pid"]) -> bool:
+            return len(family_of(pid)) >= 3
+
+        await eventually(grandchildren_started, what="the grandchildren to start")
         pids += family_of(status["pid"])
     assert len(pids) >= 6
     return pids

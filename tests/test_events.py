@@ -12,18 +12,24 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.typedefs import Handler
 
 from smartmob_agent.events.bus import (
     DEFAULT_MAXSIZE,
     DROPPED,
     EVENT_KINDS,
+    KIND_FIELDS,
+    Event,
     EventBus,
     EventQueue,
     EventQueueClosed,
+    ProcessEvent,
     make_event,
 )
+from smartmob_agent.keys import ADMIN
 from smartmob_agent.representations import format_time
+from smartmob_agent.web.api import PRINCIPAL_KEY
 from smartmob_agent.web.events import CLOSE_TIMEOUT, EVENT_BUS_KEY, EVENT_CLIENTS_KEY, add_routes
 from smartmob_agent.web.server import error_middleware
 from tests.helpers import eventually
@@ -35,13 +41,22 @@ Client = TestClient[Any, Any]
 NOON = datetime(2026, 12, 1, 18, 0, 0, 123000, tzinfo=UTC).timestamp()
 
 
-def event(n: int, app: str = "myapp", node: str = "web.0") -> dict[str, Any]:
+def event(
+    n: int, app: str = "myapp", node: str = "web.0", previous: str = "starting"
+) -> ProcessEvent:
     """A ``process:state`` event numbered ``n`` (in ``pid``), of ``app.node``."""
     return make_event("process:state", slug=f"{app}.{node}", app=app, node=node,
-                      process_type="web", pid=n, state="running", clock=lambda: NOON)
+                      process_type="web", pid=n, state="running", previous=previous,
+                      clock=lambda: NOON)
 
 
-async def take(queue: EventQueue, count: int) -> list[dict[str, Any]]:
+def pid(event: Event) -> int | None:
+    """The ``pid`` of an event about a process (a drop notice fails the test)."""
+    assert event["event"] != DROPPED, event
+    return event["pid"]
+
+
+async def take(queue: EventQueue, count: int) -> list[Event]:
     """Get ``count`` events from ``queue`` (10 s deadline)."""
     async with asyncio.timeout(10):
         return [await queue.get() for _ in range(count)]
@@ -80,15 +95,38 @@ def test_make_event_fills_every_field() -> None:
 def test_make_event_refuses_an_unknown_kind() -> None:
     """Making an event of a kind not in EVENT_KINDS raises ValueError."""
     with pytest.raises(ValueError, match="process:bogus"):
-        make_event("process:bogus", slug="a.b", app="a", node="b", process_type="web",
-                   pid=None, state="running")
+        # the point: a kind the type does not allow, as an unchecked caller could pass
+        make_event("process:bogus", slug="a.b", app="a", node="b",  # type: ignore[arg-type]
+                   process_type="web", pid=None, state="running")
+
+
+@pytest.mark.parametrize("fields", [
+    pytest.param({}, id="missing"),
+    pytest.param({"previous": "starting", "error": "boom"}, id="one-too-many"),
+    pytest.param({"error": "boom"}, id="another-kind's"),
+])
+def test_make_event_refuses_other_fields_than_its_kinds(fields: dict[str, Any]) -> None:
+    """An event gets exactly the fields its type names: a missing or a foreign one is a
+    ValueError, so what goes on the wire is what StateEvent and the others say."""
+    with pytest.raises(ValueError, match=r"process:state event has the fields \['previous'\]"):
+        make_event("process:state", slug="a.b", app="a", node="b", process_type="web",
+                   pid=None, state="running", **fields)
+
+
+def test_every_kind_has_its_type_and_fields() -> None:
+    """Each kind's own fields are read from its type, as the API document lists them."""
+    assert dict(KIND_FIELDS) == {
+        "process:state": {"previous"}, "process:online": set(),
+        "process:exit": {"code", "signal", "ran_for"}, "process:exception": {"error"},
+    }
+    assert set(KIND_FIELDS) == EVENT_KINDS
 
 
 async def test_every_subscriber_sees_the_publish_order() -> None:
     """Two queues and a callback each receive every event in the order published."""
     bus = EventBus()
     first, second = bus.subscribe(), bus.subscribe()
-    heard: list[dict[str, Any]] = []
+    heard: list[ProcessEvent] = []
     bus.add_listener(heard.append)
     events = [event(n) for n in range(200)]
     for each in events:
@@ -104,17 +142,17 @@ async def test_publishing_from_a_callback_keeps_the_order() -> None:
     bus = EventBus()
     queue = bus.subscribe()
 
-    def follow_up(told: dict[str, Any]) -> None:
+    def follow_up(told: ProcessEvent) -> None:
         if told["pid"] == 1:
             bus.publish(event(2))
 
-    heard: list[int] = []
+    heard: list[int | None] = []
     bus.add_listener(follow_up)
     bus.add_listener(lambda told: heard.append(told["pid"]))
     bus.publish(event(1))
     bus.publish(event(3))
     assert heard == [1, 2, 3]
-    assert [e["pid"] for e in await take(queue, 3)] == [1, 2, 3]
+    assert [pid(e) for e in await take(queue, 3)] == [1, 2, 3]
 
 
 async def test_filters_select_by_app_and_by_slug() -> None:
@@ -126,9 +164,9 @@ async def test_filters_select_by_app_and_by_slug() -> None:
     for n, (app, node) in enumerate([("one", "web.0"), ("two", "web.1"), ("one", "web.1"),
                                      ("two", "web.0")]):
         bus.publish(event(n, app, node))
-    assert [e["pid"] for e in await take(by_app, 2)] == [0, 2]
-    assert [e["pid"] for e in await take(by_slug, 1)] == [1]
-    assert [e["pid"] for e in await take(by_both, 1)] == [2]
+    assert [pid(e) for e in await take(by_app, 2)] == [0, 2]
+    assert [pid(e) for e in await take(by_slug, 1)] == [1]
+    assert [pid(e) for e in await take(by_both, 1)] == [2]
     assert (len(by_app), len(by_slug), len(by_both)) == (0, 0, 0)
 
 
@@ -142,9 +180,9 @@ async def test_a_full_queue_drops_the_oldest_and_says_so_first() -> None:
         bus.publish(event(n))
     notice, *kept = await take(queue, 4)
     assert notice == {"event": DROPPED, "count": 2, "at": format_time(drop_time)}
-    assert [e["pid"] for e in kept] == [2, 3, 4]
+    assert [pid(e) for e in kept] == [2, 3, 4]
     bus.publish(event(5))
-    assert [e["pid"] for e in await take(queue, 1)] == [5]  # no notice without new drops
+    assert [pid(e) for e in await take(queue, 1)] == [5]  # no notice without new drops
     assert queue.dropped == 2
 
 
@@ -168,7 +206,7 @@ async def test_get_waits_for_the_next_event() -> None:
     assert not getting.done()
     bus.publish(event(7))
     async with asyncio.timeout(10):
-        assert (await getting)["pid"] == 7
+        assert pid(await getting) == 7
 
 
 async def test_closing_a_queue_ends_its_readers_and_unsubscribes_it() -> None:
@@ -193,13 +231,13 @@ async def test_closing_the_bus_ends_every_queue_after_what_it_holds() -> None:
     EventQueueClosed; callbacks hear nothing more and later subscribers get an ended queue."""
     bus = EventBus()
     queues = [bus.subscribe(), bus.subscribe(app="myapp")]
-    heard: list[dict[str, Any]] = []
+    heard: list[ProcessEvent] = []
     bus.add_listener(heard.append)
     bus.publish(event(1))
     bus.close()
     bus.publish(event(2))
     for queue in queues:
-        assert [e["pid"] async for e in queue] == [1]
+        assert [pid(e) async for e in queue] == [1]
         with pytest.raises(EventQueueClosed):
             await queue.get()
     with pytest.raises(EventQueueClosed):
@@ -214,10 +252,10 @@ async def test_a_failing_callback_is_logged_and_harms_no_one(
     """A callback that raises is logged; publish() does not raise and others still hear."""
     bus = EventBus()
 
-    def broken(told: dict[str, Any]) -> None:
+    def broken(told: ProcessEvent) -> None:
         raise RuntimeError("boom")
 
-    heard: list[dict[str, Any]] = []
+    heard: list[ProcessEvent] = []
     bus.add_listener(broken)
     bus.add_listener(heard.append)
     queue = bus.subscribe()
@@ -235,6 +273,14 @@ async def test_a_failing_callback_is_logged_and_harms_no_one(
 # --- the events WebSocket -------------------------------------------------------------
 
 
+@web.middleware
+async def as_admin(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Name the admin as the principal of every request, as the access middleware does on
+    an agent without keys (a handler refuses a request nobody was named for)."""
+    request[PRINCIPAL_KEY] = ADMIN
+    return await handler(request)
+
+
 @pytest.fixture
 def bus() -> EventBus:
     """A fresh event bus."""
@@ -245,8 +291,9 @@ def bus() -> EventBus:
 async def client(
     bus: EventBus, aiohttp_client: Callable[..., Awaitable[Client]]
 ) -> Client:
-    """A client of a tiny app serving ``/events`` from ``bus``, with the agent's errors."""
-    app = web.Application(middlewares=[error_middleware])
+    """A client of a tiny app serving ``/events`` from ``bus``, with the agent's errors,
+    every request from the admin (as on an agent without keys)."""
+    app = web.Application(middlewares=[error_middleware, as_admin])
     app[EVENT_BUS_KEY] = bus
     add_routes(app)
     return await aiohttp_client(app)
@@ -396,7 +443,7 @@ async def test_a_burst_past_the_queue_is_announced_then_the_newest_arrive(
         notice, *kept = await receive_events(ws, 1 + DEFAULT_MAXSIZE)
         assert notice["event"] == DROPPED
         assert notice["count"] == 500
-        assert [e["pid"] for e in kept] == list(range(500, DEFAULT_MAXSIZE + 500))
+        assert [pid(e) for e in kept] == list(range(500, DEFAULT_MAXSIZE + 500))
 
 
 async def test_a_stuck_client_neither_grows_nor_holds_up_others_or_shutdown(
@@ -405,6 +452,7 @@ async def test_a_stuck_client_neither_grows_nor_holds_up_others_or_shutdown(
     """A client that never reads keeps at most its queue while a reading client gets every
     event, and shutting down cuts it off promptly."""
     server = client.server
+    assert isinstance(server, TestServer)
     stuck = await open_stuck_client(str(server.host), int(server.port or 0), "/events")
     reader = await client.ws_connect("/events")
     [stuck_client] = [c for c in server.app[EVENT_CLIENTS_KEY]
@@ -415,7 +463,7 @@ async def test_a_stuck_client_neither_grows_nor_holds_up_others_or_shutdown(
     # 10 kB events until the stuck client's socket is full and its sender waits on it
     while not stuck_client.transport.get_write_buffer_size():
         for _ in range(100):
-            bus.publish({**event(sent), "padding": padding})
+            bus.publish(event(sent, previous=padding))
             sent += 1
         assert [e["pid"] for e in await receive_events(reader, 100)] == list(
             range(sent - 100, sent))
@@ -423,7 +471,7 @@ async def test_a_stuck_client_neither_grows_nor_holds_up_others_or_shutdown(
     # twice its queue more, in batches the reading client takes without dropping any
     for _ in range(4):
         for _ in range(DEFAULT_MAXSIZE // 2):
-            bus.publish({**event(sent), "padding": padding})
+            bus.publish(event(sent, previous=padding))
             sent += 1
         batch = await receive_events(reader, DEFAULT_MAXSIZE // 2)
         assert batch[-1]["pid"] == sent - 1

@@ -79,7 +79,8 @@ async def post_json(client: Client, url: str, body: Any = None, status: int = 20
 
 
 async def index(client: Client) -> dict[str, str]:
-    return await get_json(client, str(client.make_url("/")))  # type: ignore[no-any-return]
+    document: dict[str, str] = await get_json(client, str(client.make_url("/")))
+    return document
 
 
 async def create(client: Client, source_url: str, **fields: Any) -> dict[str, Any]:
@@ -87,7 +88,8 @@ async def create(client: Client, source_url: str, **fields: Any) -> dict[str, An
     body = {"app": "myapp", "node": "web.0", "process_type": "web", "source_url": source_url}
     body.update(fields)
     links = await index(client)
-    return await post_json(client, links["create"], body, status=201)  # type: ignore[no-any-return]
+    document: dict[str, Any] = await post_json(client, links["create"], body, status=201)
+    return document
 
 
 async def wait_ready(agent: Agent, slug: str, times: int = 1) -> None:

@@ -277,6 +277,7 @@ def as_nobody() -> Iterator[None]:
 def test_only_root_switches_users() -> None:
     """Not root, --user naming another user is refused, saying why; naming the agent's
     own user is nothing to do."""
+    assert NOBODY is not None
     with as_nobody():
         with pytest.raises(InvalidRequest) as raised:
             resolve_run_as("root", None)

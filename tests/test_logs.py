@@ -184,7 +184,8 @@ def create_body(url: str, node: str = "web.0") -> str:
 async def create(client: Client, url: str, node: str = "web.0") -> dict[str, Any]:
     response = await client.post("/create-process", data=create_body(url, node))
     assert response.status == 201, await response.text()
-    return await response.json()  # type: ignore[no-any-return]
+    document: dict[str, Any] = await response.json()
+    return document
 
 
 async def logged(agent: Agent, slug: str, *lines: str, timeout: float = 10.0) -> None:

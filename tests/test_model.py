@@ -16,6 +16,7 @@ from smartmob_agent.model import (
     RESTING_STATES,
     TRANSITIONS,
     Exit,
+    ExitRecord,
     ProcessInfo,
     ProcessState,
     Spec,
@@ -61,7 +62,7 @@ def test_every_state_has_a_row() -> None:
 def test_table_is_read_only() -> None:
     """Nobody can add an edge to the table at run time."""
     with pytest.raises(TypeError):
-        TRANSITIONS[S.STOPPED] = frozenset({S.PENDING})  # type: ignore[index]
+        TRANSITIONS[S.STOPPED] = frozenset({S.PENDING})  # type: ignore[index]  # read-only: tested
 
 
 @pytest.mark.parametrize(("old", "new"), LEGAL, ids=lambda s: str(s))
@@ -186,7 +187,7 @@ def test_exit_is_a_frozen_value() -> None:
     assert Exit(1) == Exit(1)
     assert len({Exit(1), Exit(1), Exit(-9)}) == 2
     with pytest.raises(dataclasses.FrozenInstanceError):
-        Exit(1).code = 2  # type: ignore[misc]
+        Exit(1).code = 2  # type: ignore[misc]  # frozen: the write is the test
 
 
 @pytest.mark.parametrize(
@@ -209,17 +210,18 @@ def test_spec_is_frozen_with_read_only_empty_env() -> None:
     spec = Spec("shop", "web.0", "web", "http://127.0.0.1/a.tgz")
     assert dict(spec.env) == {}
     with pytest.raises(TypeError):
-        spec.env["A"] = "1"  # type: ignore[index]
+        spec.env["A"] = "1"  # type: ignore[index]  # read-only: the write is the test
     with pytest.raises(dataclasses.FrozenInstanceError):
-        spec.app = "other"  # type: ignore[misc]
+        spec.app = "other"  # type: ignore[misc]  # frozen: the write is the test
 
 
 def test_process_info_holds_a_snapshot() -> None:
     """ProcessInfo carries what the API shows and cannot be changed."""
     spec = Spec("shop", "web.0", "web", "http://127.0.0.1/a.tgz", {"A": "1"})
-    info = ProcessInfo(spec, S.RUNNING, pid=42, error=None, restarts=2, last_exit=Exit(-9))
+    last_exit = ExitRecord(Exit(-9), at=1796148000.0, ran_for=1.5)
+    info = ProcessInfo(spec, S.RUNNING, pid=42, error=None, restarts=2, last_exit=last_exit)
     assert info.spec.slug == "shop.web.0"
     assert info.last_exit is not None
-    assert info.last_exit.signal == "SIGKILL"
+    assert info.last_exit.exit.signal == "SIGKILL"
     with pytest.raises(dataclasses.FrozenInstanceError):
-        info.state = S.STOPPED  # type: ignore[misc]
+        info.state = S.STOPPED  # type: ignore[misc]  # frozen: the write is the test

@@ -97,7 +97,7 @@ def test_entry_env_is_read_only() -> None:
     """An entry's variables cannot be changed after parsing."""
     entry = parse_procfile("web: env A=1 cmd\n")["web"]
     with pytest.raises(TypeError):
-        entry.env["A"] = "2"  # type: ignore[index]
+        entry.env["A"] = "2"  # type: ignore[index]  # read-only: the write is the test
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 from types import MappingProxyType
+from typing import Any
 
 from smartmob_agent.model import (
     Backoff,
@@ -39,15 +41,16 @@ class FakeLinks:
         return f"{relation}:{slug}"
 
 
-def info(**changes: object) -> ProcessInfo:
+    def key(self, relation: str, key_id: str) -> str:
+        return f"{relation}:key:{key_id}"
+
+
+def info(**changes: Any) -> ProcessInfo:
     spec = Spec("shop", "web.0", "web", "http://127.0.0.1/app.tgz",
                 MappingProxyType({"SECRET": "hunter2"}))
-    values: dict[str, object] = {
-        "spec": spec, "state": ProcessState.RUNNING, "pid": 42, "error": None,
-        "restarts": 0, "last_exit": None,
-    }
-    values.update(changes)
-    return ProcessInfo(**values)  # type: ignore[arg-type]
+    snapshot = ProcessInfo(spec=spec, state=ProcessState.RUNNING, pid=42, error=None,
+                           restarts=0, last_exit=None)
+    return dataclasses.replace(snapshot, **changes)
 
 
 def test_format_time_is_iso_utc_with_milliseconds() -> None:

@@ -47,13 +47,15 @@ class Running:
                 **fields}
         response = await self.client.session.post(index["create"], json=body)
         assert response.status == status, await response.text()
-        return await response.json()  # type: ignore[no-any-return]
+        document: dict[str, Any] = await response.json()
+        return document
 
     async def outcome(self, *states: S) -> dict[str, Any]:
         """Wait for the process to reach one of ``states``; its status document."""
         await wait_for_state(self.agent.get(SLUG), *states, timeout=20)
         response = await self.client.get(f"/process-status/{SLUG}")
-        return await response.json()  # type: ignore[no-any-return]
+        document: dict[str, Any] = await response.json()
+        return document
 
 
 Start = Callable[..., Awaitable[Running]]

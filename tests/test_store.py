@@ -13,6 +13,7 @@ import sqlite3
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,15 +56,15 @@ def user_version(folder: Path) -> int:
         connection.close()
 
 
-def record(slug: str, **fields: object) -> Record:
+def record(slug: str, **fields: Any) -> Record:
     """A record of ``slug`` with a small request and sensible defaults."""
-    values: dict[str, object] = {
+    values: dict[str, Any] = {
         "request": {"app": "shop", "node": slug, "env": {"TOKEN": f"secret-{slug}"}},
         "desired": "running",
         "process_id": f"id-{slug}",
     }
     values.update(fields)
-    return Record(slug, **values)  # type: ignore[arg-type]
+    return Record(slug, **values)
 
 
 def mode(path: Path) -> int:

@@ -147,7 +147,8 @@ async def get_json(client: Client, url: str, status: int = 200) -> Any:
 
 
 async def index(client: Client) -> dict[str, str]:
-    return await get_json(client, str(client.make_url("/")))  # type: ignore[no-any-return]
+    document: dict[str, str] = await get_json(client, str(client.make_url("/")))
+    return document
 
 
 async def post(client: Client, url: str, body: Any = None, status: int = 200) -> Any:
@@ -164,12 +165,16 @@ async def create(
 ) -> dict[str, Any]:
     """Create a ``web`` process from ``url`` with these options; its 201 document."""
     body = {"app": app, "node": node, "process_type": "web", "source_url": url, **options}
-    return await post(client, (await index(client))["create"], body, status=201)  # type: ignore[no-any-return]
+    document: dict[str, Any] = await post(
+        client, (await index(client))["create"], body, status=201
+    )
+    return document
 
 
 async def status_of(client: Client, document: dict[str, Any]) -> dict[str, Any]:
     """The current status document of a process, through its ``details`` link."""
-    return await get_json(client, document["details"])  # type: ignore[no-any-return]
+    status: dict[str, Any] = await get_json(client, document["details"])
+    return status
 
 
 async def control(
@@ -177,7 +182,8 @@ async def control(
     status: int = 200,
 ) -> dict[str, Any]:
     """POST to the ``relation`` link of a status document (empty body unless given)."""
-    return await post(client, document[relation], body, status)  # type: ignore[no-any-return]
+    answer: dict[str, Any] = await post(client, document[relation], body, status)
+    return answer
 
 
 def serve(archive_server: ArchiveServer, procfile: str, name: str = "app.tgz",

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from smartmob_agent.events.bus import ExitEvent, ProcessEvent
 from smartmob_agent.model import Options, Spec
 from smartmob_agent.model import ProcessState as S
 from smartmob_agent.supervision import watcher as watcher_module
@@ -161,9 +162,9 @@ async def test_stop_in_the_turn_of_the_childs_own_exit_ends_stopped(
     await wait_for_state(watcher, S.RUNNING, timeout=DEADLINE)
     pid = await mark_of(test_dir, "ready")
     assert watcher.info().pid == pid
-    exit_events: list[dict[str, Any]] = []
+    exit_events: list[ExitEvent] = []
 
-    def on_event(event: dict[str, Any]) -> None:
+    def on_event(event: ProcessEvent) -> None:
         if event["event"] == "process:exit" and event["slug"] == watcher.spec.slug:
             exit_events.append(event)
 

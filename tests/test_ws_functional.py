@@ -13,8 +13,9 @@ import aiohttp
 from aiohttp.test_utils import TestClient
 
 from smartmob_agent.model import ProcessState as S
+from smartmob_agent.output.hub import Hub
 from smartmob_agent.supervision.agent import Agent
-from smartmob_agent.web.attach import MAX_BUFFER
+from smartmob_agent.web.attach import MAX_BUFFER, WebSocketSubscriber
 from tests.conftest import ArchiveServer
 from tests.helpers import app_archive, eventually, wait_for_state
 from tests.puppet import PUPPET_SCRIPT, Puppet, PuppetServer
@@ -38,9 +39,17 @@ async def start_puppet(
     return process, await puppets.next()
 
 
+def socket_subscribers(hub: Hub) -> list[WebSocketSubscriber]:
+    """The attach WebSockets subscribed to ``hub`` (every subscriber must be one), for a
+    test that looks into what each dropped or holds."""
+    found = [s for s in hub._subscribers if isinstance(s, WebSocketSubscriber)]
+    assert len(found) == len(hub._subscribers), hub._subscribers
+    return found
+
+
 async def receive_lines(ws: aiohttp.ClientWebSocketResponse, count: int) -> list[str]:
     """Receive ``count`` text frames (10 s deadline)."""
-    lines = []
+    lines: list[str] = []
     async with asyncio.timeout(10):
         while len(lines) < count:
             message = await ws.receive()
@@ -72,7 +81,7 @@ async def test_odd_output_is_delivered_whole(
     await puppet.run("sys.stdout.buffer.write(b'\\xff\\xfebad\\r\\n' + b'x' * 1_000_000 + b'\\n')")
     first = await receive_lines(ws, 1)
     assert first == ["\ufffd\ufffdbad"]
-    pieces = []
+    pieces: list[str] = []
     while sum(map(len, pieces)) < 1_000_000:
         pieces += await receive_lines(ws, 1)
     assert len(pieces) > 1
@@ -171,11 +180,11 @@ async def test_stuck_client_neither_blocks_nor_grows(
     consuming = asyncio.ensure_future(consume())
     # the child is never blocked: it writes everything while one client reads nothing
     await puppet.run(f"[print({line!r}) for _ in range({count})]")
-    stuck_subscriber = next(s for s in hub._subscribers if s.dropped)
+    stuck_subscriber = next(s for s in socket_subscribers(hub) if s.dropped)
     assert stuck_subscriber._transport.get_write_buffer_size() <= MAX_BUFFER + 2 * 65536
     # the reading client gets every line, or is told how many it missed
     await eventually(lambda: all(s._transport.get_write_buffer_size() == 0
-                                 for s in hub._subscribers if s is not stuck_subscriber),
+                                 for s in socket_subscribers(hub) if s is not stuck_subscriber),
                      what="the reading client to catch up")
     await puppet.run("print('done')")
     async with asyncio.timeout(30):
@@ -205,7 +214,7 @@ async def test_stuck_client_does_not_hang_delete(
                                     f"/attach-console/{process['slug']}")
     hub = agent.get(process["slug"]).hub
     await eventually(lambda: hub.subscriber_count == 1, what="the client attached")
-    subscriber = hub._subscribers[0]
+    [subscriber] = socket_subscribers(hub)
     await puppet.run(f"[print({'z' * 100!r}) for _ in range(100_000)]")
     assert subscriber.dropped > 0
     async with asyncio.timeout(10):

@@ -1,6 +1,7 @@
 """The event bus: what happens to processes, told to whoever listens, in order.
 
-An event is a plain, JSON-ready dict (see :func:`make_event`). :meth:`EventBus.publish`
+An event is a plain, JSON-ready dict, typed by its kind (:class:`StateEvent`,
+:class:`ExitEvent`, ...; see :func:`make_event`). :meth:`EventBus.publish`
 hands it at once to every subscriber: a bounded :class:`EventQueue` per WebSocket client,
 or a plain callback (the webhook dispatcher). Publishing never waits and never fails
 because of a subscriber: a queue that is full drops its oldest event, counts it, and
@@ -16,27 +17,103 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Final, Literal, TypedDict, cast, get_args
 
 from smartmob_agent.representations import format_time
 
 log = logging.getLogger("smartmob_agent.events")  # stable name: internals.rst
 
+#: The kind of an event about a process (its ``event`` field).
+EventKind = Literal["process:state", "process:online", "process:exit", "process:exception"]
 #: The kinds of event the agent publishes (the ``event`` field).
-EVENT_KINDS = frozenset({"process:online", "process:exit", "process:exception", "process:state"})
+EVENT_KINDS: frozenset[str] = frozenset(get_args(EventKind))
 #: The kind of the notice that tells a queue's reader how many events it missed.
-DROPPED = "events:dropped"
+DROPPED: Final = "events:dropped"
 
 #: The events an :class:`EventQueue` holds by default before it drops the oldest.
 DEFAULT_MAXSIZE = 1000
 
-Event = dict[str, Any]
-Listener = Callable[[Event], None]
+
+class _ProcessFields(TypedDict):
+    """The fields every event about a process has (see :doc:`api`, "events")."""
+
+    slug: str
+    app: str
+    node: str
+    process_type: str
+    #: the pid of the child: the one that ended for an exit, else the current one
+    pid: int | None
+    #: the process's state when the event was published
+    state: str
+    #: when, in ISO 8601, UTC, with milliseconds
+    at: str
+
+
+class StateEvent(_ProcessFields):
+    """``process:state``: the process changed state; ``state`` is the new one."""
+
+    event: Literal["process:state"]
+    #: the state before the change
+    previous: str
+
+
+class OnlineEvent(_ProcessFields):
+    """``process:online``: a child was spawned (right after the change to ``running``)."""
+
+    event: Literal["process:online"]
+
+
+class ExitEvent(_ProcessFields):
+    """``process:exit``: a child ended, by itself or stopped by the agent."""
+
+    event: Literal["process:exit"]
+    #: its exit status, when it exited rather than being killed by a signal
+    code: int | None
+    #: the name of the signal that killed it (``SIGKILL``), if one did
+    signal: str | None
+    #: how long it ran, in seconds
+    ran_for: float
+
+
+class ExceptionEvent(_ProcessFields):
+    """``process:exception``: the process went to ``failed`` (right after that change)."""
+
+    event: Literal["process:exception"]
+    #: why, as in the status document
+    error: str
+
+
+#: An event about a process: what :meth:`EventBus.publish` takes and listeners are told.
+ProcessEvent = StateEvent | OnlineEvent | ExitEvent | ExceptionEvent
+
+
+class DroppedNotice(TypedDict):
+    """``events:dropped``: a queue's reader missed ``count`` events (never published)."""
+
+    event: Literal["events:dropped"]
+    count: int
+    #: when the last of them was dropped
+    at: str
+
+
+#: What a reader of an :class:`EventQueue` gets.
+Event = ProcessEvent | DroppedNotice
+Listener = Callable[[ProcessEvent], None]
+
+_COMMON = _ProcessFields.__required_keys__ | {"event"}
+#: The fields of each kind besides the common ones, read from the types above, so that
+#: :func:`make_event` builds exactly what they say.
+KIND_FIELDS: dict[str, frozenset[str]] = {
+    "process:state": StateEvent.__required_keys__ - _COMMON,
+    "process:online": OnlineEvent.__required_keys__ - _COMMON,
+    "process:exit": ExitEvent.__required_keys__ - _COMMON,
+    "process:exception": ExceptionEvent.__required_keys__ - _COMMON,
+}
 
 
 def make_event(
-    kind: str,
+    kind: EventKind,
     *,
     slug: str,
     app: str,
@@ -46,7 +123,7 @@ def make_event(
     state: str,
     clock: Callable[[], float] = time.time,
     **extra: Any,
-) -> Event:
+) -> ProcessEvent:
     """Build an event about one process, stamped with the time now.
 
     Args:
@@ -57,19 +134,30 @@ def make_event(
             state the child ran in (``running``, ``stopping``) for ``process:exit``, whose
             state change follows.
         clock: the wall clock (a seam for tests); not a field of the event.
-        extra: the fields particular to the kind: ``code``, ``signal`` and ``ran_for``
-            for ``process:exit``, ``error`` for ``process:exception``.
+        extra: the fields particular to the kind, all of them and no others
+            (:data:`KIND_FIELDS`): ``previous`` for ``process:state``; ``code``,
+            ``signal`` and ``ran_for`` for ``process:exit``; ``error`` for
+            ``process:exception``.
 
     Raises:
-        ValueError: for a kind not in :data:`EVENT_KINDS` (a bug of the caller).
+        ValueError: for a kind not in :data:`EVENT_KINDS`, or other fields than the
+            kind's (a bug of the caller).
     """
-    if kind not in EVENT_KINDS:
+    fields = KIND_FIELDS.get(kind)
+    if fields is None:
         raise ValueError(f"unknown event kind {kind!r}")
-    return {
+    if extra.keys() != fields:
+        raise ValueError(
+            f"a {kind} event has the fields {sorted(fields)}, not {sorted(extra)}"
+        )
+    # the order of the keys is the order on the wire: keep it
+    event = {
         "event": kind, "slug": slug, "app": app, "node": node,
         "process_type": process_type, "pid": pid, "state": state,
         "at": format_time(clock()), **extra,
     }
+    # the kind and the names of its fields were checked just above
+    return cast(ProcessEvent, event)
 
 
 class EventQueueClosed(Exception):
@@ -100,7 +188,7 @@ class EventQueue:
         self.slug = slug
         self.maxsize = maxsize
         self._clock = clock
-        self._events: deque[Event] = deque()
+        self._events: deque[ProcessEvent] = deque()
         self._waiters: list[asyncio.Future[None]] = []
         self._pending_drops = 0
         self._last_drop = 0.0
@@ -109,13 +197,13 @@ class EventQueue:
         self.closed = False
         self._finished = False
 
-    def wants(self, event: Mapping[str, Any]) -> bool:
+    def wants(self, event: ProcessEvent) -> bool:
         """Whether ``event`` passes this queue's ``app`` and ``slug`` filters."""
-        return (self.app is None or event.get("app") == self.app) and (
-            self.slug is None or event.get("slug") == self.slug
+        return (self.app is None or event["app"] == self.app) and (
+            self.slug is None or event["slug"] == self.slug
         )
 
-    def put(self, event: Event) -> None:
+    def put(self, event: ProcessEvent) -> None:
         """Queue ``event`` without waiting, dropping the oldest one if the queue is full."""
         if self.closed or self._finished:
             return
@@ -200,15 +288,17 @@ class EventBus:
         self._clock = clock
         self._queues: list[EventQueue] = []
         self._listeners: list[Listener] = []
-        self._backlog: deque[Event] = deque()
+        self._backlog: deque[ProcessEvent] = deque()
         self._publishing = False
         self.closed = False
 
-    def publish(self, event: Mapping[str, Any]) -> None:
+    def publish(self, event: ProcessEvent) -> None:
         """Hand ``event`` to every subscriber now; never blocks, never raises for one."""
         if self.closed:
             return
-        self._backlog.append(dict(event))
+        # a copy: what the subscribers share cannot change under them if the publisher
+        # changes its dict afterwards
+        self._backlog.append(event.copy())
         if self._publishing:
             # a callback publishes while being told of an event: deliver this one after
             # the current one has reached every subscriber, so that all see the same order
@@ -220,7 +310,7 @@ class EventBus:
         finally:
             self._publishing = False
 
-    def _deliver(self, event: Event) -> None:
+    def _deliver(self, event: ProcessEvent) -> None:
         for queue in self._queues:
             if queue.wants(event):
                 queue.put(event)
@@ -228,7 +318,7 @@ class EventBus:
             try:
                 listener(event)
             except Exception:
-                log.exception("an event listener failed on %s", event.get("event"))
+                log.exception("an event listener failed on %s", event["event"])
 
     def subscribe(
         self, *, app: str | None = None, slug: str | None = None, maxsize: int = DEFAULT_MAXSIZE

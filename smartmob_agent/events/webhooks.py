@@ -23,14 +23,15 @@ import random as _random
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import aiohttp
 from yarl import URL
 
 from smartmob_agent import __version__
+from smartmob_agent.events.bus import EventKind, ProcessEvent
 
 log = logging.getLogger("smartmob_agent.webhooks")  # stable name: internals.rst
 
@@ -60,7 +61,7 @@ def sign(secret: bytes, body: bytes) -> str:
 
 
 class _Delivery(NamedTuple):
-    kind: str
+    kind: EventKind
     body: bytes
     delivery_id: str
 
@@ -123,7 +124,7 @@ class Webhooks:
         self._targets = {url: _Target(url) for url in self._urls}
         self._closed = False
 
-    def submit(self, event: Mapping[str, Any], extra_urls: Iterable[str] = ()) -> None:
+    def submit(self, event: ProcessEvent, extra_urls: Iterable[str] = ()) -> None:
         """Queue ``event`` for every global URL and for ``extra_urls``; never waits.
 
         A URL given twice (say, global and a process's own) receives the event once.
@@ -136,9 +137,9 @@ class Webhooks:
         try:
             body = json.dumps(event, separators=(",", ":")).encode()
         except (TypeError, ValueError):
-            log.exception("webhooks: the %s event is not JSON; not sent", event.get("event"))
+            log.exception("webhooks: the %s event is not JSON; not sent", event["event"])
             return
-        delivery = _Delivery(str(event.get("event", "")), body, uuid.uuid4().hex)
+        delivery = _Delivery(event["event"], body, uuid.uuid4().hex)
         for url in urls:
             self._enqueue(url, delivery)
 

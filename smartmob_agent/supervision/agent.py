@@ -24,7 +24,7 @@ import aiohttp
 
 from smartmob_agent.config import Settings
 from smartmob_agent.errors import AgentError, Conflict, InvalidRequest, NotFound, TooLarge
-from smartmob_agent.events.bus import EventBus, make_event
+from smartmob_agent.events.bus import EventBus, EventKind, ProcessEvent, make_event
 from smartmob_agent.events.webhooks import Webhooks
 from smartmob_agent.keys import Keyring, MintedKey, digest, mint_key, parse_key_lines
 from smartmob_agent.model import ProcessInfo, ProcessState, RunAs, Spec
@@ -358,7 +358,7 @@ class Agent:
             await self._session.close()
         self.reaper.close()
 
-    def _emit(self, watcher: Watcher, kind: str, fields: Mapping[str, Any]) -> None:
+    def _emit(self, watcher: Watcher, kind: EventKind, fields: Mapping[str, Any]) -> None:
         spec = watcher.spec
         extra = dict(fields)
         pid = extra.pop("pid", watcher.pid)  # an exit names the child that ended
@@ -367,11 +367,11 @@ class Agent:
             process_type=spec.process_type, pid=pid, state=watcher.state.value, **extra,
         ))
 
-    def _notify(self, event: Mapping[str, Any]) -> None:
+    def _notify(self, event: ProcessEvent) -> None:
         """Hand an event to the webhooks: the agent's own and the process's ``notify``."""
         if self.webhooks is None:
             return
-        watcher = self._watchers.get(event.get("slug", ""))
+        watcher = self._watchers.get(event["slug"])
         extra = watcher.spec.options.notify if watcher is not None else ()
         self.webhooks.submit(event, extra)
 

@@ -43,6 +43,7 @@ from smartmob_agent.errors import (
     ProcfileError,
     SpawnError,
 )
+from smartmob_agent.events.bus import EventKind
 from smartmob_agent.model import (
     RESTING_STATES,
     Backoff,
@@ -98,7 +99,7 @@ _DOTENV_LIMIT = dotenv.MAX_DOTENV_BYTES
 #: Called as ``listener(watcher, old_state, new_state)`` after every transition.
 Listener = Callable[["Watcher", ProcessState, ProcessState], None]
 #: Called as ``emit(watcher, kind, fields)`` for each event (see :mod:`.events`).
-Emitter = Callable[["Watcher", str, Mapping[str, Any]], None]
+Emitter = Callable[["Watcher", EventKind, Mapping[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -344,7 +345,7 @@ class Watcher:
         if listener in self._listeners:
             self._listeners.remove(listener)
 
-    def _emit(self, kind: str, **fields: Any) -> None:
+    def _emit(self, kind: EventKind, **fields: Any) -> None:
         if self._runtime.emit is not None:
             self._runtime.emit(self, kind, fields)
 

@@ -18,7 +18,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from smartmob_agent import representations as docs
 from smartmob_agent.errors import Forbidden, InvalidRequest, NotFound
-from smartmob_agent.keys import ADMIN, Principal
+from smartmob_agent.keys import Principal
 from smartmob_agent.model import Spec
 from smartmob_agent.schemas import (
     bulk_request,
@@ -48,12 +48,21 @@ def _agent(request: web.Request) -> Agent:
 
 
 def principal(request: web.Request) -> Principal:
-    """Who the request comes from (the admin when access control is off).
+    """Who the request comes from, as the access middleware named it (the admin on an
+    agent without keys).
 
-    An application built without the access middleware (a test's, or an embedder's) has
-    no keys to check, so it is the admin too, like an agent started without keys.
+    Raises:
+        Forbidden: no principal was set: the request did not go through the access
+            middleware (an application built without it), or went through it on a route
+            open to anyone. Access fails closed: a request nobody vouched for may do
+            nothing, rather than everything.
     """
-    found: Principal = request.get(PRINCIPAL_KEY, ADMIN)
+    found: Principal | None = request.get(PRINCIPAL_KEY)
+    if found is None:
+        raise Forbidden(
+            "no key was checked for this request, so the agent refuses it (a route open "
+            "to anyone, or an application built without the agent's access middleware)"
+        )
     return found
 
 

@@ -164,7 +164,7 @@ def _encode(event: Event) -> str | None:
     try:
         return json.dumps(event, separators=(",", ":"))
     except (TypeError, ValueError):  # a bug of the publisher: drop that event, not the client
-        log.exception("the %s event is not JSON; not sent", event.get("event"))
+        log.exception("the %s event is not JSON; not sent", event["event"])
         return None
 
 

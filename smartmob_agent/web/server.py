@@ -152,6 +152,9 @@ def _presented_key(request: web.Request) -> str | None:
 async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Let in only requests with a key the agent knows, and note whom each comes from.
 
+    Every request to an agent without keys comes from the admin. On an agent with keys,
+    a route of :data:`OPEN_ROUTES` is let in without a key and names nobody: a handler
+    there that asks :func:`~smartmob_agent.web.api.principal` is refused.
     Wrong keys from one address are counted; past a few, that address is refused (429)
     without its key being checked, for a while (:class:`~smartmob_agent.web.access.FailureLimiter`).
     An agent without keys refuses what looks like a web page's request instead
@@ -159,14 +162,18 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     """
     keyring = request.app[AGENT_KEY].keyring
     route = request.match_info.route.name
-    if route in OPEN_ROUTES or not keyring.enabled:
+    if route in OPEN_ROUTES and keyring.enabled:
+        # no key is checked, so nobody is named: a handler asking who it is gets a 403
+        # (api.principal), never the admin
+        return await handler(request)
+    if not keyring.enabled:
         problem = None if route in OPEN_ROUTES else browser_problem(
             request.headers.get("Host"), request.headers.get("Origin"),
             request.app[SETTINGS_KEY].host, request.app[SETTINGS_KEY].allow_host,
         )
         if problem is not None:
             raise errors.Forbidden(problem)
-        request[PRINCIPAL_KEY] = ADMIN
+        request[PRINCIPAL_KEY] = ADMIN  # an agent without keys: everyone is the admin
         return await handler(request)
     limiter = request.app[LIMITER_KEY]
     address = request.remote or ""
