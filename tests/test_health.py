@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from smartmob_agent.processes.child import Reaper
+from smartmob_agent.processes.reaper import Reaper
 from smartmob_agent.supervision.health import (
     HealthCheck,
     HealthMonitor,

@@ -32,7 +32,7 @@ from smartmob_agent.config import Settings
 from smartmob_agent.errors import InvalidRequest
 from smartmob_agent.model import Options
 from smartmob_agent.model import ProcessState as S
-from smartmob_agent.processes.child import blocked_folder, resolve_run_as
+from smartmob_agent.processes.users import blocked_folder, resolve_run_as
 from smartmob_agent.schemas import check_rlimits, create_request, spec_from_request
 from smartmob_agent.supervision.agent import Agent
 from tests.agent_process import AgentProcess

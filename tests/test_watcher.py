@@ -18,8 +18,8 @@ import pytest
 from smartmob_agent.config import Settings
 from smartmob_agent.model import Exit, Spec
 from smartmob_agent.model import ProcessState as S
-from smartmob_agent.processes import child as child_module
-from smartmob_agent.processes.child import Reaper
+from smartmob_agent.processes import spawn as spawn_module
+from smartmob_agent.processes.reaper import Reaper
 from smartmob_agent.supervision.agent import Agent
 from smartmob_agent.supervision.restart import JITTER, BackoffPolicy
 from smartmob_agent.supervision.watcher import Runtime, Watcher
@@ -511,7 +511,7 @@ async def test_spawn_out_of_file_descriptors_backs_off_and_recovers(
     """A spawn that fails for want of file descriptors is retried after a backoff, and the
     process runs once they are back, instead of failing for good."""
     url = serve(archive_server, "web: {PYTHON} -u app.py\n", app=WAIT_TERM)
-    real_popen = child_module.subprocess.Popen
+    real_popen = spawn_module.subprocess.Popen
     failures = [OSError(errno.EMFILE, os.strerror(errno.EMFILE))] * 2
 
     def popen(*args: Any, **kwargs: Any) -> Any:
@@ -519,7 +519,7 @@ async def test_spawn_out_of_file_descriptors_backs_off_and_recovers(
             raise failures.pop()
         return real_popen(*args, **kwargs)
 
-    monkeypatch.setattr(child_module.subprocess, "Popen", popen)
+    monkeypatch.setattr(spawn_module.subprocess, "Popen", popen)
     watcher = agent.create(spec(url))
     seen = record_states(watcher)
     await wait_for_state(watcher, S.RUNNING)

@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 
 from smartmob_agent.model import Exit, RunAs
-from smartmob_agent.processes.child import Reaper
+from smartmob_agent.processes.reaper import Reaper
 
 log = logging.getLogger("smartmob_agent.health")  # stable name: internals.rst
 
