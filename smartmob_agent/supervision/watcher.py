@@ -649,7 +649,8 @@ class Watcher:
             assert check.command is not None
             return await probe_command(
                 check.command, command.cwd, command.env, check.timeout,
-                reaper=runtime.reaper, run_as=runtime.run_as,
+                reaper=runtime.reaper, run_as=runtime.run_as, umask=self.spec.options.umask,
+                rlimits=self.spec.options.rlimits,
             )
 
         def on_change(healthy: bool | None) -> None:
