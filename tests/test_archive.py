@@ -1,4 +1,4 @@
-"""The archive adapter: real downloads from 127.0.0.1, safe unpacking of hostile archives."""
+"""sources.download and sources.unpack: real downloads from 127.0.0.1, hostile archives."""
 
 from __future__ import annotations
 
