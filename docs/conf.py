@@ -62,6 +62,7 @@ _EXTERNAL_MODULES = (
     "fastjsonschema", "procfile", "argparse", "logging", "http", "urllib", "threading",
     "multidict", "sqlite3", "hmac", "hashlib", "socket", "queue", "datetime",
     "ipaddress",
+    "_asyncio",  # where asyncio.Future is defined, as annotations name it
 )
 nitpick_ignore_regex = [
     # the standard library and third-party packages (no intersphinx offline)

@@ -27,7 +27,8 @@ from smartmob_agent.config import OPTIONS, Settings, check_settings, settings_fr
 from smartmob_agent.errors import AgentError, InvalidRequest
 from smartmob_agent.output.logs import RedactKeys
 from smartmob_agent.processes import guardian
-from smartmob_agent.processes.child import Reaper, become_subreaper, resolve_run_as
+from smartmob_agent.processes.reaper import Reaper, become_subreaper
+from smartmob_agent.processes.users import resolve_run_as
 from smartmob_agent.supervision.agent import AGENT_ID_VARIABLE, Agent
 from smartmob_agent.web.server import make_app
 

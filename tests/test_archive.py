@@ -1,4 +1,4 @@
-"""The archive adapter: real downloads from 127.0.0.1, safe unpacking of hostile archives."""
+"""sources.download and sources.unpack: real downloads from 127.0.0.1, hostile archives."""
 
 from __future__ import annotations
 
@@ -28,15 +28,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from smartmob_agent.errors import ArchiveError, DownloadError
-from smartmob_agent.sources.archive import (
-    DownloadLimits,
-    UnpackLimits,
-    detect_format,
-    display_url,
-    download,
-    source_root,
-    unpack,
-)
+from smartmob_agent.sources.download import DownloadLimits, display_url, download
+from smartmob_agent.sources.unpack import UnpackLimits, detect_format, source_root, unpack
 from tests.conftest import ArchiveServer
 from tests.helpers import ARCHIVE_KINDS, eventually, make_archive, tar_write_mode
 

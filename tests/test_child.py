@@ -15,7 +15,8 @@ import pytest
 from smartmob_agent.errors import SpawnError
 from smartmob_agent.model import Exit
 from smartmob_agent.output.lines import DEFAULT_MAX_LINE
-from smartmob_agent.processes.child import Child, Reaper
+from smartmob_agent.processes.reaper import Reaper
+from smartmob_agent.processes.spawn import Child
 from tests.helpers import PYTHON, eventually, pid_alive
 
 #: Prints ready, then exits with code 42 on SIGTERM.

@@ -18,7 +18,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestServer
 
 from smartmob_agent.errors import DownloadError
-from smartmob_agent.sources.archive import DownloadLimits, download, open_session
+from smartmob_agent.sources.download import DownloadLimits, download, open_session
 from smartmob_agent.sources.fetchpolicy import FetchPolicy
 
 BODY = b"the archive " * 1000

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import resource
 import signal
 import socket
 import time
@@ -18,7 +19,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from smartmob_agent.processes.child import Reaper
+from smartmob_agent.processes.reaper import Reaper
 from smartmob_agent.supervision.health import (
     HealthCheck,
     HealthMonitor,
@@ -297,6 +298,50 @@ async def test_command_that_cannot_start_is_unhealthy(tmp_path: Path, reaper: Re
     result = await run_probe("true", tmp_path / "missing", reaper)
 
     assert result == ProbeResult(False, "could not start the command: No such file or directory")
+
+
+def own_umask() -> str:
+    """This process's umask, as ``umask`` prints it (``0022``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("Umask:"):
+            return line.split()[1]
+    raise AssertionError("no Umask line in /proc/self/status")
+
+
+async def test_command_gets_the_umask_and_rlimits_it_is_given(
+    tmp_path: Path, reaper: Reaper
+) -> None:
+    """The command starts as a process's children do: with the process's umask and
+    resource limits (soft and hard), not the agent's."""
+    assert own_umask() != "0027"
+    assert resource.getrlimit(resource.RLIMIT_NOFILE) != (64, 64)
+    out = tmp_path / "probe.out"
+    result = await asyncio.wait_for(probe_command(
+        f"{{ umask; ulimit -Sn; ulimit -Hn; ulimit -t; }} > {out}", tmp_path, {}, 5.0,
+        reaper=reaper, umask=0o027, rlimits=(("nofile", 64), ("cpu", 3600)),
+    ), 10)
+
+    assert result == ProbeResult(True, "command exited with code 0")
+    assert out.read_text() == "0027\n64\n64\n3600\n"
+    assert out.stat().st_mode & 0o777 == 0o640
+
+
+async def test_command_with_a_limit_the_kernel_refuses_is_unhealthy(
+    tmp_path: Path, reaper: Reaper
+) -> None:
+    """A resource limit the kernel will not set (above ``fs.nr_open``, even for root) is
+    an unhealthy result that names it, and the command does not run."""
+    out = tmp_path / "ran"
+    result = await asyncio.wait_for(probe_command(
+        f"touch {out}", tmp_path, {}, 5.0, reaper=reaper, rlimits=(("nofile", 2**40),),
+    ), 10)
+
+    assert result == ProbeResult(
+        False,
+        f"could not start the command: the kernel refused its resource limits "
+        f"(nofile={2**40})",
+    )
+    assert not out.exists()
 
 
 async def test_command_timeout_kills_its_process_group(tmp_path: Path, reaper: Reaper) -> None:

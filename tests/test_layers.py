@@ -114,7 +114,7 @@ def scan(source: str, module: str = "") -> tuple[frozenset[str], frozenset[str]]
                 outside.add(node.module)
                 outside.update(f"{node.module}.{alias.name}" for alias in node.names)
                 continue
-            for alias in node.names:  # from smartmob_agent.sources import archive, X
+            for alias in node.names:  # from smartmob_agent.sources import download, X
                 inside.add(_resolve(f"{rest}.{alias.name}".strip(".")))
     inside.discard(module)
     return frozenset(outside), frozenset(inside)
@@ -163,9 +163,9 @@ import os.path
 import asyncio, json as j
 from aiohttp import web
 from smartmob_agent import __version__
-from smartmob_agent.sources import archive
+from smartmob_agent.sources import download
 from smartmob_agent.model import Exit
-import smartmob_agent.processes.child
+import smartmob_agent.processes.spawn
 from . import hub
 from .lines import LineSplitter
 from typing import TYPE_CHECKING
@@ -181,7 +181,7 @@ def later():
         "typing.TYPE_CHECKING", "subprocess",
     }
     assert inside == {
-        "__init__", "sources.archive", "model", "processes.child", "output.hub",
+        "__init__", "sources.download", "model", "processes.spawn", "output.hub",
         "output.lines", "supervision.agent", "cli",
     }
 

@@ -32,7 +32,7 @@ from smartmob_agent.config import Settings
 from smartmob_agent.errors import InvalidRequest
 from smartmob_agent.model import Options
 from smartmob_agent.model import ProcessState as S
-from smartmob_agent.processes.child import blocked_folder, resolve_run_as
+from smartmob_agent.processes.users import blocked_folder, resolve_run_as
 from smartmob_agent.schemas import check_rlimits, create_request, spec_from_request
 from smartmob_agent.supervision.agent import Agent
 from tests.agent_process import AgentProcess
@@ -423,6 +423,24 @@ async def test_without_rlimits_the_child_has_the_agents(
     await wait_for_state(agent.get("myapp.web.0"), S.EXITED, timeout=20)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert (await output_of(client, "myapp.web.0"))[0] == f"nofile={soft}/{hard}"
+
+
+async def test_the_health_command_gets_the_umask_and_rlimits_of_its_process(
+    client: Client, agent: Agent, archive_server: ArchiveServer, tmp_path: Path
+) -> None:
+    """A health command starts as the process's children do: with the ``umask`` and the
+    ``rlimits`` of the create request, not the agent's."""
+    url = archive_server.add("sleeper.tgz", app_archive("web: exec sleep 600\n"))
+    out = tmp_path / "probed"
+    report = '{ umask; ulimit -n; ulimit -t; } > "$OUT.part" && mv "$OUT.part" "$OUT"'
+    answer = await client.post("/create-process", json=body(
+        url, env={"OUT": str(out)}, umask="027", rlimits={"nofile": 64, "cpu": 3600},
+        health={"command": report, "interval": 0.1, "timeout": 5},
+    ))
+    assert answer.status == 201, await answer.text()
+    await eventually(out.exists, timeout=20, what="the health command's report")
+    assert out.read_text() == "0027\n64\n3600\n"
+    assert out.stat().st_mode & 0o777 == 0o640
 
 
 async def test_an_rlimit_above_the_agents_hard_limit_is_400(

@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from smartmob_agent.config import Settings
 from smartmob_agent.model import ProcessState as S
-from smartmob_agent.sources import archive
+from smartmob_agent.sources import download
 from smartmob_agent.sources.cache import cache_key
 from smartmob_agent.supervision.agent import Agent
 from smartmob_agent.web.server import make_app
@@ -168,7 +168,7 @@ async def test_a_name_resolving_to_the_metadata_address_fails_the_process(
     """The agent's own session checks what names resolve to: a name that passes at
     create but resolves to 169.254.169.254 makes the process failed, saying so."""
     resolver = StandInResolver({"metadata.test": [["169.254.169.254"]]})
-    monkeypatch.setattr(archive, "DefaultResolver", lambda: resolver)
+    monkeypatch.setattr(download, "DefaultResolver", lambda: resolver)
     running = await start()
     url = archive_server.add("app.tgz", make_archive(SLEEPER))
     await running.create(url.replace("127.0.0.1", "metadata.test"))

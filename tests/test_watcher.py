@@ -19,7 +19,7 @@ import pytest
 from smartmob_agent.config import Settings
 from smartmob_agent.model import Exit, Spec
 from smartmob_agent.model import ProcessState as S
-from smartmob_agent.processes.child import Reaper
+from smartmob_agent.processes.reaper import Reaper
 from smartmob_agent.supervision.agent import Agent
 from smartmob_agent.supervision.restart import JITTER, BackoffPolicy
 from smartmob_agent.supervision.watcher import Runtime, Watcher

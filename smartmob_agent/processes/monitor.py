@@ -84,8 +84,24 @@ def sample_trees(
     """
     if not roots:
         return {}
-    children: dict[int, list[int]] = {}
-    own: dict[int, tuple[int, int]] = {}  # pid -> (CPU ticks, resident pages from stat)
+    own, children = _scan(proc)
+    result: dict[int, tuple[float, int]] = {}
+    for root in roots:
+        if root in own:
+            result[root] = _tree_usage(root, own, children, proc, exact_rss)
+    return result
+
+
+#: Each live process's own figures: pid -> (CPU ticks, resident pages from ``stat``).
+_Own = dict[int, tuple[int, int]]
+#: The pids of each parent's children.
+_Children = dict[int, list[int]]
+
+
+def _scan(proc: str) -> tuple[_Own, _Children]:
+    """One pass over the ``stat`` of every process of the machine (zombies left out)."""
+    children: _Children = {}
+    own: _Own = {}
     for name in os.listdir(proc):
         if not name.isdigit():
             continue
@@ -102,28 +118,30 @@ def sample_trees(
             children.setdefault(int(fields[_PPID]), []).append(pid)
         except (ValueError, IndexError):  # gone meanwhile (nothing read), or torn
             continue
-    result: dict[int, tuple[float, int]] = {}
-    for root in roots:
-        if root not in own:
-            continue
-        ticks = pages = 0
-        pending = [root]
-        # a pid reused during the scan could in theory close a loop of parents
-        seen = {root}
-        while pending:
-            pid = pending.pop()
-            pid_ticks, pid_pages = own[pid]
-            ticks += pid_ticks
-            # statm sums the per-CPU counters (as ps does); a second read, but only for
-            # members of the trees. If it is gone meanwhile, what stat said will do.
-            statm = _read(f"{proc}/{pid}/statm").split(None, 2) if exact_rss else []
-            pages += int(statm[1]) if len(statm) > 1 else pid_pages
-            for child in children.get(pid, ()):
-                if child not in seen:
-                    seen.add(child)
-                    pending.append(child)
-        result[root] = (ticks / _TICKS, pages * _PAGE)
-    return result
+    return own, children
+
+
+def _tree_usage(
+    root: int, own: _Own, children: _Children, proc: str, exact_rss: bool
+) -> tuple[float, int]:
+    """CPU seconds and resident bytes of the tree of ``root``, a pid of ``own``."""
+    ticks = pages = 0
+    pending = [root]
+    # a pid reused during the scan could in theory close a loop of parents
+    seen = {root}
+    while pending:
+        pid = pending.pop()
+        pid_ticks, pid_pages = own[pid]
+        ticks += pid_ticks
+        # statm sums the per-CPU counters (as ps does); a second read, but only for
+        # members of the trees. If it is gone meanwhile, what stat said will do.
+        statm = _read(f"{proc}/{pid}/statm").split(None, 2) if exact_rss else []
+        pages += int(statm[1]) if len(statm) > 1 else pid_pages
+        for child in children.get(pid, ()):
+            if child not in seen:
+                seen.add(child)
+                pending.append(child)
+    return ticks / _TICKS, pages * _PAGE
 
 
 def _read(path: str) -> bytes:

@@ -20,8 +20,8 @@ build key (see :func:`~smartmob_agent.sources.buildplan.build_key`)::
   fails them all; a later call tries again. If the caller that runs it gives up (its
   process is stopped or deleted), the run is stopped at once, since it works in that
   process's folder, and the others start it again from their own.
-* **Children are the agent's**: each step is a :class:`~smartmob_agent.processes.child.Child`,
-  reaped by the agent's :class:`~smartmob_agent.processes.child.Reaper`, with its stdin closed,
+* **Children are the agent's**: each step is a :class:`~smartmob_agent.processes.spawn.Child`,
+  reaped by the agent's :class:`~smartmob_agent.processes.reaper.Reaper`, with its stdin closed,
   stopped with the stop sequence when its run is cancelled or overruns the timeout.
 
 :meth:`Builds.collect` removes the builds no process uses, except the
@@ -52,7 +52,9 @@ from typing import Any
 
 from smartmob_agent.errors import BuildError, SpawnError
 from smartmob_agent.model import RunAs
-from smartmob_agent.processes.child import Child, Reaper, Sink, give_tree
+from smartmob_agent.processes.reaper import Reaper
+from smartmob_agent.processes.spawn import Child, Sink
+from smartmob_agent.processes.users import give_tree
 from smartmob_agent.sources import buildplan as build
 
 log = logging.getLogger("smartmob_agent.builder")  # stable name: internals.rst

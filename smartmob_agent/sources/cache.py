@@ -1,7 +1,7 @@
 """The cache of downloaded source archives, in the state folder (a files + HTTP adapter).
 
 Knows nothing of processes. :meth:`SourceCache.get` returns the path of a complete
-archive file for a source, downloading it (through :func:`.archive.fetch`) only when it
+archive file for a source, downloading it (through :func:`.download.fetch`) only when it
 must:
 
 * A source with a checksum is kept under that checksum, once verified: any later
@@ -60,7 +60,7 @@ from smartmob_agent.errors import (
     StorageError,
     TooLarge,
 )
-from smartmob_agent.sources import archive
+from smartmob_agent.sources import download, unpack
 from smartmob_agent.sources.fetchpolicy import FetchPolicy
 
 log = logging.getLogger("smartmob_agent.sources")  # stable name: internals.rst
@@ -110,7 +110,7 @@ class Stored:
     sha256: str
     #: its size in bytes
     size: int
-    #: its format, as :func:`.archive.detect_format` names it
+    #: its format, as :func:`.unpack.detect_format` names it
     format: str
 
 
@@ -121,7 +121,7 @@ def _upload_format(head: bytes) -> str:
         ArchiveError: it is not a zip or tar archive, in words for who sent it.
     """
     try:
-        return archive.detect_format(head)
+        return unpack.detect_format(head)
     except ArchiveError as error:
         reason = str(error).replace("the source", "the uploaded body", 1)
         raise ArchiveError(
@@ -152,7 +152,7 @@ class _Flight:
     task: asyncio.Task[Path] | None = None
     waiters: int = 0
     progress: tuple[int, int | None] | None = None
-    listeners: list[archive.Progress] = field(default_factory=list)
+    listeners: list[download.Progress] = field(default_factory=list)
 
     def report(self, size: int, total: int | None) -> None:
         self.progress = (size, total)
@@ -168,7 +168,7 @@ class SourceCache:
             half-written there (the agent was killed) are removed.
         session: the HTTP client of the downloads.
         limits: the bounds of each download (the defaults of
-            :class:`.archive.DownloadLimits` if not given).
+            :class:`.download.DownloadLimits` if not given).
         keep: how many unused entries :meth:`collect` keeps.
         policy: which URLs, and redirects, downloads may follow (any http or https URL
             but the refused addresses, if not given).
@@ -178,7 +178,7 @@ class SourceCache:
         self,
         folder: Path,
         session: aiohttp.ClientSession,
-        limits: archive.DownloadLimits | None = None,
+        limits: download.DownloadLimits | None = None,
         *,
         keep: int = KEEP_UNUSED,
         policy: FetchPolicy | None = None,
@@ -186,7 +186,7 @@ class SourceCache:
         self.folder = folder
         self.keep = keep
         self._session = session
-        self._limits = limits or archive.DownloadLimits()
+        self._limits = limits or download.DownloadLimits()
         #: which URLs (and redirects) may be fetched (see :mod:`.fetchpolicy`)
         self.policy = policy or FetchPolicy()
         self._flights: dict[tuple[str, str], _Flight] = {}
@@ -212,13 +212,13 @@ class SourceCache:
         sha256: str | None = None,
         *,
         headers: Mapping[str, str] | None = None,
-        progress: archive.Progress | None = None,
+        progress: download.Progress | None = None,
     ) -> Path:
         """Return the path of the archive of ``url`` (of SHA-256 ``sha256``, if given),
         downloading it if the cache cannot vouch for the file it has.
 
         ``headers`` go with the download this call starts (not with one it joins);
-        ``progress`` is called as :func:`.archive.download` calls it, with the progress
+        ``progress`` is called as :func:`.download.download` calls it, with the progress
         so far at once when joining a download under way.
 
         Raises:
@@ -236,7 +236,7 @@ class SourceCache:
             flight = _Flight()
             flight.task = asyncio.get_running_loop().create_task(
                 self._fill(key, url, sha256, dict(headers or {}), flight.report),
-                name=f"download {archive.display_url(url)}",
+                name=f"download {download.display_url(url)}",
             )
             self._flights[flight_key] = flight
             flight.task.add_done_callback(lambda _: self._landed(flight_key, flight))
@@ -274,24 +274,24 @@ class SourceCache:
         url: str,
         sha256: str | None,
         headers: dict[str, str],
-        report: archive.Progress,
+        report: download.Progress,
     ) -> Path:
         """Download into the entry ``key`` (or confirm it is current); return its path."""
         final = self.path(key)
         part = self.folder / f"{key}.{uuid.uuid4().hex}{_PART}"
-        known = archive.Validators() if sha256 is not None else self._validators(key)
+        known = download.Validators() if sha256 is not None else self._validators(key)
         try:
-            fetched = await archive.fetch(
+            fetched = await download.fetch(
                 self._session, url, part, limits=self._limits, headers=headers,
                 progress=report, validators=known or None, policy=self.policy,
             )
             if not fetched.modified:
                 if self._touch(key):
                     log.info("%s: not modified, using the cached archive",
-                             archive.display_url(url))
+                             download.display_url(url))
                     return final
                 # gone since it was asked about: download it whole
-                fetched = await archive.fetch(
+                fetched = await download.fetch(
                     self._session, url, part, limits=self._limits, headers=headers,
                     progress=report, policy=self.policy,
                 )
@@ -305,7 +305,7 @@ class SourceCache:
                     self._write_validators(key, url, fetched.validators)
             except OSError as error:  # a full disk, for instance
                 raise DownloadError(
-                    f"the archive from {archive.display_url(url)} could not be kept in "
+                    f"the archive from {download.display_url(url)} could not be kept in "
                     f"{self.folder}: {error.strerror or error}"
                 ) from None
             return final
@@ -327,23 +327,23 @@ class SourceCache:
             return False
         return True
 
-    def _validators(self, key: str) -> archive.Validators:
+    def _validators(self, key: str) -> download.Validators:
         """The validators of the entry ``key``, if it has a file and they were recorded."""
         if not self.path(key).is_file():
-            return archive.Validators()
+            return download.Validators()
         try:
             data = json.loads(self._meta(key).read_text())
             etag, modified = data.get("etag"), data.get("last_modified")
         except (OSError, ValueError, AttributeError):
-            return archive.Validators()
-        return archive.Validators(
+            return download.Validators()
+        return download.Validators(
             etag if isinstance(etag, str) else None,
             modified if isinstance(modified, str) else None,
         )
 
-    def _write_validators(self, key: str, url: str, validators: archive.Validators) -> None:
+    def _write_validators(self, key: str, url: str, validators: download.Validators) -> None:
         self._write_meta(key, {
-            "url": archive.display_url(url),
+            "url": download.display_url(url),
             "etag": validators.etag,
             "last_modified": validators.last_modified,
         })

@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 
 from smartmob_agent.errors import AgentError
+from smartmob_agent.sources.decode import decode_text, line_of
 
 #: Largest ``.env`` file read; a real one is a few kilobytes at most.
 MAX_DOTENV_BYTES = 64 * 1024
@@ -49,11 +50,6 @@ class DotenvError(AgentError):
 def _shown(text: str) -> str:
     """Quote a piece of a line for an error message, cut to a readable length."""
     return f'"{text[:40]}..."' if len(text) > 40 else f'"{text}"'
-
-
-def _line_of(text: str, index: int) -> int:
-    """The 1-based line number of ``text[index]``."""
-    return text.count("\n", 0, index) + 1
 
 
 def _unquote(
@@ -131,64 +127,84 @@ def parse_dotenv(text: str) -> dict[str, str]:
             naming its line; or, before any line is parsed, if the text is over
             :data:`MAX_DOTENV_BYTES` or holds a NUL character.
     """
+    lines = _lines(text)
+    variables: dict[str, str] = {}
+    problems: list[str] = []
+    index = 0
+    while index < len(lines):
+        index = _parse_line(lines, index, variables, problems)
+    if problems:
+        raise _error(problems)
+    return variables
+
+
+def _lines(text: str) -> list[str]:
+    """The lines of ``text``, byte order mark dropped and line ends made ``\\n``, once it
+    is known to be within the size limit and free of NUL."""
     if len(text) > MAX_DOTENV_BYTES:  # each character is at least one byte
         raise DotenvError(f"the .env file is larger than {MAX_DOTENV_BYTES} bytes")
     text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
     if "\x00" in text:
         # no environment variable can hold one: spawning would fail with a bare ValueError
-        nul_line = _line_of(text, text.index("\x00"))
+        nul_line = line_of(text, text.index("\x00"))
         raise DotenvError(f"the .env file contains a NUL character (line {nul_line})")
-    lines = text.split("\n")
-    variables: dict[str, str] = {}
-    problems: list[str] = []
-    index = 0
-    while index < len(lines):
-        number = index + 1
-        line = lines[index].lstrip(_BLANKS)
-        index += 1
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export") and line[6:7] in (" ", "\t"):
-            unexported = line[6:].lstrip(_BLANKS)
-            if not unexported.startswith("="):  # else "export" is the variable's name
-                line = unexported
-        key, equals, raw = line.partition("=")
-        if not equals:
-            problems.append(f'Line {number}: there is no "=" (expected KEY=value).')
-            continue
-        key = key.rstrip(_BLANKS)
-        if not _NAME.fullmatch(key):
-            # the value is still read below, so that a quoted one spanning lines is skipped
-            problems.append(
-                f"Line {number}: {_shown(key)} is not a valid variable name (letters, "
-                'digits and "_", not starting with a digit).'
-            )
-        value = raw.lstrip(_BLANKS)
-        if value[:1] in ("'", '"'):
-            quote = value[0]
-            kind = "single" if quote == "'" else "double"
-            unquoted = _unquote(quote, value[1:], lines, index)
-            if unquoted is None:
-                # where the value ends is unknown, so no later line can be read reliably
-                problems.append(
-                    f"Line {number}: the {kind}-quoted value of {_shown(key)} has no closing "
-                    f"quote (a quoted value may span at most {MAX_QUOTED_LINES} lines)."
-                )
-                raise _error(problems)
-            value, after, index = unquoted
-            if after.strip(_BLANKS) and not after.lstrip(_BLANKS).startswith("#"):
-                problems.append(
-                    f"Line {index}: unexpected text after the closing quote of "
-                    f"{_shown(key)} (only a # comment may follow)."
-                )
-                continue
-        else:
-            comment = _COMMENT.search(raw)
-            value = (raw if comment is None else raw[: comment.start()]).strip(_BLANKS)
-        variables[key] = value
-    if problems:
+    return text.split("\n")
+
+
+def _parse_line(
+    lines: list[str], index: int, variables: dict[str, str], problems: list[str]
+) -> int:
+    """Read the line ``lines[index]`` (and those a quoted value spans): set its variable
+    in ``variables`` or add what is wrong to ``problems``; return the index of the next
+    line to read.
+
+    Raises:
+        DotenvError: a quoted value without its closing quote (no later line can be read
+            reliably then), with the problems found so far.
+    """
+    number = index + 1
+    line = lines[index].lstrip(_BLANKS)
+    index += 1
+    if not line or line.startswith("#"):
+        return index
+    if line.startswith("export") and line[6:7] in (" ", "\t"):
+        unexported = line[6:].lstrip(_BLANKS)
+        if not unexported.startswith("="):  # else "export" is the variable's name
+            line = unexported
+    key, equals, raw = line.partition("=")
+    if not equals:
+        problems.append(f'Line {number}: there is no "=" (expected KEY=value).')
+        return index
+    key = key.rstrip(_BLANKS)
+    if not _NAME.fullmatch(key):
+        # the value is still read below, so that a quoted one spanning lines is skipped
+        problems.append(
+            f"Line {number}: {_shown(key)} is not a valid variable name (letters, "
+            'digits and "_", not starting with a digit).'
+        )
+    value = raw.lstrip(_BLANKS)
+    if value[:1] not in ("'", '"'):
+        comment = _COMMENT.search(raw)
+        variables[key] = (raw if comment is None else raw[: comment.start()]).strip(_BLANKS)
+        return index
+    kind = "single" if value[0] == "'" else "double"
+    unquoted = _unquote(value[0], value[1:], lines, index)
+    if unquoted is None:
+        # where the value ends is unknown, so no later line can be read reliably
+        problems.append(
+            f"Line {number}: the {kind}-quoted value of {_shown(key)} has no closing "
+            f"quote (a quoted value may span at most {MAX_QUOTED_LINES} lines)."
+        )
         raise _error(problems)
-    return variables
+    value, after, index = unquoted
+    if after.strip(_BLANKS) and not after.lstrip(_BLANKS).startswith("#"):
+        problems.append(
+            f"Line {index}: unexpected text after the closing quote of "
+            f"{_shown(key)} (only a # comment may follow)."
+        )
+        return index
+    variables[key] = value
+    return index
 
 
 def decode_dotenv(data: bytes) -> str:
@@ -206,16 +222,5 @@ def decode_dotenv(data: bytes) -> str:
         DotenvError: if the data is over :data:`MAX_DOTENV_BYTES`, not UTF-8 or holds a
             NUL character; the error names the line.
     """
-    if len(data) > MAX_DOTENV_BYTES:
-        raise DotenvError(f"the .env file is larger than {MAX_DOTENV_BYTES} bytes")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        raise DotenvError(
-            f"the .env file is not valid UTF-8 (line {line}, byte {error.start})"
-        ) from None
-    if "\x00" in text:
-        line = _line_of(text, text.index("\x00"))
-        raise DotenvError(f"the .env file contains a NUL character (line {line})")
+    text = decode_text(data, "the .env file", MAX_DOTENV_BYTES, DotenvError)
     return text.removeprefix("\ufeff")

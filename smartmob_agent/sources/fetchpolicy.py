@@ -19,7 +19,7 @@ A source URL is fetched when:
 
 :meth:`FetchPolicy.check_url` decides from the URL alone; the address a host name
 resolves to is checked by :meth:`FetchPolicy.check_address` when the connection is made
-(see :class:`smartmob_agent.sources.archive.GuardedResolver`). Loopback and private addresses
+(see :class:`smartmob_agent.sources.download.GuardedResolver`). Loopback and private addresses
 are allowed: the agent fetches from its own machine and from internal servers.
 
 >>> policy = FetchPolicy()

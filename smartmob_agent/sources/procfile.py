@@ -22,6 +22,7 @@ from typing import Any
 import procfile as _rfc
 
 from smartmob_agent.errors import ProcfileError
+from smartmob_agent.sources.decode import decode_text
 
 #: Names a process type may have (Heroku's rule, which the API's ``process_type`` follows).
 PROCESS_TYPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -262,20 +263,7 @@ def decode_procfile(data: bytes) -> str:
     Raises:
         ProcfileError: if the data is too large, not UTF-8 or holds a NUL character.
     """
-    if len(data) > MAX_PROCFILE_BYTES:
-        raise ProcfileError(f"the Procfile is larger than {MAX_PROCFILE_BYTES} bytes")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        raise ProcfileError(
-            f"the Procfile is not valid UTF-8 (line {line}, byte {error.start})"
-        ) from None
-    if "\x00" in text:
-        # no shell command can hold one: spawning would fail with a bare ValueError
-        line = text.count("\n", 0, text.index("\x00")) + 1
-        raise ProcfileError(f"the Procfile contains a NUL character (line {line})")
-    return text
+    return decode_text(data, "the Procfile", MAX_PROCFILE_BYTES, ProcfileError)
 
 
 def select(entries: Mapping[str, ProcfileEntry], process_type: str) -> ProcfileEntry:

@@ -29,20 +29,15 @@ from smartmob_agent.events.webhooks import Webhooks
 from smartmob_agent.keys import Keyring, MintedKey, digest, mint_key, parse_key_lines
 from smartmob_agent.model import ProcessInfo, ProcessState, RunAs, Spec
 from smartmob_agent.output.logs import LogHandler, ProcessLog
-from smartmob_agent.processes.child import (
-    Reaper,
-    blocked_folder,
-    hard_limits,
-    resolve_run_as,
-    start_time,
-    stop_marked,
-    stop_survivor,
-)
 from smartmob_agent.processes.monitor import Monitor
 from smartmob_agent.processes.ports import PortAllocator
+from smartmob_agent.processes.reaper import Reaper
+from smartmob_agent.processes.spawn import hard_limits
+from smartmob_agent.processes.stop import start_time, stop_marked, stop_survivor
+from smartmob_agent.processes.users import blocked_folder, resolve_run_as
 from smartmob_agent.representations import request_document
 from smartmob_agent.schemas import check_rlimits, create_request, spec_from_request
-from smartmob_agent.sources import archive
+from smartmob_agent.sources import download, unpack
 from smartmob_agent.sources.builds import Builds
 from smartmob_agent.sources.cache import SourceCache, Stored, cache_key
 from smartmob_agent.sources.fetchpolicy import FetchPolicy
@@ -79,7 +74,7 @@ class Agent:
     Raises:
         InvalidRequest: a key file of the settings cannot be read or holds a bad line;
             :option:`--user` or :option:`--group` cannot be used (see
-            :func:`~smartmob_agent.processes.child.resolve_run_as`).
+            :func:`~smartmob_agent.processes.users.resolve_run_as`).
     """
 
     def __init__(
@@ -164,8 +159,8 @@ class Agent:
             self._check_reachable(self.run_as)
         self.store = Store.open(self.settings.state_dir)
         # connects only to addresses the policy allows, whatever a name resolves to
-        self._session = archive.open_session(self.fetch_policy)
-        limits = archive.DownloadLimits(
+        self._session = download.open_session(self.fetch_policy)
+        limits = download.DownloadLimits(
             max_bytes=self.settings.max_download,
             stall=self.settings.download_stall,
             total=self.settings.download_timeout,
@@ -201,7 +196,7 @@ class Agent:
         # a session of their own: hanging receivers must not take the connections that
         # downloads and health probes need; guarded like downloads, since a create
         # request's notify URLs are as much a way to reach metadata services (SSRF)
-        self._webhook_session = archive.open_session(NOTIFY_POLICY)
+        self._webhook_session = download.open_session(NOTIFY_POLICY)
         self.webhooks = Webhooks(
             self._webhook_session, self.settings.webhook,
             secret=None if secret is None else secret.encode(),
@@ -694,9 +689,9 @@ def fetch_policy(settings: Settings) -> FetchPolicy:
     )
 
 
-def unpack_limits(settings: Settings) -> archive.UnpackLimits:
+def unpack_limits(settings: Settings) -> unpack.UnpackLimits:
     """The bounds of each unpack the settings give."""
-    return archive.UnpackLimits(
+    return unpack.UnpackLimits(
         max_members=settings.max_members,
         max_total_bytes=settings.max_unpacked,
         max_member_bytes=settings.max_member_size,

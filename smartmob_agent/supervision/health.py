@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,8 @@ from typing import Any
 import aiohttp
 
 from smartmob_agent.model import Exit, RunAs
-from smartmob_agent.processes.child import Reaper
+from smartmob_agent.processes.reaper import Reaper
+from smartmob_agent.processes.spawn import ShellNotStarted, spawn_shell
 
 log = logging.getLogger("smartmob_agent.health")  # stable name: internals.rst
 
@@ -190,7 +191,8 @@ async def _read_snippet(response: aiohttp.ClientResponse, deadline: float) -> st
 
 async def probe_command(
     command: str, cwd: Path, env: Mapping[str, str], timeout: float, *, reaper: Reaper,
-    run_as: RunAs | None = None,
+    run_as: RunAs | None = None, umask: int | None = None,
+    rlimits: Sequence[tuple[str, int | None]] = (),
 ) -> ProbeResult:
     """Run ``/bin/sh -c command`` in ``cwd`` with exactly ``env``: healthy if it exits 0.
 
@@ -200,8 +202,9 @@ async def probe_command(
     and only its last :data:`OUTPUT_TAIL` bytes are kept, for the detail.
 
     ``reaper`` must be the agent's: it reaps every child on ``SIGCHLD``, so a probe reaping
-    its own child would race it and lose the exit status. ``run_as``: the user it runs as,
-    the process's own (see :option:`--user`).
+    its own child would race it and lose the exit status. ``run_as``, ``umask`` and
+    ``rlimits`` are the process's own (see :option:`--user`): the command starts as the
+    process's children do (:func:`~smartmob_agent.processes.spawn.spawn_shell`).
     """
     exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
@@ -210,7 +213,7 @@ async def probe_command(
         if not exited.done():
             exited.set_result(status)
 
-    started = _spawn(command, cwd, env, reaper, on_exit, run_as)
+    started = _spawn(command, cwd, env, reaper, on_exit, run_as, umask, rlimits)
     if isinstance(started, str):
         return ProbeResult(False, started)
     popen, read_fd = started
@@ -242,7 +245,8 @@ async def probe_command(
 
 def _spawn(
     command: str, cwd: Path, env: Mapping[str, str], reaper: Reaper,
-    on_exit: Callable[[int], None], run_as: RunAs | None = None,
+    on_exit: Callable[[int], None], run_as: RunAs | None,
+    umask: int | None, rlimits: Sequence[tuple[str, int | None]],
 ) -> tuple[subprocess.Popen[bytes], int] | str:
     """Start the probe command watched by ``reaper``; return it and its output pipe.
 
@@ -252,38 +256,27 @@ def _spawn(
     """
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     try:
-        popen = subprocess.Popen(
-            ["/bin/sh", "-c", command],
-            cwd=cwd,
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            stdout=write_fd,
-            stderr=write_fd,
-            start_new_session=True,
-            close_fds=True,
-            user=None if run_as is None else run_as.uid,
-            group=None if run_as is None else run_as.gid,
-            extra_groups=None if run_as is None else list(run_as.groups),
+        popen = spawn_shell(
+            command, cwd=cwd, env=env, reaper=reaper,
+            stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
+            umask=umask, run_as=run_as, rlimits=rlimits,
         )
-    except (OSError, ValueError) as error:  # ValueError: a NUL byte in command or env
+    except ShellNotStarted as error:
         os.close(read_fd)
-        reason = error.strerror if isinstance(error, OSError) else str(error)
-        return f"could not start the command: {reason}"
+        return f"could not {'watch' if error.watching else 'start'} the command: {error.reason}"
+    except ValueError as error:  # a NUL byte in command or env
+        os.close(read_fd)
+        return f"could not start the command: {error}"
     finally:
         os.close(write_fd)  # only the child writes: end of file once it and its group are gone
+
     def reaped(status: int) -> None:
         # what it left in the background would pile up at each probe; killed right at the
         # reaping, before anything else runs, so the group id cannot belong to anyone else
         _kill_group(popen.pid)
         on_exit(status)
 
-    try:
-        reaper.watch(popen.pid, reaped)
-    except OSError as error:  # no pidfd to be had: do not leave the child unwatched
-        _kill_group(popen.pid)
-        popen.wait()
-        os.close(read_fd)
-        return f"could not watch the command: {error.strerror}"
+    reaper.redirect(popen.pid, reaped)
     return popen, read_fd
 
 

@@ -1,7 +1,7 @@
 """The life of one process over time: provision, then run and restart as its options say.
 
 A :class:`Watcher` owns one process resource: it downloads and unpacks the source,
-reads the Procfile and ``.env``, then spawns :class:`~smartmob_agent.processes.child.Child` after
+reads the Procfile and ``.env``, then spawns :class:`~smartmob_agent.processes.spawn.Child` after
 child, restarting as :func:`~smartmob_agent.supervision.restart.decide` says, until it is stopped.
 Every change of state goes through :meth:`Watcher._enter`, which checks the transition
 table, tells the listeners and publishes a ``process:state`` event; each is driven by a
@@ -16,7 +16,6 @@ two children.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -25,7 +24,6 @@ import os
 import random
 import shutil
 import signal
-import threading
 import time
 import uuid
 from collections import deque
@@ -60,10 +58,13 @@ from smartmob_agent.model import (
 )
 from smartmob_agent.output.hub import Hub
 from smartmob_agent.output.logs import ProcessLog
-from smartmob_agent.processes.child import Child, Reaper, give_tree, stop_marked
 from smartmob_agent.processes.monitor import Monitor
-from smartmob_agent.sources import archive, dotenv, procfile
+from smartmob_agent.processes.reaper import Reaper
+from smartmob_agent.processes.spawn import Child
+from smartmob_agent.processes.stop import stop_marked
+from smartmob_agent.processes.users import give_tree
 from smartmob_agent.sources import buildplan as build
+from smartmob_agent.sources import dotenv, download, procfile, unpack
 from smartmob_agent.sources.builds import Builds
 from smartmob_agent.sources.cache import SourceCache
 from smartmob_agent.supervision.health import (
@@ -111,9 +112,9 @@ class Runtime:
     base_env: Mapping[str, str]
     #: set after every other layer: what the agent relies on cannot be overridden
     forced_env: Mapping[str, str] = field(default_factory=dict)
-    limits: archive.DownloadLimits = archive.DownloadLimits()  # noqa: RUF009 (frozen)
+    limits: download.DownloadLimits = download.DownloadLimits()  # noqa: RUF009 (frozen)
     #: the bounds of each unpack (members, sizes, compression ratio, path length)
-    unpack_limits: archive.UnpackLimits = archive.UnpackLimits()  # noqa: RUF009 (frozen)
+    unpack_limits: unpack.UnpackLimits = unpack.UnpackLimits()  # noqa: RUF009 (frozen)
     #: overrides every process's backoff options when set (tests use a fast series)
     policy: BackoffPolicy | None = None
     stop_timeout: float = 10.0
@@ -508,21 +509,11 @@ class Watcher:
         if digest is None:
             digest = await asyncio.to_thread(_file_sha256, path)
         self.source_sha256 = digest
-        cancel = threading.Event()
-        unpacking = asyncio.ensure_future(asyncio.to_thread(
-            archive.unpack, path, self.workdir / "source", cancel=cancel,
-            limits=runtime.unpack_limits,
-        ))
-        try:
-            root = await asyncio.shield(unpacking)
-        except asyncio.CancelledError:
-            # a thread cannot be interrupted: ask it to stop between two members, and
-            # let it finish before stop() returns, or it would write again into a
-            # work folder being removed
-            cancel.set()
-            with contextlib.suppress(Exception):
-                await unpacking
-            raise
+        # if cancelled, it stops and finishes before stop() returns, or it would write
+        # again into a work folder being removed
+        root = await unpack.unpack_in_thread(
+            path, self.workdir / "source", limits=runtime.unpack_limits
+        )
         if runtime.run_as is not None:  # the children may write in their source
             await asyncio.to_thread(_give_source, self.workdir, runtime.run_as)
         await asyncio.to_thread(_mark_unpacked, self.workdir, root, digest)
@@ -659,7 +650,8 @@ class Watcher:
             assert check.command is not None
             return await probe_command(
                 check.command, command.cwd, command.env, check.timeout,
-                reaper=runtime.reaper, run_as=runtime.run_as,
+                reaper=runtime.reaper, run_as=runtime.run_as, umask=self.spec.options.umask,
+                rlimits=self.spec.options.rlimits,
             )
 
         def on_change(healthy: bool | None) -> None:
@@ -998,7 +990,7 @@ def _nested_archive_hint(root: Path) -> str:
         if len(entries) != 1 or entries[0].is_symlink() or not entries[0].is_file():
             return ""
         with open(entries[0], "rb") as file:
-            kind = archive.detect_format(file.read(512))
+            kind = unpack.detect_format(file.read(512))
     except (OSError, AgentError):
         return ""
     return (
