@@ -2,8 +2,9 @@
 
 The only module that prints. It builds its parser from :data:`smartmob_agent.config.OPTIONS`,
 makes the agent a child subreaper (orphaned grandchildren are reaped, not left as
-zombies), starts the guardian (children die with the agent even on SIGKILL), serves the
-app, and on SIGINT or SIGTERM stops every child and exits 0.
+zombies), binds its address (a taken port stops it before it touches the state folder),
+starts the guardian (children die with the agent even on SIGKILL), starts the agent,
+serves the app, and on SIGINT or SIGTERM stops every child and exits 0.
 """
 
 from __future__ import annotations
@@ -188,9 +189,9 @@ def _announce_user(agent: Agent) -> None:
         )
 
 
-async def serve(settings: Settings) -> None:
-    """Run the agent until SIGINT or SIGTERM, then stop every child and return."""
-    loop = asyncio.get_running_loop()
+def _prepare_process(loop: asyncio.AbstractEventLoop) -> Reaper:
+    """Set up the agent's own process: its environment hidden, a child subreaper whose
+    ``SIGCHLD`` reaps orphans, inherited ignores kept off its children."""
     if not make_undumpable():  # pragma: no cover - Linux only
         log.warning("could not hide the agent's environment from its children")
     if not become_subreaper():  # pragma: no cover - Linux only
@@ -198,18 +199,87 @@ async def serve(settings: Settings) -> None:
     reaper = Reaper()
     loop.add_signal_handler(signal.SIGCHLD, reaper.reap_orphans)
     _handle_inherited_ignores(loop)
+    return reaper
+
+
+def _make_agent(settings: Settings, reaper: Reaper) -> Agent:
+    """The agent (not started yet), once its keys are read and the exposure rule holds."""
     try:
         agent = Agent(settings, reaper=reaper)
     except InvalidRequest as error:  # an unreadable key file
         raise OptionRefused(f"smartmob-agent: {error}") from None
     _check_exposure(settings, agent.keyring.enabled)
-    tls = _tls_context(settings)
+    return agent
+
+
+class _BoundSite(web.BaseSite):
+    """A site whose sockets are bound (by :func:`_bind`) before the agent starts, and
+    served from :meth:`start` on."""
+
+    __slots__ = ("_bound", "_tls")
+
+    def __init__(self, runner: web.AppRunner, bound: asyncio.Server, tls: bool) -> None:
+        super().__init__(runner, ssl_context=None)
+        self._bound = bound
+        self._tls = tls
+
+    @property
+    def name(self) -> str:
+        """The first address served, as a URL (aiohttp's name of a site)."""
+        host, port = self._bound.sockets[0].getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        return f"{'https' if self._tls else 'http'}://{shown}:{port}"
+
+    async def start(self) -> None:
+        """Start accepting connections on the bound sockets."""
+        await super().start()
+        self._server = self._bound
+        await self._bound.start_serving()
+
+    def close_unserved(self) -> None:
+        """Release the sockets of a site that will never be started (idempotent)."""
+        self._bound.close()
+
+
+async def _bind(
+    runner: web.AppRunner, settings: Settings, tls: ssl.SSLContext | None
+) -> _BoundSite:
+    """Bind the listening sockets, without accepting connections yet.
+
+    Done before the agent starts, so that a taken port stops the command before it creates
+    or opens anything in the state folder; the sockets are bound as aiohttp's ``TCPSite``
+    binds them (every address a host name resolves to), with the same errors.
+    """
+    assert runner.server is not None, "the runner is set up first"
+    try:
+        bound = await asyncio.get_running_loop().create_server(
+            runner.server, settings.host, settings.port, ssl=tls, backlog=128,
+            start_serving=False,
+        )
+    except OSError as error:
+        raise SystemExit(
+            f"smartmob-agent: cannot listen on {settings.host}:{settings.port}: "
+            f"{error.strerror}"
+        ) from None
+    return _BoundSite(runner, bound, tls is not None)
+
+
+def _start_guardian(agent: Agent, reaper: Reaper) -> subprocess.Popen[bytes]:
+    """Start the guardian of the agent's children, and say so if it ever exits."""
     guardian = start_guardian(f"{AGENT_ID_VARIABLE}={agent.id}")
     reaper.watch(guardian.pid, lambda status: log.warning(
         "the guardian (pid %d) exited: children will not be killed if the agent is", guardian.pid))
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    return guardian
+
+
+def _release_guardian(guardian: subprocess.Popen[bytes]) -> None:
+    """Close the guardian's input: end of file tells it the agent is gone."""
+    assert guardian.stdin is not None
+    guardian.stdin.close()
+
+
+async def _start_agent(agent: Agent, settings: Settings) -> None:
+    """Start the agent (its state folder, its processes), or exit with one line."""
     try:
         await agent.start()
     except AgentError as error:  # the state database, or a folder --user cannot reach
@@ -219,39 +289,67 @@ async def serve(settings: Settings) -> None:
             f"smartmob-agent: cannot use the state folder {settings.state_dir}: "
             f"{error.strerror or error}"
         ) from None
-    runner = web.AppRunner(make_app(settings, agent), handle_signals=False)
+
+
+def _announce_ready(agent: Agent, runner: web.AppRunner, tls: bool) -> None:
+    """Log the ready line, once per address served (scripts wait for it)."""
+    _announce_user(agent)  # just before the ready line: a failed start stays one line
+    scheme = "https" if tls else "http"
+    for host, port, *_ in runner.addresses:
+        shown = f"[{host}]" if ":" in host else host
+        log.info("smartmob-agent %s listening on %s://%s:%d/ (pid %d)",
+                 __version__, scheme, shown, port, os.getpid())
+
+
+async def _shut_down(
+    runner: web.AppRunner, agent: Agent, guardian: subprocess.Popen[bytes]
+) -> None:
+    """Stop listening, stop every process, close the clients, the agent, the guardian."""
     try:
-        await runner.setup()
-        site = web.TCPSite(runner, settings.host, settings.port, ssl_context=tls)
+        # stop listening, then stop every process while the events and attach clients
+        # are still connected, so they see the stops; then close them (1001)
+        for listening in list(runner.sites):
+            await listening.stop()
+        await agent.stop_all()
+        await runner.cleanup()
+    finally:
         try:
-            await site.start()
-        except OSError as error:
-            raise SystemExit(
-                f"smartmob-agent: cannot listen on {settings.host}:{settings.port}: "
-                f"{error.strerror}"
-            ) from None
-        _announce_user(agent)  # just before the ready line: a failed start stays one line
-        scheme = "https" if tls is not None else "http"
-        for host, port, *_ in runner.addresses:
-            shown = f"[{host}]" if ":" in host else host
-            log.info("smartmob-agent %s listening on %s://%s:%d/ (pid %d)",
-                     __version__, scheme, shown, port, os.getpid())
+            await agent.close()
+        finally:
+            _release_guardian(guardian)
+
+
+async def serve(settings: Settings) -> None:
+    """Run the agent until SIGINT or SIGTERM, then stop every child and return."""
+    loop = asyncio.get_running_loop()
+    reaper = _prepare_process(loop)
+    agent = _make_agent(settings, reaper)
+    tls = _tls_context(settings)
+    runner = web.AppRunner(make_app(settings, agent), handle_signals=False)
+    await runner.setup()
+    try:
+        site = await _bind(runner, settings, tls)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    guardian = _start_guardian(agent, reaper)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await _start_agent(agent, settings)
+    except BaseException:  # nothing was served: release what was taken for it
+        site.close_unserved()
+        await runner.cleanup()
+        _release_guardian(guardian)
+        raise
+    try:
+        await site.start()
+        _announce_ready(agent, runner, tls is not None)
         await stop.wait()
         log.info("stopping: shutting down every process")
     finally:
-        try:
-            # stop listening, then stop every process while the events and attach clients
-            # are still connected, so they see the stops; then close them (1001)
-            for listening in list(runner.sites):
-                await listening.stop()
-            await agent.stop_all()
-            await runner.cleanup()
-        finally:
-            try:
-                await agent.close()
-            finally:  # end of file tells the guardian the agent is gone
-                assert guardian.stdin is not None
-                guardian.stdin.close()
+        await _shut_down(runner, agent, guardian)
     log.info("stopped")
 
 

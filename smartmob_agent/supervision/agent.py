@@ -641,7 +641,7 @@ class Agent:
     async def stop_all(self) -> None:
         """Stop every process at once and wait until all are gone."""
         watchers = list(self._watchers.values())
-        if watchers:
+        if any(w.state is not ProcessState.STOPPED for w in watchers):  # once per shutdown
             log.info("stopping %d process(es)", len(watchers))
         results = await asyncio.gather(*(w.stop() for w in watchers), return_exceptions=True)
         for watcher, result in zip(watchers, results, strict=True):
