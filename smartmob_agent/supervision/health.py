@@ -29,6 +29,7 @@ import aiohttp
 
 from smartmob_agent.model import Exit, RunAs
 from smartmob_agent.processes.child import Reaper
+from smartmob_agent.processes.privacy import children_umask
 
 log = logging.getLogger("smartmob_agent.health")  # stable name: internals.rst
 
@@ -261,6 +262,7 @@ def _spawn(
             stderr=write_fd,
             start_new_session=True,
             close_fds=True,
+            umask=children_umask(None),  # the one the agent was given, not its 077
             user=None if run_as is None else run_as.uid,
             group=None if run_as is None else run_as.gid,
             extra_groups=None if run_as is None else list(run_as.groups),
