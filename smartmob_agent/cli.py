@@ -27,7 +27,7 @@ from smartmob_agent import __version__
 from smartmob_agent.config import OPTIONS, Settings, check_settings, settings_from
 from smartmob_agent.errors import AgentError, InvalidRequest
 from smartmob_agent.output.logs import RedactKeys
-from smartmob_agent.processes import guardian
+from smartmob_agent.processes import guardian, privacy
 from smartmob_agent.processes.reaper import Reaper, become_subreaper
 from smartmob_agent.processes.users import resolve_run_as
 from smartmob_agent.supervision.agent import AGENT_ID_VARIABLE, Agent
@@ -80,6 +80,10 @@ def _configure_logging(level: str) -> None:
 def start_guardian(marker: str) -> subprocess.Popen[bytes]:
     """Start the guardian that kills the agent's descendants if the agent dies.
 
+    It runs as the agent's user, as children may: it gets none of the agent's
+    environment (its keys), no descriptor but its stdin pipe, stdout and stderr, and
+    makes itself non-dumpable (see :mod:`smartmob_agent.processes.guardian`).
+
     Args:
         marker: the environment entry every child of the agent carries.
     """
@@ -88,6 +92,7 @@ def start_guardian(marker: str) -> subprocess.Popen[bytes]:
         stdin=subprocess.PIPE,
         start_new_session=True,
         close_fds=True,
+        env=guardian.environment(os.environ),
     )
 
 
@@ -146,11 +151,11 @@ def make_undumpable() -> bool:
 
 
 def _warn_keys_in_argv(flags: dict[str, object]) -> None:
-    if flags.get("token") or flags.get("app_token"):
+    if any(flags.get(name) for name in ("token", "app_token", "webhook_secret")):
         log.warning(
-            "keys given with --token or --app-token can be read by every user of this "
-            "machine in the process list; prefer --token-file, --app-tokens-file or the "
-            "SMARTMOB_TOKEN variable"
+            "keys given with --token, --app-token or --webhook-secret can be read by every "
+            "user of this machine in the process list; prefer --token-file, "
+            "--app-tokens-file or the SMARTMOB_TOKEN (SMARTMOB_WEBHOOK_SECRET) variable"
         )
 
 
@@ -194,6 +199,7 @@ def _prepare_process(loop: asyncio.AbstractEventLoop) -> Reaper:
     ``SIGCHLD`` reaps orphans, inherited ignores kept off its children."""
     if not make_undumpable():  # pragma: no cover - Linux only
         log.warning("could not hide the agent's environment from its children")
+    privacy.make_files_private()  # before the state folder; children keep the umask given
     if not become_subreaper():  # pragma: no cover - Linux only
         log.warning("could not become a child subreaper: orphaned grandchildren may linger")
     reaper = Reaper()

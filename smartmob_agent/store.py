@@ -14,9 +14,10 @@ upgraded in place by :data:`MIGRATIONS`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ MIGRATIONS: tuple[str, ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 DATABASE_NAME = "agent.db"
+
+log = logging.getLogger("smartmob_agent.store")
 
 
 class StoreError(AgentError):
@@ -272,3 +275,54 @@ def _advice(path: Path, error: sqlite3.Error | OSError) -> str:
     return f"the state database {path} cannot be used ({text}): " + _WHAT_TO_DO.format(
         path=path
     )
+
+
+#: Mode of the state folder: it holds the processes' secrets (their ``env``, their
+#: output), for the agent's user alone.
+STATE_DIR_MODE = 0o700
+#: Mode of the state folder with :option:`--user`: the children's user may pass through
+#: it to its sources and builds, not list it.
+SHARED_STATE_DIR_MODE = 0o711
+#: Mode of the folders the agent creates above its state folder: they lead to it and are
+#: not the agent's to hide (the children's user of ``--user`` passes through them).
+PARENT_DIR_MODE = 0o755
+#: Mode of the folders below the state folder that only the agent reads (logs, archives).
+PRIVATE_DIR_MODE = 0o700
+
+
+def prepare_state_dir(folder: Path, *, shared: bool, private: Iterable[Path] = ()) -> None:
+    """Create the state ``folder`` (and the missing folders above it) and make it the
+    agent's: :data:`STATE_DIR_MODE`, or :data:`SHARED_STATE_DIR_MODE` when ``shared``
+    with the children's user; each folder of ``private`` that exists,
+    :data:`PRIVATE_DIR_MODE`. At every start, not only on creation: a folder made by an
+    older agent, or by systemd's ``StateDirectory=`` (mode 0755), is closed too.
+
+    Raises:
+        OSError: the folder cannot be created. A folder whose mode the agent's user may
+            not change (not its own) is only warned about.
+    """
+    _make_parents(folder.parent)
+    folder.mkdir(exist_ok=True)
+    modes = [(folder, SHARED_STATE_DIR_MODE if shared else STATE_DIR_MODE)]
+    modes.extend((path, PRIVATE_DIR_MODE) for path in private)
+    for path, mode in modes:
+        try:
+            path.chmod(mode)
+        except FileNotFoundError:  # a private folder not made yet: made private
+            continue
+        except PermissionError as error:
+            log.warning("cannot give %s the mode %04o (%s): other users may read what it "
+                        "holds", path, mode, error.strerror)
+
+
+def _make_parents(folder: Path) -> None:
+    """``mkdir -p folder``, each folder it makes getting :data:`PARENT_DIR_MODE`
+    whatever the umask (the agent's own is ``077``)."""
+    if folder.is_dir():
+        return
+    _make_parents(folder.parent)
+    try:
+        folder.mkdir()
+    except FileExistsError:  # made meanwhile; or a file, which the state folder reports
+        return
+    folder.chmod(PARENT_DIR_MODE)

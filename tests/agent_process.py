@@ -16,10 +16,13 @@ class AgentProcess:
     """Runs ``python -m smartmob_agent`` and learns its URL from the ready line on stderr."""
 
     def __init__(
-        self, state_dir: Path, args: Sequence[str] = (), env: Mapping[str, str] | None = None
+        self, state_dir: Path, args: Sequence[str] = (), env: Mapping[str, str] | None = None,
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.state_dir = state_dir
         self.args = list(args)
+        #: a command that runs the agent's command line given after it (``setpriv ...``)
+        self.wrapper = list(wrapper)
         self.env = dict(os.environ if env is None else env)
         self.proc: asyncio.subprocess.Process | None = None
         self.url = ""
@@ -34,7 +37,7 @@ class AgentProcess:
     async def start(self, timeout: float = 10.0) -> AgentProcess:
         """Start the agent on a free port; return once it says it is listening."""
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "smartmob_agent", "--port", "0",
+            *self.wrapper, sys.executable, "-m", "smartmob_agent", "--port", "0",
             "--state-dir", str(self.state_dir), *self.args,
             stderr=asyncio.subprocess.PIPE, env=self.env,
         )

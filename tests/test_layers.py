@@ -41,6 +41,7 @@ PURE = frozenset({
     "sources.procfile", "sources.dotenv", "sources.decode", "sources.fetchpolicy",
     "sources.buildplan",
     "output.lines",
+    "output.redact",
     "web.frames", "web.access", "web.openapi",
 }) & frozenset(MODULES)
 #: What each part of the tree may import, besides the pure modules and itself. The
@@ -231,13 +232,15 @@ def test_supervision_does_not_import_the_web_layer() -> None:
 
 
 def test_guardian_uses_only_the_standard_library() -> None:
-    """The guardian imports nothing but the standard library (and proctable, which imports
-    only that too), so it starts fast and alone."""
+    """The guardian imports nothing but the standard library (and proctable and privacy,
+    which import only that too), so it starts fast and alone."""
     outside, inside = imports_of("processes.guardian")
-    assert inside <= {"processes.proctable", "processes", "__init__"}
-    assert imports_of("processes.proctable")[1] <= {"processes", "__init__"}
+    helpers = {"processes.proctable", "processes.privacy"}
+    assert inside <= {*helpers, "processes", "__init__"}
     stdlib = sys.stdlib_module_names
-    assert {n.split(".")[0] for n in imports_of("processes.proctable")[0]} <= stdlib
+    for helper in helpers:
+        assert imports_of(helper)[1] <= {"processes", "__init__"}, helper
+        assert {n.split(".")[0] for n in imports_of(helper)[0]} <= stdlib, helper
     assert {n.split(".")[0] for n in outside} <= stdlib, sorted(outside)
     for package_init in ("__init__", "processes"):
         assert {n.split(".")[0] for n in imports_of(package_init)[0]} <= stdlib

@@ -39,7 +39,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from smartmob_agent.model import LogLine, Stamp
+from smartmob_agent.output.redact import redact
 
 log = logging.getLogger("smartmob_agent.logs")  # stable name: internals.rst
 
@@ -280,8 +280,8 @@ class ProcessLog:
     def _append(self, data: bytes) -> None:
         if self._file is None:
             assert self.folder is not None
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.folder / LOG_NAME, "ab", buffering=WRITE_BUFFER)  # noqa: SIM115
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._file = _open_private(self.folder / LOG_NAME)
             self._written = self._file.tell()
             if self._written and not _ends_with_newline(self.folder / LOG_NAME):
                 data = b"\n" + data  # end the line a killed agent cut off
@@ -389,15 +389,19 @@ AGENT_LOG_MAX_LINE = 64 * 1024
 
 
 class RedactKeys(logging.Filter):
-    """Hides ``token=...`` query parameters (WebSocket keys) in log lines, such as the
-    access log's request line."""
-
-    _PATTERN = re.compile(r"([?&]token=)[^&\s\"]*")
+    """Hides the value of every credential-like query parameter in log records (their
+    message and traceback), such as a key in the access log's request line: see
+    :func:`~smartmob_agent.output.redact.redact`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if "token=" in message:
-            record.msg, record.args = self._PATTERN.sub(r"\1[hidden]", message), None
+        hidden = redact(message)
+        if hidden != message:
+            record.msg, record.args = hidden, None
+        if record.exc_info and not record.exc_text:  # formatted once, here, then kept
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
         return True
 
 
@@ -450,6 +454,21 @@ class LogHandler(logging.Handler):
             self.target.append("stderr", lines)
         finally:
             self._busy = False
+
+
+def _open_private(path: Path) -> BinaryIO:
+    """Open ``path`` to append, for the agent's user only (0600, whatever the umask, and
+    so made if an older agent left it 0644): it holds what a process printed, or what the
+    agent logged, secrets included."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            with contextlib.suppress(PermissionError):  # not ours: left as it is
+                os.fchmod(fd, 0o600)
+        return open(fd, "ab", buffering=WRITE_BUFFER)  # closed by _drop_file
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _ends_with_newline(path: Path) -> bool:

@@ -8,8 +8,16 @@ SIGKILLs every process whose environment carries the marker it was given (an ent
 as ``SMARTMOB_AGENT_ID=<id>``, which every child inherits) and the groups they lead, and
 exits. After a clean shutdown it finds nobody and exits at once.
 
-Imports only the standard library (and :mod:`~smartmob_agent.processes.proctable`, which does too),
-to stay small in memory.
+It runs as the agent's user, where the children of an agent without ``--user`` run too,
+and any of them may read a process's ``/proc/<pid>/environ`` and memory unless it is
+non-dumpable. So it gets none of the agent's environment (the keys of ``SMARTMOB_TOKEN``,
+``SMARTMOB_APP_TOKEN``, ``SMARTMOB_WEBHOOK_SECRET`` would be there for the taking): only
+what an interpreter may need to start (:func:`environment`); it holds no descriptor of
+the agent's but its stdin pipe and standard output and error; and it makes itself
+non-dumpable first thing (as the agent does), so that nothing it ever holds can be read.
+
+Imports only the standard library (and :mod:`~smartmob_agent.processes.proctable` and
+:mod:`~smartmob_agent.processes.privacy`, which do too), to stay small in memory.
 """
 
 from __future__ import annotations
@@ -18,10 +26,15 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Mapping
 
+from smartmob_agent.processes.privacy import make_undumpable
 from smartmob_agent.processes.proctable import marked_processes
 
 _SWEEPS = 5
+#: The only variables of the agent's environment the guardian gets: where the
+#: interpreter's libraries are, and the locale its one message is written in.
+KEPT_VARIABLES = ("LD_LIBRARY_PATH", "LANG", "LC_ALL", "LC_CTYPE")
 
 
 def sweep(marker: bytes) -> int:
@@ -38,6 +51,17 @@ def sweep(marker: bytes) -> int:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     kill(pid, signal.SIGKILL)
     return killed
+
+
+def environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The guardian's environment, from the agent's ``environ``: the
+    :data:`KEPT_VARIABLES` it has, nothing else (``python -I`` ignores ``PYTHON*``).
+
+    >>> from smartmob_agent.processes.guardian import environment
+    >>> environment({"SMARTMOB_TOKEN": "k", "LANG": "C.UTF-8", "HOME": "/root"})
+    {'LANG': 'C.UTF-8'}
+    """
+    return {name: environ[name] for name in KEPT_VARIABLES if name in environ}
 
 
 def command(marker: str) -> list[str]:
@@ -58,6 +82,7 @@ def command(marker: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Wait for end of file on stdin, then sweep; the only argument is the marker, an
     environment entry such as ``SMARTMOB_AGENT_ID=<id>``."""
+    make_undumpable()  # first: its environment is clean, but keep it all unreadable
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or "=" not in args[0]:
         print("usage: python -m smartmob_agent.processes.guardian NAME=VALUE", file=sys.stderr)

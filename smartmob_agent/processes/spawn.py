@@ -28,6 +28,7 @@ from typing import IO, Any
 from smartmob_agent.errors import SpawnError
 from smartmob_agent.model import RLIMIT_NAMES, Exit, RunAs
 from smartmob_agent.output.lines import DEFAULT_MAX_LINE, LineSplitter
+from smartmob_agent.processes.privacy import children_umask
 from smartmob_agent.processes.reaper import Reaper
 from smartmob_agent.processes.stop import signal_tree, stop_tree
 
@@ -158,7 +159,7 @@ def _start(
             bufsize=0,  # read with os.read(): buffered readers would hold unused memory
             start_new_session=True,
             close_fds=True,
-            umask=-1 if umask is None else umask,
+            umask=children_umask(umask),  # never the agent's own private one
             user=None if run_as is None else run_as.uid,
             group=None if run_as is None else run_as.gid,
             extra_groups=None if run_as is None else list(run_as.groups),

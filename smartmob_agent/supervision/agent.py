@@ -41,7 +41,7 @@ from smartmob_agent.sources import download, unpack
 from smartmob_agent.sources.builds import Builds
 from smartmob_agent.sources.cache import SourceCache, Stored, cache_key
 from smartmob_agent.sources.fetchpolicy import FetchPolicy
-from smartmob_agent.store import Record, Store, StoreError
+from smartmob_agent.store import Record, Store, StoreError, prepare_state_dir
 from smartmob_agent.supervision.watcher import Runtime, Watcher
 
 log = logging.getLogger("smartmob_agent.agent")  # stable name: internals.rst
@@ -153,7 +153,10 @@ class Agent:
             OSError: the state folder cannot be created.
             AgentError: the children's user (:option:`--user`) cannot reach it.
         """
-        self.processes_dir.mkdir(parents=True, exist_ok=True)
+        # 0700 (0711 for the children's user), however it came to be: it holds secrets
+        prepare_state_dir(self.settings.state_dir, shared=self.run_as is not None,
+                          private=(self.logs_dir, self.agent_log_dir, self.cache_dir))
+        self.processes_dir.mkdir(exist_ok=True)
         if self.run_as is not None:
             self.builds_dir.mkdir(parents=True, exist_ok=True)
             self._check_reachable(self.run_as)

@@ -32,8 +32,9 @@ def bearer_key(authorization: str | None) -> str | None:
 def query_key(raw_query: str) -> str | None:
     """The key of a raw (still percent-encoded) query string's ``token`` parameter.
 
-    Only a parameter spelled exactly ``token=`` counts, not an escaped ``%74oken=``: the
-    filter that hides keys in log lines looks for the plain spelling.
+    Only a parameter spelled exactly ``token=`` counts, not an escaped ``%74oken=`` nor
+    ``TOKEN=``: one spelling, documented. (Log lines hide every credential-like
+    parameter however it is spelled: :mod:`smartmob_agent.output.redact`.)
 
     >>> from smartmob_agent.web.access import query_key
     >>> query_key("app=a&token=abc%2Bd"), query_key("%74oken=abc&xtoken=1")
