@@ -3,7 +3,8 @@
 Every error the agent raises on purpose is an :class:`AgentError`. Each carries a message
 written for a person; :mod:`smartmob_agent.web.server` maps the classes to HTTP statuses in
 one place, and :mod:`smartmob_agent.supervision.watcher` turns those raised after ``201`` into the
-``failed`` state with the message as ``error``.
+``failed`` state with the message as ``error``. :class:`InvalidTransition` is the one
+exception here that is no :class:`AgentError`: it means a bug.
 """
 
 from __future__ import annotations
@@ -45,8 +46,12 @@ class StorageError(AgentError):
     """The agent cannot write to its state folder (a full or read-only disk)."""
 
 
-class InvalidTransition(AgentError):
-    """A process was asked to move between two states that have no edge between them."""
+class InvalidTransition(RuntimeError):
+    """A process was asked to move between two states that have no edge between them.
+
+    Not an :class:`AgentError`: no request or source can cause it, only a bug of the
+    agent, which is logged with its traceback (and answered with a 500).
+    """
 
 
 class DownloadError(AgentError):

@@ -151,10 +151,40 @@ class RunAs:
 
 @dataclass(frozen=True)
 class Backoff:
-    """The exponential restart delay, in seconds (the ``backoff`` option)."""
+    """An exponential series of delays, in seconds: ``initial``, then ``factor`` times the
+    delay before, never over ``maximum``.
+
+    The one backoff of the agent: a process's restarts follow its own (the ``backoff``
+    option, see :mod:`~smartmob_agent.supervision.restart`), and so do the retries of a
+    webhook (see :mod:`~smartmob_agent.events.webhooks`); each adds its own jitter.
+
+    >>> from smartmob_agent.model import Backoff
+    >>> series = Backoff(initial=0.5, maximum=4.0)
+    >>> [series.delay(attempt) for attempt in range(1, 6)]
+    [0.5, 1.0, 2.0, 4.0, 4.0]
+    >>> series.after(0.0), series.after(1.0), series.after(4.0)
+    (0.5, 2.0, 4.0)
+    """
 
     initial: float = 0.1
     maximum: float = 30.0
+    factor: float = 2.0
+
+    def after(self, previous: float) -> float:
+        """The delay that follows ``previous`` in the series (``0``: none yet, the first)."""
+        if previous <= 0:
+            return min(self.initial, self.maximum)
+        return min(previous * self.factor, self.maximum)
+
+    def delay(self, attempt: int) -> float:
+        """The delay before retry number ``attempt`` (``1``: the first delay)."""
+        delay = min(self.initial, self.maximum)
+        # step by step rather than initial * factor ** n, which overflows for a large n
+        for _ in range(attempt - 1):
+            if delay >= self.maximum:
+                break
+            delay = self.after(delay)
+        return delay
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ from smartmob_agent.processes.proctable import marked_processes
 from smartmob_agent.schemas import create_request, spec_from_request
 from smartmob_agent.store import DATABASE_NAME, Record, Store
 from smartmob_agent.supervision.agent import AGENT_ID_VARIABLE, Agent
-from smartmob_agent.supervision.watcher import PROCESS_ID_VARIABLE, Watcher
+from smartmob_agent.supervision.provision import PROCESS_ID_VARIABLE
+from smartmob_agent.supervision.watcher import Watcher
 from tests.agent_process import AgentProcess
 from tests.conftest import ArchiveServer
 from tests.helpers import app_archive, eventually, pid_alive, wait_for_state

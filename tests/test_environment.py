@@ -26,7 +26,7 @@ from smartmob_agent.config import Settings
 from smartmob_agent.model import ProcessState as S
 from smartmob_agent.processes.ports import PortAllocator
 from smartmob_agent.supervision.agent import AGENT_ID_VARIABLE, Agent
-from smartmob_agent.supervision.watcher import PROCESS_ID_VARIABLE
+from smartmob_agent.supervision.provision import PROCESS_ID_VARIABLE
 from smartmob_agent.web.attach import INPUT_NOT_DELIVERED, INPUT_NOT_TEXT
 from tests.conftest import ArchiveServer
 from tests.helpers import PYTHON, app_archive, eventually, make_archive, wait_for_state

@@ -73,11 +73,13 @@ def test_legal_transitions_are_accepted(old: ProcessState, new: ProcessState) ->
 
 @pytest.mark.parametrize(("old", "new"), ILLEGAL, ids=lambda s: str(s))
 def test_illegal_transitions_raise(old: ProcessState, new: ProcessState) -> None:
-    """Each pair of states with no edge raises InvalidTransition naming both."""
+    """Each pair of states with no edge raises InvalidTransition naming both: a bug of the
+    agent, which no request causes, so no AgentError (those are answered as the client's
+    fault, or end a process in ``failed`` without a traceback)."""
     with pytest.raises(InvalidTransition) as caught:
         check_transition(old, new)
     assert f"from {old} to {new}" in str(caught.value)
-    assert isinstance(caught.value, AgentError)
+    assert not isinstance(caught.value, AgentError)
 
 
 def test_pairs_cover_the_whole_square() -> None:

@@ -12,14 +12,16 @@ from smartmob_agent.supervision.restart import (
     JITTER,
     SHELL_CANNOT_RUN,
     Action,
-    BackoffPolicy,
     Decision,
     cannot_run,
     decide,
     next_delay,
+    reset_after,
 )
 
-POLICY = BackoffPolicy(initial=0.1, maximum=1.0, factor=2.0, reset_after=5.0)
+POLICY = Backoff(initial=0.1, maximum=1.0, factor=2.0)
+#: Runs at least this long are healthy in the tables of next_delay() and cannot_run().
+RESET_AFTER = 5.0
 
 
 @pytest.mark.parametrize(
@@ -39,51 +41,71 @@ POLICY = BackoffPolicy(initial=0.1, maximum=1.0, factor=2.0, reset_after=5.0)
 )
 def test_next_delay_table(previous: float, ran_for: float, expected: float) -> None:
     """next_delay() follows the doubling series, capped, and resets after a healthy run."""
-    assert next_delay(POLICY, previous, ran_for) == pytest.approx(expected)
+    assert next_delay(POLICY, previous, ran_for, RESET_AFTER) == pytest.approx(expected)
 
 
 def test_crash_loop_series_doubles_up_to_the_cap() -> None:
     """Repeated quick exits give initial, doubled delays, then the maximum forever."""
     delays, delay = [], 0.0
     for _ in range(8):
-        delay = next_delay(POLICY, delay, ran_for=0.01)
+        delay = next_delay(POLICY, delay, ran_for=0.01, reset_after=RESET_AFTER)
         delays.append(delay)
     assert delays == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0])
 
 
 def test_healthy_run_in_the_middle_restarts_the_series() -> None:
     """After a run as long as reset_after, the next quick exit starts again at initial."""
-    delay = next_delay(POLICY, 0.8, ran_for=0.0)
+    delay = next_delay(POLICY, 0.8, ran_for=0.0, reset_after=RESET_AFTER)
     assert delay == pytest.approx(1.0)
-    delay = next_delay(POLICY, delay, ran_for=POLICY.reset_after)
+    delay = next_delay(POLICY, delay, ran_for=RESET_AFTER, reset_after=RESET_AFTER)
     assert delay == 0.0
-    assert next_delay(POLICY, delay, ran_for=0.0) == pytest.approx(POLICY.initial)
+    assert next_delay(POLICY, delay, ran_for=0.0, reset_after=RESET_AFTER) == pytest.approx(
+        POLICY.initial
+    )
 
 
 @pytest.mark.parametrize(
     ("policy", "previous", "expected"),
     [
-        pytest.param(BackoffPolicy(initial=5.0, maximum=2.0), 0.0, 2.0, id="initial-over-max"),
-        pytest.param(BackoffPolicy(initial=0.0, maximum=2.0), 0.0, 0.0, id="zero-initial"),
-        pytest.param(BackoffPolicy(factor=3.0), 0.1, 0.3, id="other-factor"),
-        pytest.param(BackoffPolicy(initial=0.0, maximum=0.0), 0.0, 0.0, id="all-zero-for-tests"),
+        pytest.param(Backoff(initial=5.0, maximum=2.0), 0.0, 2.0, id="initial-over-max"),
+        pytest.param(Backoff(initial=0.0, maximum=2.0), 0.0, 0.0, id="zero-initial"),
+        pytest.param(Backoff(factor=3.0), 0.1, 0.3, id="other-factor"),
+        pytest.param(Backoff(initial=0.0, maximum=0.0), 0.0, 0.0, id="all-zero-for-tests"),
     ],
 )
 def test_next_delay_with_other_policies(
-    policy: BackoffPolicy, previous: float, expected: float
+    policy: Backoff, previous: float, expected: float
 ) -> None:
     """The initial delay is capped by the maximum too, and the factor is honoured."""
-    assert next_delay(policy, previous, ran_for=0.0) == pytest.approx(expected)
+    assert next_delay(policy, previous, 0.0, RESET_AFTER) == pytest.approx(expected)
 
 
 def test_default_policy_is_sane() -> None:
     """The default policy starts small, caps in tens of seconds and is immutable."""
-    policy = BackoffPolicy()
+    policy = Backoff()
     assert 0 < policy.initial < policy.maximum <= 60
     assert policy.factor > 1
-    assert policy.reset_after > 0
+    assert reset_after(Options()) > 0
     with pytest.raises(dataclasses.FrozenInstanceError):
         policy.initial = 1.0  # type: ignore[misc]  # frozen: the write is the test
+
+
+@pytest.mark.parametrize("backoff", [
+    Backoff(), Backoff(0.5, 30.0), Backoff(0.1, 1.0), Backoff(5.0, 2.0), Backoff(0.0, 2.0),
+    Backoff(0.1, 10.0, factor=3.0),
+])
+def test_retry_delays_and_restart_delays_are_one_series(backoff: Backoff) -> None:
+    """The n-th delay of a series (a webhook's retries) is the one after() reaches in n
+    steps (a process's restarts): one formula for both."""
+    delay = 0.0
+    for attempt in range(1, 40):
+        delay = backoff.after(delay)
+        assert backoff.delay(attempt) == pytest.approx(delay)
+
+
+def test_a_late_retry_delay_does_not_overflow() -> None:
+    """The delay of a very late attempt is the maximum, not an overflow."""
+    assert Backoff(0.5, 30.0).delay(100_000) == 30.0
 
 
 @pytest.mark.parametrize(
@@ -104,7 +126,7 @@ def test_default_policy_is_sane() -> None:
 )
 def test_cannot_run_table(code: int, ran_for: float, expected: bool) -> None:
     """Only a quick shell exit 126 or 127 means the command itself cannot run."""
-    assert cannot_run(Exit(code), ran_for, POLICY) is expected
+    assert cannot_run(Exit(code), ran_for, RESET_AFTER) is expected
 
 
 def test_shell_cannot_run_codes() -> None:

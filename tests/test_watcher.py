@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import itertools
 import os
@@ -17,12 +18,15 @@ import aiohttp
 import pytest
 
 from smartmob_agent.config import Settings
-from smartmob_agent.model import Exit, Spec
+from smartmob_agent.model import Backoff, Exit, Options, Spec
 from smartmob_agent.model import ProcessState as S
 from smartmob_agent.processes.reaper import Reaper
+from smartmob_agent.sources.builds import Builds
+from smartmob_agent.sources.cache import SourceCache
 from smartmob_agent.supervision.agent import Agent
-from smartmob_agent.supervision.restart import JITTER, BackoffPolicy
-from smartmob_agent.supervision.watcher import Runtime, Watcher
+from smartmob_agent.supervision.restart import JITTER
+from smartmob_agent.supervision.runtime import Runtime
+from smartmob_agent.supervision.watcher import Watcher
 from tests.conftest import ArchiveServer
 from tests.helpers import (
     app_archive,
@@ -290,25 +294,32 @@ class FakeTime:
 
 
 @pytest.fixture
-async def runtime() -> AsyncIterator[Callable[..., Runtime]]:
-    """Build runtimes on a real HTTP session and reaper, both closed after the test."""
+async def runtime(tmp_path: Path) -> AsyncIterator[Callable[..., Runtime]]:
+    """Build runtimes on a real HTTP session and reaper, both closed after the test, with a
+    source cache and builds of their own in ``tmp_path``."""
     async with aiohttp.ClientSession() as session:
         reaper = Reaper()
         try:
             # no jitter: the tests check the backoff series itself
-            yield lambda **kw: Runtime(session=session, reaper=reaper,
-                                       base_env=dict(os.environ), jitter=lambda: 0.0, **kw)
+            yield lambda **kw: Runtime(
+                session=session, reaper=reaper, base_env=dict(os.environ),
+                sources=SourceCache(tmp_path / "cache", session),
+                builds=Builds(tmp_path / "builds", reaper), jitter=lambda: 0.0, **kw,
+            )
         finally:
             reaper.close()
 
 
 async def run_with_fake_time(
     runtime: Callable[..., Runtime], url: str, workdir: Path, fake: FakeTime,
-    policy: BackoffPolicy,
+    backoff: Backoff,
 ) -> list[S]:
-    """Run a watcher under ``fake`` time until it parks in a sleep, stop it; return its states."""
-    watcher = Watcher(spec(url), workdir, runtime(policy=policy, clock=fake.clock,
-                                                 sleep=fake.sleep))
+    """Run a watcher with the ``backoff`` option under ``fake`` time until it parks in a
+    sleep, stop it; return its states."""
+    watcher = Watcher(
+        dataclasses.replace(spec(url), options=Options(backoff=backoff)), workdir,
+        runtime(clock=fake.clock, sleep=fake.sleep),
+    )
     watcher.add_listener(fake.listener)
     seen = record_states(watcher)
     watcher.start()
@@ -328,7 +339,7 @@ async def test_crash_loop_delays_double_up_to_the_maximum(
     fake = FakeTime(durations=[], sleeps=6)
 
     seen = await run_with_fake_time(runtime, url, tmp_path / "w", fake,
-                                    BackoffPolicy(initial=0.1, maximum=1.0))
+                                    Backoff(initial=0.1, maximum=1.0))
 
     assert fake.delays == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
     assert seen[2:5] == [S.STARTING, S.RUNNING, S.BACKOFF]
@@ -343,7 +354,7 @@ async def test_long_run_resets_the_delay_and_restarts_at_once(
     url = serve(archive_server, "web: exit 1\n")
     fake = FakeTime(durations=[0.0, 0.0, 1.0, 0.0], sleeps=3)
 
-    seen = await run_with_fake_time(runtime, url, tmp_path / "w", fake, BackoffPolicy())
+    seen = await run_with_fake_time(runtime, url, tmp_path / "w", fake, Backoff())
 
     assert fake.delays == pytest.approx([0.1, 0.2, 0.1])
     runs = seen[2:seen.index(S.STOPPING)]

@@ -28,7 +28,7 @@ import pytest
 from smartmob_agent.events.bus import ExitEvent, ProcessEvent
 from smartmob_agent.model import Options, Spec
 from smartmob_agent.model import ProcessState as S
-from smartmob_agent.supervision import watcher as watcher_module
+from smartmob_agent.supervision import run as run_module
 from smartmob_agent.supervision.agent import Agent
 from smartmob_agent.supervision.health import HealthMonitor
 from smartmob_agent.supervision.watcher import Watcher
@@ -92,10 +92,10 @@ def intercept_unhealthy(
     they would call the watcher's ``report(reason)`` (its ``on_unhealthy``).
 
     The monitors stay real (real probes of real commands); only the moment they give up
-    becomes visible. The watcher gives the callback to :class:`HealthMonitor` and nothing
-    public tells when it is called, so the monitor class the watcher module uses is
+    becomes visible. Each run gives the callback to :class:`HealthMonitor` and nothing
+    public tells when it is called, so the monitor class the run module uses is
     replaced by a subclass that wraps it. This keeps to the monitor's documented
-    interface, where calling ``watcher._on_unhealthy`` directly would depend on its
+    interface, where calling the watcher's private restart directly would depend on its
     private signature (which the fix changed).
     """
 
@@ -107,7 +107,7 @@ def intercept_unhealthy(
                 check, probe, on_change, lambda reason: around(on_unhealthy, reason), **kwargs
             )
 
-    monkeypatch.setattr(watcher_module, "HealthMonitor", InterceptedMonitor)
+    monkeypatch.setattr(run_module, "HealthMonitor", InterceptedMonitor)
 
 
 def record_spawns(watcher: Watcher) -> list[int]:
@@ -180,8 +180,9 @@ async def test_stop_in_the_turn_of_the_childs_own_exit_ends_stopped(
     # Private seam: the race needs the stop request in the exact loop turn the exit is
     # delivered, and only a callback on the child's exit future runs then (it was
     # registered after the run task's own wait, so the run task resumes first).
-    child = watcher._child
-    assert child is not None
+    run = watcher._current
+    assert run is not None
+    child = run.child
     child._exit.add_done_callback(stop_now)
     os.kill(pid, signal.SIGTERM)  # it exits on its own account, not by the agent's doing
 

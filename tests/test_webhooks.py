@@ -19,9 +19,10 @@ from aiohttp.test_utils import TestServer
 
 from smartmob_agent.events.bus import ProcessEvent, make_event
 from smartmob_agent.events.webhooks import Webhooks, shown, sign
+from smartmob_agent.model import Backoff
 
 #: Short delays between attempts, so retries cost the suite little time.
-FAST_RETRY = (0.01, 0.02)
+FAST_RETRY = Backoff(0.01, 0.02)
 
 
 def event(n: int) -> ProcessEvent:
@@ -218,7 +219,7 @@ async def test_retries_back_off_exponentially_with_jitter_and_then_give_up(
     async def sleep(delay: float) -> None:
         delays.append(delay)
 
-    hooks = Webhooks(session, [receiver.url("/fail")], retry=(0.5, 2.0), max_attempts=6,
+    hooks = Webhooks(session, [receiver.url("/fail")], retry=Backoff(0.5, 2.0), max_attempts=6,
                      sleep=sleep, random=lambda: 1.0)
     with caplog.at_level(logging.WARNING, logger="smartmob_agent.webhooks"):
         hooks.submit(event(1))
@@ -249,7 +250,7 @@ async def test_a_dead_endpoint_neither_delays_others_nor_grows(
     """While a dead endpoint waits to retry its first event, a live one gets every event;
     the dead one's queue stays at max_queue, drops are counted and warned of once."""
     hooks = Webhooks(session, [dead_url, receiver.url("/ok")], max_queue=3,
-                     retry=(60.0, 60.0))
+                     retry=Backoff(60.0, 60.0))
     with caplog.at_level(logging.WARNING, logger="smartmob_agent.webhooks"):
         for n in range(10):
             hooks.submit(event(n))

@@ -32,6 +32,7 @@ from yarl import URL
 
 from smartmob_agent import __version__
 from smartmob_agent.events.bus import EventKind, ProcessEvent
+from smartmob_agent.model import Backoff
 
 log = logging.getLogger("smartmob_agent.webhooks")  # stable name: internals.rst
 
@@ -87,7 +88,8 @@ class Webhooks:
         urls: URLs that receive every event.
         secret: key of the HMAC signature; without it, requests are not signed.
         max_queue: events waiting per URL before the oldest is dropped.
-        retry: the first and the longest delay between two attempts, in seconds.
+        retry: the delays between two attempts, in seconds: from 0.5 s, doubling, up to
+            30 s by default; each is lengthened by up to :data:`JITTER` of itself.
         max_attempts: attempts per event before it is given up.
         timeout: seconds one attempt may take, from connecting to the response status.
         sleep: waits between attempts (a seam for tests).
@@ -102,7 +104,7 @@ class Webhooks:
         secret: bytes | None = None,
         *,
         max_queue: int = 1000,
-        retry: tuple[float, float] = (0.5, 30.0),
+        retry: Backoff = Backoff(initial=0.5, maximum=30.0),  # noqa: B008 (frozen)
         max_attempts: int = 6,
         timeout: float = 10.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -225,8 +227,7 @@ class Webhooks:
 
     def delay(self, retry: int) -> float:
         """Seconds to wait before retry number ``retry`` (1 for the second attempt)."""
-        first, longest = self._retry
-        base = min(first * 2.0 ** (retry - 1), longest)
+        base = self._retry.delay(retry)
         # jitter, so that endpoints coming back are not hit by every agent at once
         return base * (1 + JITTER * self._random())
 

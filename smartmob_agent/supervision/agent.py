@@ -13,11 +13,9 @@ import builtins
 import logging
 import os
 import shutil
-import sys
-import time
 import uuid
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Set
-from pathlib import Path, PurePosixPath
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -26,28 +24,37 @@ from smartmob_agent.config import Settings
 from smartmob_agent.errors import AgentError, Conflict, InvalidRequest, NotFound, TooLarge
 from smartmob_agent.events.bus import EventBus, EventKind, ProcessEvent, make_event
 from smartmob_agent.events.webhooks import Webhooks
-from smartmob_agent.keys import Keyring, MintedKey, digest, mint_key, parse_key_lines
-from smartmob_agent.model import ProcessInfo, ProcessState, RunAs, Spec
+from smartmob_agent.keys import Keyring, MintedKey
+from smartmob_agent.model import ProcessInfo, ProcessState, Spec
 from smartmob_agent.output.logs import LogHandler, ProcessLog
 from smartmob_agent.processes.monitor import Monitor
 from smartmob_agent.processes.ports import PortAllocator
 from smartmob_agent.processes.reaper import Reaper
 from smartmob_agent.processes.spawn import hard_limits
-from smartmob_agent.processes.stop import start_time, stop_marked, stop_survivor
-from smartmob_agent.processes.users import blocked_folder, resolve_run_as
-from smartmob_agent.representations import request_document
-from smartmob_agent.schemas import check_rlimits, create_request, spec_from_request
-from smartmob_agent.sources import download, unpack
+from smartmob_agent.processes.users import resolve_run_as
+from smartmob_agent.schemas import check_rlimits
+from smartmob_agent.sources import download
 from smartmob_agent.sources.builds import Builds
 from smartmob_agent.sources.cache import SourceCache, Stored, cache_key
-from smartmob_agent.sources.fetchpolicy import FetchPolicy
-from smartmob_agent.store import Record, Store, StoreError, prepare_state_dir
-from smartmob_agent.supervision.watcher import Runtime, Watcher
+from smartmob_agent.store import Store, StoreError, prepare_state_dir
+from smartmob_agent.supervision import tokens
+from smartmob_agent.supervision.limits import (
+    NOTIFY_POLICY,
+    check_notify,
+    download_limits,
+    fetch_policy,
+    unpack_limits,
+)
+from smartmob_agent.supervision.records import Records
+from smartmob_agent.supervision.runtime import Runtime
+
+# re-exported: the CLI and the tests name it from here
+from smartmob_agent.supervision.startup import AGENT_ID_VARIABLE as AGENT_ID_VARIABLE
+from smartmob_agent.supervision.startup import check_reachable, resumed, take_over
+from smartmob_agent.supervision.watcher import Watcher
 
 log = logging.getLogger("smartmob_agent.agent")  # stable name: internals.rst
 
-#: Set in every child's environment; the guardian finds the agent's descendants by it.
-AGENT_ID_VARIABLE = "SMARTMOB_AGENT_ID"
 #: The agent's own secrets (webhook URLs often carry tokens): never passed on to children.
 SECRET_VARIABLES = frozenset({
     "SMARTMOB_WEBHOOK_SECRET", "SMARTMOB_WEBHOOK", "SMARTMOB_TOKEN", "SMARTMOB_APP_TOKEN",
@@ -96,6 +103,7 @@ class Agent:
         self._watchers: dict[str, Watcher] = {}
         self._deletions: dict[Watcher, asyncio.Task[None]] = {}
         self.store: Store | None = None
+        self._records: Records | None = None
         self._session: aiohttp.ClientSession | None = None
         self._webhook_session: aiohttp.ClientSession | None = None
         self._runtime: Runtime | None = None
@@ -113,7 +121,7 @@ class Agent:
         #: which source URLs may be fetched, and where from (see :mod:`.fetchpolicy`)
         self.fetch_policy = fetch_policy(settings)
         #: the keys that open the API; minted ones are added from the database at start
-        self.keyring = Keyring(*configured_keys(settings))
+        self.keyring = Keyring(*tokens.configured_keys(settings))
         #: the agent's own log (what it writes to stderr), kept from start to close
         self.agent_log = ProcessLog(None, lines=settings.log_lines)
         self._log_handler: LogHandler | None = None
@@ -159,41 +167,10 @@ class Agent:
         self.processes_dir.mkdir(exist_ok=True)
         if self.run_as is not None:
             self.builds_dir.mkdir(parents=True, exist_ok=True)
-            self._check_reachable(self.run_as)
+            check_reachable((self.processes_dir, self.builds_dir), self.run_as)
         self.store = Store.open(self.settings.state_dir)
-        # connects only to addresses the policy allows, whatever a name resolves to
-        self._session = download.open_session(self.fetch_policy)
-        limits = download.DownloadLimits(
-            max_bytes=self.settings.max_download,
-            stall=self.settings.download_stall,
-            total=self.settings.download_timeout,
-        )
-        self.sources = SourceCache(
-            self.cache_dir, self._session, limits, policy=self.fetch_policy
-        )
-        self.builds = Builds(
-            self.builds_dir, self.reaper, timeout=self.settings.build_timeout,
-            stop_timeout=self.settings.stop_timeout, run_as=self.run_as,
-        )
-        self._runtime = Runtime(
-            session=self._session,
-            reaper=self.reaper,
-            base_env=self._base_env,
-            forced_env={AGENT_ID_VARIABLE: self.id},
-            limits=limits,
-            unpack_limits=unpack_limits(self.settings),
-            stop_timeout=self.settings.stop_timeout,
-            monitor=self.monitor,
-            emit=self._emit,
-            sources=self.sources,
-            builds=self.builds,
-            logs_dir=self.logs_dir if self.settings.log_max_bytes > 0 else None,
-            log_lines=self.settings.log_lines,
-            log_max_bytes=self.settings.log_max_bytes,
-            log_files=self.settings.log_files,
-            reserve_seq=self._reserve_seq,
-            run_as=self.run_as,
-        )
+        self._records = Records(self.store)
+        self._runtime = self._make_runtime()
         self.monitor.start()
         secret = self.settings.webhook_secret
         # a session of their own: hanging receivers must not take the connections that
@@ -214,105 +191,56 @@ class Agent:
             await self.close()
             raise
 
-    def _check_reachable(self, run_as: RunAs) -> None:
-        """Let the children's user pass through the agent's folders, and refuse to start
-        if a folder above them (the operator's) keeps it out.
-
-        Raises:
-            AgentError: naming the folder the user cannot pass through.
-        """
-        for folder in (self.processes_dir, self.builds_dir):
-            folder.chmod(folder.stat().st_mode | 0o111)  # search only: no listing
-            blocked = blocked_folder(folder, run_as)
-            if blocked is not None:
-                raise AgentError(
-                    f"the children's user {run_as.name} cannot reach {folder}: it may not "
-                    f"pass through {blocked} (mode {blocked.stat().st_mode & 0o7777:04o}); "
-                    "let it (chmod o+x), or choose another --state-dir"
-                )
-        python = Path(os.path.realpath(sys.executable))
-        if blocked_folder(python.parent, run_as) is not None or not python.stat().st_mode & 0o001:
-            log.warning(
-                "the children's user %s may not run this agent's Python (%s): building a "
-                "source that has a requirements.txt will fail", run_as.name, python,
-            )
+    def _make_runtime(self) -> Runtime:
+        """Open the HTTP session of downloads and probes, the source cache and the builds,
+        and gather them with the settings into what every watcher shares."""
+        settings = self.settings
+        assert self._records is not None, "the store is opened first"
+        # connects only to addresses the policy allows, whatever a name resolves to
+        self._session = download.open_session(self.fetch_policy)
+        self.sources = SourceCache(
+            self.cache_dir, self._session, download_limits(settings), policy=self.fetch_policy
+        )
+        self.builds = Builds(
+            self.builds_dir, self.reaper, timeout=settings.build_timeout,
+            stop_timeout=settings.stop_timeout, run_as=self.run_as,
+        )
+        return Runtime(
+            session=self._session, reaper=self.reaper, base_env=self._base_env,
+            sources=self.sources, builds=self.builds, forced_env={AGENT_ID_VARIABLE: self.id},
+            unpack_limits=unpack_limits(settings), stop_timeout=settings.stop_timeout,
+            monitor=self.monitor, emit=self._emit,
+            logs_dir=self.logs_dir if settings.log_max_bytes > 0 else None,
+            log_lines=settings.log_lines, log_max_bytes=settings.log_max_bytes,
+            log_files=settings.log_files, reserve_seq=self._records.reserve_seq,
+            run_as=self.run_as,
+        )
 
     async def _restore(self) -> None:
         """Bring every process of the state database back to its desired state, after
         stopping whatever an earlier agent left running (never two copies)."""
-        store = self.store
+        store, runtime = self.store, self._runtime
         assert store is not None, "the store is opened first"
-        assert self._runtime is not None, "the runtime is built first"
-        records = store.load()
-        previous = store.get_value("agent_id")
-        store.set_value("agent_id", self.id)
-        timeout = self.settings.stop_timeout
-        if previous is not None:
-            # everything the earlier agent started carries its id, wherever it went
-            left = await stop_marked(f"{AGENT_ID_VARIABLE}={previous}", timeout)
-            if left:
-                log.warning("stopped %d process(es) left running by the previous agent", left)
-        survivors = await asyncio.gather(*(
-            stop_survivor(r.pid, r.pid_started, timeout)
-            for r in records if r.pid is not None and r.pid_started is not None
-        ))
-        if any(survivors):
-            log.warning("stopped %d child(ren) of the previous agent found by pid and "
-                        "start time", sum(survivors))
-        # a delete cut short by a crash (its row goes first) leaves the process's folders,
-        # which no later agent would know of: remove them, now that nothing runs there
-        known = {record.slug for record in records}
-        try:
-            removed = await asyncio.to_thread(
-                _remove_unknown, (self.processes_dir, self.logs_dir), known)
-        except OSError as error:
-            log.warning("could not clean the folders of deleted processes: %s", error)
-        else:
-            if removed:
-                log.info("removed the folders of %d deleted process(es)", removed)
+        assert runtime is not None, "the runtime is built first"
+        records = await take_over(
+            store, self.id, self.settings.stop_timeout, (self.processes_dir, self.logs_dir)
+        )
         for record in records:
-            try:
-                spec = spec_from_request(create_request.validate(record.request))
-            except AgentError as error:
-                raise StoreError(
-                    f"the state database {store.path} holds a request for "
-                    f"{record.slug!r} this agent cannot read ({error}): start the agent "
-                    "that wrote it, or move the database aside"
-                ) from None
+            spec, past = resumed(record, store.path)
             if record.port is not None:
                 self.ports.reserve(spec.slug, record.port)
-            watcher = Watcher(
-                spec, self.processes_dir / spec.slug, self._runtime, None, record.port,
-                process_id=record.process_id, stopped=record.desired == "stopped",
-                reuse_source=True, restarts=record.restarts, seq_start=record.seq_reserved,
-            )
-            self._register(watcher)
+            self._register(Watcher(
+                spec, self.processes_dir / spec.slug, runtime, None, record.port, resumed=past
+            ))
         if records:
             log.info("brought back %d process(es) from %s", len(records), store.path)
         self._collect_sources()
 
     def _register(self, watcher: Watcher) -> None:
+        assert self._records is not None, "Agent.start() first"
         self._watchers[watcher.spec.slug] = watcher
-        watcher.add_listener(self._remember_child)
+        watcher.add_listener(self._records.remember_child)
         watcher.start()
-
-    def _remember_child(self, watcher: Watcher, old: ProcessState, new: ProcessState) -> None:
-        """Write each new child's pid and start time, so a later agent can tell it apart."""
-        pid = watcher.pid
-        if self.store is None:
-            return
-        if new is ProcessState.RUNNING and pid is not None:
-            self.store.set_child(watcher.spec.slug, pid, start_time(pid), watcher.restarts)
-        elif new is ProcessState.BACKOFF:  # the restart was counted before the wait
-            self.store.set_child(watcher.spec.slug, None, None, watcher.restarts)
-
-    def _reserve_seq(self, slug: str, mark: int) -> None:
-        if self.store is None:
-            return
-        try:
-            self.store.set_seq_reserved(slug, mark)
-        except StoreError as error:
-            log.warning("%s: %s (output line numbers may repeat after a crash)", slug, error)
 
     def _open_agent_log(self, store: Store) -> None:
         """Keep what the agent logs, from now to :meth:`close`, in :attr:`agent_log`."""
@@ -343,6 +271,8 @@ class Agent:
         for watcher in self._watchers.values():  # the last lines reach the files
             watcher.output_log.close()
         self._close_agent_log()
+        if self._records is not None:
+            self._records.close()
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -397,18 +327,15 @@ class Agent:
         if slug in self._watchers:
             raise Conflict(f"a process named {slug!r} already exists; delete it first")
         self._check_source(spec)
-        _check_notify(spec)
+        check_notify(spec)
         check_rlimits(spec.options, hard_limits())
-        assert self.store is not None
+        assert self._records is not None
         port = self._port_for(spec)
         # a new process starts with no output, whatever a crashed deletion left behind
         shutil.rmtree(self.logs_dir / slug, ignore_errors=True)
         watcher = Watcher(spec, self.processes_dir / slug, self._runtime, request_id, port)
         try:  # on disk before the API answers
-            self.store.add(Record(
-                slug, request_document(spec),
-                "running" if spec.options.autostart else "stopped", watcher.process_id, port,
-            ))
+            self._records.add(watcher)
         except StoreError:
             self.ports.release(slug)
             raise
@@ -448,11 +375,7 @@ class Agent:
         """Make a new key scoped to ``app``; return it with its secret, which is shown
         once and kept nowhere (the database holds its digest)."""
         assert self.store is not None, "the agent is not started"
-        key_id, secret = mint_key()
-        key = MintedKey(key_id, app, digest(secret), time.time())
-        self.store.add_key(key)  # before it is usable: a key never outlives a crash unsaved
-        self.keyring.add_minted(key)
-        return key, secret
+        return tokens.mint(self.store, self.keyring, app)
 
     def revoke_key(self, key_id: str) -> None:
         """Stop accepting the minted key ``key_id``, for good.
@@ -461,10 +384,7 @@ class Agent:
             NotFound: no minted key has that id.
         """
         assert self.store is not None, "the agent is not started"
-        if not any(key.id == key_id for key in self.keyring.minted()):
-            raise NotFound(f"there is no minted key with id {key_id!r}")
-        self.store.remove_key(key_id)
-        self.keyring.remove_minted(key_id)
+        tokens.revoke(self.store, self.keyring, key_id)
 
     def get(self, slug: str, app: str | None = None) -> Watcher:
         """Return the watcher of ``slug``.
@@ -511,9 +431,9 @@ class Agent:
 
     async def _forget(self, watcher: Watcher) -> None:
         slug = watcher.spec.slug
+        if self._records is not None:  # first: a deleted process never comes back
+            self._records.remove(watcher)  # if it fails, nothing is done: it runs on
         try:
-            if self.store is not None:  # first: a deleted process never comes back
-                self.store.remove(slug)
             await watcher.stop(final=True)
             watcher.close()
             # files go before the name is freed, so a new process of that name starts clean
@@ -605,9 +525,8 @@ class Agent:
             await watcher.request_restart()
         else:
             raise ValueError(f"unknown control {action!r}")
-        if self.store is not None and self._watchers.get(watcher.spec.slug) is watcher:
-            desired = "stopped" if action == "stop" else "running"
-            self.store.set_desired(watcher.spec.slug, desired)
+        if self._records is not None and self._watchers.get(watcher.spec.slug) is watcher:
+            self._records.set_desired(watcher, "stopped" if action == "stop" else "running")
 
     def select(self, app: str | None) -> builtins.list[Watcher]:
         """Every watcher of ``app`` (of every app for ``None``), in creation order."""
@@ -635,8 +554,9 @@ class Agent:
             outcome: dict[str, Any] = {"slug": watcher.spec.slug, "ok": result is None}
             if isinstance(result, AgentError):
                 outcome["error"] = str(result)
-            elif isinstance(result, BaseException):
-                log.error("%s: %s failed: %r", watcher.spec.slug, action, result)
+            elif isinstance(result, BaseException):  # a bug: its traceback goes to the log
+                log.error("%s: %s failed: %r", watcher.spec.slug, action, result,
+                          exc_info=result)
                 outcome["error"] = "internal error of the agent; see its log"
             outcomes.append(outcome)
         return outcomes
@@ -649,79 +569,5 @@ class Agent:
         results = await asyncio.gather(*(w.stop() for w in watchers), return_exceptions=True)
         for watcher, result in zip(watchers, results, strict=True):
             if isinstance(result, BaseException):
-                log.error("%s: stop failed: %r", watcher.spec.slug, result)
+                log.error("%s: stop failed: %r", watcher.spec.slug, result, exc_info=result)
 
-
-def _remove_unknown(parents: Iterable[Path], known: Set[str]) -> int:
-    """Remove every folder in ``parents`` not named after a ``known`` slug; return how
-    many slugs had one."""
-    removed: set[str] = set()
-    for parent in parents:
-        if not parent.is_dir():
-            continue
-        for entry in parent.iterdir():
-            if entry.name not in known and entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-                removed.add(entry.name)
-    return len(removed)
-
-
-#: Where webhooks may be posted: anywhere but link-local and cloud metadata addresses.
-#: The ``--source-allow`` list is for sources, not for receivers, so it does not apply.
-NOTIFY_POLICY = FetchPolicy()
-
-
-def _check_notify(spec: Spec) -> None:
-    """Refuse a ``notify`` URL aimed at a refused address (a metadata service).
-
-    Raises:
-        InvalidRequest: naming the URL's index in ``notify`` and why.
-    """
-    for index, url in enumerate(spec.options.notify):
-        problem = NOTIFY_POLICY.check_url(url)
-        if problem is not None:
-            detail = f"the URL at position {index} is refused: {problem}"
-            raise InvalidRequest(f"notify: {detail}", {"notify": detail})
-
-
-def fetch_policy(settings: Settings) -> FetchPolicy:
-    """The fetch policy the settings give (``--source-allow``, ``--allow-file-sources``)."""
-    root = settings.allow_file_sources
-    return FetchPolicy(
-        settings.source_allow, None if root is None else PurePosixPath(os.path.normpath(root))
-    )
-
-
-def unpack_limits(settings: Settings) -> unpack.UnpackLimits:
-    """The bounds of each unpack the settings give."""
-    return unpack.UnpackLimits(
-        max_members=settings.max_members,
-        max_total_bytes=settings.max_unpacked,
-        max_member_bytes=settings.max_member_size,
-        max_path_length=settings.max_path_length,
-        max_ratio=settings.max_ratio,
-    )
-
-
-def configured_keys(settings: Settings) -> tuple[list[str], dict[str, str]]:
-    """The admin keys and the app keys (``{key: app}``) the settings give, key files
-    included.
-
-    Raises:
-        InvalidRequest: a key file cannot be read or holds a bad line.
-    """
-    admin = list(settings.token)
-    apps = {key: app for app, key in settings.app_token}
-    for path, scoped in ((settings.token_file, False), (settings.app_tokens_file, True)):
-        if path is None:
-            continue
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as error:
-            raise InvalidRequest(f"cannot read the key file {path}: {error}") from None
-        for app, key in parse_key_lines(text, str(path), scoped=scoped):
-            if app is None:
-                admin.append(key)
-            else:
-                apps[key] = app
-    return admin, apps

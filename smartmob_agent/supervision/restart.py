@@ -2,18 +2,20 @@
 
 The seed's rule is "restart until deleted"; the ``restart`` option narrows it
 (:class:`~smartmob_agent.model.RestartPolicy`). A run that ends quickly is a crash loop in
-the making, so the delay before the next start doubles on each quick exit, from
-:attr:`BackoffPolicy.initial` up to :attr:`BackoffPolicy.maximum`; a run that lasted at
-least :attr:`BackoffPolicy.reset_after` seconds (``start_seconds``) clears it and is
-restarted at once. :func:`decide` puts the rules together.
+the making, so the delay before the next start follows the process's
+:class:`~smartmob_agent.model.Backoff` series on each quick exit (doubling, from
+``backoff.initial`` up to ``backoff.maximum``); a run that lasted at least
+:func:`reset_after` seconds (``start_seconds``) clears it and is restarted at once.
+:func:`decide` puts the rules together.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 
-from smartmob_agent.model import Exit, Options, RestartPolicy
+from smartmob_agent.model import Backoff, Exit, Options, RestartPolicy
 
 #: A run shorter than this is a failed start whatever ``start_seconds`` says, so that even
 #: with ``start_seconds: 0`` a crash loop backs off instead of spinning.
@@ -26,52 +28,38 @@ JITTER = 0.25
 SHELL_CANNOT_RUN = frozenset({126, 127})
 
 
-@dataclass(frozen=True)
-class BackoffPolicy:
-    """Exponential restart delay, in seconds."""
-
-    initial: float = 0.1
-    maximum: float = 30.0
-    factor: float = 2.0
-    reset_after: float = 1.0
+def reset_after(options: Options) -> float:
+    """How long a run must last to count as a successful start, which clears the backoff:
+    ``start_seconds``, but never under :data:`MIN_START_SECONDS`."""
+    return max(options.start_seconds, MIN_START_SECONDS)
 
 
-def next_delay(policy: BackoffPolicy, previous: float, ran_for: float) -> float:
+def next_delay(backoff: Backoff, previous: float, ran_for: float, reset_after: float) -> float:
     """Return how long to wait before starting again.
 
     Args:
-        policy: the delays to apply.
+        backoff: the series of delays to follow.
         previous: the delay used before the run that just ended (0 if none).
         ran_for: how long that run lasted, in seconds.
+        reset_after: a run at least this long counts as healthy (see :func:`reset_after`).
 
     Returns:
         0 when the run was long enough to count as healthy, else the next delay of the
-        exponential series, capped at ``policy.maximum``.
+        series (see :meth:`.Backoff.after`).
     """
-    if ran_for >= policy.reset_after:
+    if ran_for >= reset_after:
         return 0.0
-    if previous <= 0:
-        return min(policy.initial, policy.maximum)
-    return min(previous * policy.factor, policy.maximum)
+    return backoff.after(previous)
 
 
-def cannot_run(exit: Exit, ran_for: float, policy: BackoffPolicy) -> bool:
+def cannot_run(exit: Exit, ran_for: float, reset_after: float) -> bool:
     """Tell whether an exit means the command itself cannot run (not found, not executable).
 
     Restarting such a command only repeats the same error, so the process fails instead.
     Only a quick exit counts (under ``reset_after``, and under 1 s whatever it is): a
     long-running program may legitimately exit with 127.
     """
-    return exit.code in SHELL_CANNOT_RUN and ran_for < max(policy.reset_after, 1.0)
-
-
-def backoff_policy(options: Options) -> BackoffPolicy:
-    """The backoff series a process's options ask for."""
-    return BackoffPolicy(
-        initial=options.backoff.initial,
-        maximum=options.backoff.maximum,
-        reset_after=max(options.start_seconds, MIN_START_SECONDS),
-    )
+    return exit.code in SHELL_CANNOT_RUN and ran_for < max(reset_after, 1.0)
 
 
 class Action(enum.Enum):
@@ -120,10 +108,10 @@ def decide(
         jitter: a number in [0, 1) (random in production): takes up to
             :data:`JITTER` of the delay off the wait.
     """
-    policy = backoff_policy(options)
-    failed = ran_for < policy.reset_after
+    healthy_after = reset_after(options)
+    failed = ran_for < healthy_after
     count = failed_starts + 1 if failed else 0
-    if cannot_run(exit, ran_for, policy):
+    if cannot_run(exit, ran_for, healthy_after):
         return Decision(Action.FAIL, failed_starts=count, reason="cannot run")
     if options.restart is RestartPolicy.NEVER or (
         options.restart is RestartPolicy.ON_FAILURE and options.is_clean(exit)
@@ -139,6 +127,69 @@ def decide(
                 f"the last one {exit.describe()}"
             ),
         )
-    delay = next_delay(policy, previous_delay, ran_for)
+    delay = next_delay(options.backoff, previous_delay, ran_for, healthy_after)
     wait = delay * (1.0 - JITTER * min(max(jitter, 0.0), 1.0))
     return Decision(Action.RESTART, delay=delay, wait=wait, failed_starts=count)
+
+
+def failure_message(decision: Decision, exit: Exit, process_type: str, last_line: str) -> str:
+    """The ``error`` of a process that :func:`decide` gave up on (:attr:`Action.FAIL`), given
+    the last line of output before the exit.
+
+    >>> from smartmob_agent.model import Exit
+    >>> from smartmob_agent.supervision.restart import Action, Decision, failure_message
+    >>> gave_up = Decision(Action.FAIL, reason="cannot run")
+    >>> print(failure_message(gave_up, Exit(127), "web", "sh: 1: gunicorn: not found"))
+    the command of process type 'web' cannot run: /bin/sh exited with code 127 (sh: 1: ...)
+    """
+    if decision.reason != "cannot run":
+        return decision.reason
+    return (
+        f"the command of process type {process_type!r} cannot run: /bin/sh {exit.describe()}"
+        + (f" ({last_line})" if last_line else "")
+    )
+
+
+@dataclass
+class Restarts:
+    """What the restart policy keeps about one process across its runs.
+
+    Attributes:
+        count: the starts that followed an exit (``restarts`` in the status document).
+        failed_starts: consecutive runs shorter than ``start_seconds``.
+        delay: the backoff delay waited before the current run (0: none).
+    """
+
+    count: int = 0
+    failed_starts: int = 0
+    delay: float = 0.0
+
+    def after_exit(
+        self, options: Options, exit: Exit, ran_for: float, jitter: float, *,
+        on_purpose: bool = False,
+    ) -> Decision:
+        """Decide what follows an exit (see :func:`decide`) and keep what it changes.
+
+        ``on_purpose``: the agent ended the run to start it again (a failed health check),
+        which it does at once, whatever the restart policy, and is no failed start.
+        """
+        if on_purpose:
+            ran_for = max(ran_for, options.start_seconds)
+            options = dataclasses.replace(options, restart=RestartPolicy.ALWAYS)
+        decision = decide(options, exit, ran_for, self.failed_starts, self.delay, jitter)
+        self.failed_starts = decision.failed_starts
+        if decision.action is Action.RESTART:
+            self.count += 1
+            self.delay = decision.delay
+        return decision
+
+    def after_spawn_failure(self, backoff: Backoff) -> float:
+        """The delay before trying again to spawn a child that could not be (for want of
+        resources), kept as the backoff delay."""
+        self.delay = backoff.after(self.delay)
+        return self.delay
+
+    def reset(self) -> None:
+        """Begin the backoff and the count of failed starts afresh (a start control)."""
+        self.delay = 0.0
+        self.failed_starts = 0

@@ -31,6 +31,8 @@ from smartmob_agent.web.attach import SOCKETS_KEY, close_all
 log = logging.getLogger("smartmob_agent.server")  # stable name: internals.rst
 
 #: HTTP status of each error class (most specific first); any other AgentError is 400.
+#: Any other exception (InvalidTransition among them) is a bug of the agent: a 500,
+#: logged with its traceback by :func:`error_middleware`.
 ERROR_STATUS: tuple[tuple[type[errors.AgentError], int], ...] = (
     (errors.InvalidRequest, 400),
     (errors.Unauthorized, 401),
@@ -42,7 +44,6 @@ ERROR_STATUS: tuple[tuple[type[errors.AgentError], int], ...] = (
     (errors.StorageError, 507),  # the state folder cannot take the upload (disk full)
     (PortsExhausted, 503),  # the machine is out of ports; try again later
     (StoreError, 503),  # the state database cannot be written (disk full, ...)
-    (errors.InvalidTransition, 500),  # a bug of the agent, not of the client
 )
 
 #: A client's request id is echoed as sent if it is 1 to 200 printable ASCII characters
@@ -61,9 +62,6 @@ def status_of(error: errors.AgentError) -> int:
 
 
 def _body(error: errors.AgentError) -> dict[str, object]:
-    if status_of(error) == 500:  # a bug of the agent; a 503 is the machine's state
-        log.error("internal error: %s", error)
-        return error_document("internal error of the agent; see its log")
     extra = {"fields": error.fields} if isinstance(error, errors.InvalidRequest) else {}
     return error_document(str(error), **extra)
 
