@@ -29,6 +29,7 @@ from smartmob_agent.output.logs import RedactKeys
 from smartmob_agent.processes import guardian
 from smartmob_agent.processes.child import Reaper, become_subreaper, resolve_run_as
 from smartmob_agent.supervision.agent import AGENT_ID_VARIABLE, Agent
+from smartmob_agent.web.guard import GuardedSite
 from smartmob_agent.web.server import make_app
 
 log = logging.getLogger("smartmob_agent")
@@ -221,7 +222,8 @@ async def serve(settings: Settings) -> None:
     runner = web.AppRunner(make_app(settings, agent), handle_signals=False)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, settings.host, settings.port, ssl_context=tls)
+        # its connections are held to the timeouts and the limit (web/guard.py)
+        site = GuardedSite(runner, settings, ssl_context=tls)
         try:
             await site.start()
         except OSError as error:
