@@ -31,6 +31,7 @@ from smartmob_agent.processes import guardian, privacy
 from smartmob_agent.processes.reaper import Reaper, become_subreaper
 from smartmob_agent.processes.users import resolve_run_as
 from smartmob_agent.supervision.agent import AGENT_ID_VARIABLE, Agent
+from smartmob_agent.web.guard import GuardedSite
 from smartmob_agent.web.server import make_app
 
 log = logging.getLogger("smartmob_agent")
@@ -218,56 +219,24 @@ def _make_agent(settings: Settings, reaper: Reaper) -> Agent:
     return agent
 
 
-class _BoundSite(web.BaseSite):
-    """A site whose sockets are bound (by :func:`_bind`) before the agent starts, and
-    served from :meth:`start` on."""
-
-    __slots__ = ("_bound", "_tls")
-
-    def __init__(self, runner: web.AppRunner, bound: asyncio.Server, tls: bool) -> None:
-        super().__init__(runner, ssl_context=None)
-        self._bound = bound
-        self._tls = tls
-
-    @property
-    def name(self) -> str:
-        """The first address served, as a URL (aiohttp's name of a site)."""
-        host, port = self._bound.sockets[0].getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
-        return f"{'https' if self._tls else 'http'}://{shown}:{port}"
-
-    async def start(self) -> None:
-        """Start accepting connections on the bound sockets."""
-        await super().start()
-        self._server = self._bound
-        await self._bound.start_serving()
-
-    def close_unserved(self) -> None:
-        """Release the sockets of a site that will never be started (idempotent)."""
-        self._bound.close()
-
-
 async def _bind(
     runner: web.AppRunner, settings: Settings, tls: ssl.SSLContext | None
-) -> _BoundSite:
+) -> GuardedSite:
     """Bind the listening sockets, without accepting connections yet.
 
     Done before the agent starts, so that a taken port stops the command before it creates
-    or opens anything in the state folder; the sockets are bound as aiohttp's ``TCPSite``
-    binds them (every address a host name resolves to), with the same errors.
+    or opens anything in the state folder. Its connections are held to the timeouts and
+    the limit of :mod:`smartmob_agent.web.guard`.
     """
-    assert runner.server is not None, "the runner is set up first"
+    site = GuardedSite(runner, settings, ssl_context=tls)
     try:
-        bound = await asyncio.get_running_loop().create_server(
-            runner.server, settings.host, settings.port, ssl=tls, backlog=128,
-            start_serving=False,
-        )
+        await site.bind()
     except OSError as error:
         raise SystemExit(
             f"smartmob-agent: cannot listen on {settings.host}:{settings.port}: "
             f"{error.strerror}"
         ) from None
-    return _BoundSite(runner, bound, tls is not None)
+    return site
 
 
 def _start_guardian(agent: Agent, reaper: Reaper) -> subprocess.Popen[bytes]:

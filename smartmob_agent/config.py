@@ -7,6 +7,7 @@ its parser from it and the docs list it.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -29,6 +30,11 @@ class Settings:
     stop_timeout: float = 10.0
     build_timeout: float = 600.0
     max_body: int = 1024 * 1024
+    header_timeout: float = 20.0
+    body_timeout: float = 60.0
+    keepalive_timeout: float = 75.0
+    #: ``None``: half the agent's open-file limit, worked out at start
+    max_connections: int | None = None
     max_download: int = 512 * 1024 * 1024
     download_stall: float = 30.0
     download_timeout: float = 600.0
@@ -55,6 +61,7 @@ class Settings:
     allow_host: tuple[str, ...] = ()
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    trusted_proxy: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     user: str | None = None
     group: str | None = None
 
@@ -114,6 +121,16 @@ def _count(text: str) -> int:
     if value <= 0:
         raise ValueError("must be a positive whole number")
     return value
+
+
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    # an address is a network of one; host bits set (10.0.0.5/8) mean the network
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError(
+            "must be an address (127.0.0.1, ::1) or a network (10.0.0.0/8)"
+        ) from None
 
 
 def _ratio(text: str) -> float:
@@ -234,6 +251,19 @@ OPTIONS: tuple[Option, ...] = (
            "its release command may take before it is stopped (default: 600)"),
     Option("max_body", "--max-body", "SMARTMOB_MAX_BODY", _size, "BYTES",
            "largest request body accepted; larger ones get 413 (default: 1048576)"),
+    Option("header_timeout", "--header-timeout", "SMARTMOB_HEADER_TIMEOUT", _positive,
+           "SECONDS", "longest a client may take to send a request's line and headers, "
+           "from their first byte; then it gets 408 and is disconnected (default: 20)"),
+    Option("body_timeout", "--body-timeout", "SMARTMOB_BODY_TIMEOUT", _positive,
+           "SECONDS", "longest a request body may take to arrive, plus one second per KiB "
+           "received (so a steady upload is never cut); then 408 (default: 60)"),
+    Option("keepalive_timeout", "--keepalive-timeout", "SMARTMOB_KEEPALIVE_TIMEOUT",
+           _positive, "SECONDS", "close a connection that has been waiting this long for "
+           "a request (a new one, or the next one); WebSockets are not cut (default: 75)"),
+    Option("max_connections", "--max-connections", "SMARTMOB_MAX_CONNECTIONS", _count,
+           "COUNT", "most client connections open at once; past it, a new one closes the "
+           "longest-idle one, or gets 503 when none is idle (default: half the open-file "
+           "limit, ulimit -n)"),
     Option("max_download", "--max-download", "SMARTMOB_MAX_DOWNLOAD", _size, "BYTES",
            "largest source archive downloaded or uploaded (default: 536870912)"),
     Option("download_stall", "--download-stall", "SMARTMOB_DOWNLOAD_STALL", _positive,
@@ -302,6 +332,10 @@ OPTIONS: tuple[Option, ...] = (
            "serve HTTPS with this certificate chain (PEM); needs --tls-key"),
     Option("tls_key", "--tls-key", "SMARTMOB_TLS_KEY", _folder, "FILE",
            "the private key (PEM) of --tls-cert"),
+    Option("trusted_proxy", "--trusted-proxy", "SMARTMOB_TRUSTED_PROXY", _network,
+           "ADDRESS", "a reverse proxy (an address or a network) whose Forwarded and "
+           "X-Forwarded-Proto/-Host headers the links follow; repeat for more (the "
+           "variable takes them separated by spaces); default: none", repeat=True),
     Option("user", "--user", "SMARTMOB_USER", _account, "USER",
            "run every child (builds and release commands too) as this user, a name or "
            "uid; needs root, unless it names the agent's own user (default: the agent's "

@@ -6,7 +6,7 @@ import asyncio
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 _READY = re.compile(rb"listening on (https?://\S+?)/? ")
@@ -18,8 +18,11 @@ class AgentProcess:
     def __init__(
         self, state_dir: Path, args: Sequence[str] = (), env: Mapping[str, str] | None = None,
         wrapper: Sequence[str] = (),
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.state_dir = state_dir
+        #: run in the child before the agent starts (e.g. to lower its limits)
+        self.preexec_fn = preexec_fn
         self.args = list(args)
         #: a command that runs the agent's command line given after it (``setpriv ...``)
         self.wrapper = list(wrapper)
@@ -39,7 +42,7 @@ class AgentProcess:
         self.proc = await asyncio.create_subprocess_exec(
             *self.wrapper, sys.executable, "-m", "smartmob_agent", "--port", "0",
             "--state-dir", str(self.state_dir), *self.args,
-            stderr=asyncio.subprocess.PIPE, env=self.env,
+            stderr=asyncio.subprocess.PIPE, env=self.env, preexec_fn=self.preexec_fn,
         )
         assert self.proc.stderr is not None
         async with asyncio.timeout(timeout):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,14 @@ def test_settings_are_frozen() -> None:
         pytest.param("monitor_interval", "0.5", 0.5, id="monitor-interval"),
         pytest.param("allow_host", "Smartmob-Agent *.example.org.",
                      ("smartmob-agent", "*.example.org"), id="allow-host"),
+        pytest.param("header_timeout", "0.5", 0.5, id="header-timeout"),
+        pytest.param("body_timeout", "30", 30.0, id="body-timeout"),
+        pytest.param("keepalive_timeout", "1", 1.0, id="keepalive-timeout"),
+        pytest.param("max_connections", "64", 64, id="max-connections"),
+        pytest.param("trusted_proxy", "127.0.0.1 10.0.0.0/8 ::1 192.168.1.7/24",
+                     tuple(ipaddress.ip_network(text) for text in (
+                         "127.0.0.1/32", "10.0.0.0/8", "::1/128", "192.168.1.0/24")),
+                     id="trusted-proxy"),
     ],
 )
 def test_each_option_from_flag_and_from_environment(name: str, text: str, value: Any) -> None:
@@ -102,6 +111,9 @@ def test_flag_wins_over_environment(option: Option) -> None:
         "allow_host": (["a.example"], "b.example"),
         "tls_cert": ("a", "b"), "tls_key": ("a", "b"),
         "user": ("nobody", "daemon"), "group": ("nogroup", "daemon"),
+        "header_timeout": ("1", "2"), "body_timeout": ("1", "2"),
+        "keepalive_timeout": ("1", "2"), "max_connections": ("1", "2"),
+        "trusted_proxy": (["10.0.0.1"], "10.0.0.2"),
     }
     flag, env = good[option.name]
     from_both = settings_from({option.name: flag}, {option.env: env})
@@ -164,6 +176,13 @@ def test_every_option_is_spelled_consistently() -> None:
         pytest.param("allow_file_sources", "releases", "absolute", id="file-sources-relative"),
         pytest.param("log_level", "loud", "debug, info, warning, error", id="log-level"),
         pytest.param("log_level", "", "debug, info, warning, error", id="log-level-empty"),
+        pytest.param("header_timeout", "0", "positive", id="header-timeout-zero"),
+        pytest.param("body_timeout", "inf", "positive", id="body-timeout-inf"),
+        pytest.param("keepalive_timeout", "-1", "positive", id="keepalive-timeout-neg"),
+        pytest.param("max_connections", "0", "positive whole number", id="max-conn-zero"),
+        pytest.param("max_connections", "many", "whole number", id="max-conn-word"),
+        pytest.param("trusted_proxy", "proxy.example", "an address", id="proxy-name"),
+        pytest.param("trusted_proxy", "10.0.0.0/33", "a network", id="proxy-bad-cidr"),
     ],
 )
 def test_invalid_values_are_named(name: str, text: str, reason: str) -> None:

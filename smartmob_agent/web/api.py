@@ -119,7 +119,12 @@ async def read_json(request: web.Request, *, allow_empty: bool = False) -> Any:
             return {}
         raise InvalidRequest("the request body is empty: send a JSON object")
     try:
-        return json.loads(body, parse_constant=_no_constant)
+        return json.loads(body, parse_constant=_no_constant, parse_int=_integer)
+    except _NumberTooLarge:
+        raise InvalidRequest(
+            f"the request body is not usable JSON: a number in it is too large (an "
+            f"integer may have at most {MAX_INTEGER_DIGITS} digits)"
+        ) from None
     except UnicodeDecodeError:
         raise InvalidRequest("the request body is not UTF-8 text") from None
     except json.JSONDecodeError as error:
@@ -129,12 +134,28 @@ async def read_json(request: web.Request, *, allow_empty: bool = False) -> Any:
         ) from None
     except RecursionError:
         raise InvalidRequest("the request body is nested too deeply") from None
-    except ValueError as error:  # e.g. an integer of thousands of digits
+    except ValueError as error:  # NaN or Infinity
         raise InvalidRequest(f"the request body is not usable JSON: {error}") from None
 
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
+
+
+#: Most digits of an integer in a JSON body: Python's own default limit on turning text
+#: into an integer (which would otherwise answer with advice about its internals),
+#: whatever the process's setting, and far more than any field takes.
+MAX_INTEGER_DIGITS = 4300
+
+
+class _NumberTooLarge(ValueError):
+    pass
+
+
+def _integer(text: str) -> int:
+    if len(text) - text.startswith("-") > MAX_INTEGER_DIGITS:
+        raise _NumberTooLarge
+    return int(text)
 
 
 @routes.get("/", name="index")

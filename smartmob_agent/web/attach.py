@@ -20,6 +20,7 @@ the subscription's first; what comes live meanwhile is held and sent after it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -33,6 +34,7 @@ from smartmob_agent.errors import InvalidRequest
 from smartmob_agent.model import LogLine, Stamp
 from smartmob_agent.representations import format_time, line_document
 from smartmob_agent.schemas import parse_attach_query
+from smartmob_agent.supervision.watcher import Watcher
 from smartmob_agent.web.api import process_for, watch_key
 from smartmob_agent.web.frames import encode_text_frames, json_line_payloads
 
@@ -47,8 +49,11 @@ MAX_BUFFER = 1024 * 1024
 CLOSE_TIMEOUT = 2.0
 #: First and longest wait before trying again to tell a lagging client what it missed.
 NOTICE_RETRY = (0.05, 1.0)
-#: Largest frame a client may send (one line of input).
+#: Largest frame a client may send (one line of input); a larger one closes the socket
+#: (1009, :data:`FRAME_TOO_LARGE`).
 MAX_INPUT_FRAME = 64 * 1024
+#: The reason of the close (1009) that answers a frame over :data:`MAX_INPUT_FRAME`.
+FRAME_TOO_LARGE = f"input frames are at most {MAX_INPUT_FRAME} bytes (one line each)".encode()
 #: What a client is told when its input cannot reach the process.
 INPUT_NOT_DELIVERED = (
     b"[smartmob-agent] input not delivered: no child is running, it closed its stdin, "
@@ -99,7 +104,10 @@ class WebSocketSubscriber:
         #: lifecycle markers dropped and not yet said (JSON frames only)
         self.pending_events = 0
         self.dropped = 0
-        self._close_task: asyncio.Task[bool] | None = None
+        #: set to have the handler close the socket with ``_close_with``; see shutdown
+        self.leave = asyncio.Event()
+        self._close_with: tuple[int, bytes] = (WSCloseCode.GOING_AWAY, b"agent shutting down")
+        self._done = asyncio.Event()
         self._notice: asyncio.TimerHandle | None = None
         #: live batches and markers held while a replay is read, else ``None``
         self._held: list[_Held] | None = None
@@ -261,32 +269,63 @@ class WebSocketSubscriber:
             self._notice = None
 
     def close(self) -> None:
-        """The process is gone: close the WebSocket normally (in the background)."""
+        """The process is gone: have the WebSocket closed normally (by its handler)."""
         self.cancel_notice()
-        if self._close_task is None:
-            self._close_task = asyncio.get_running_loop().create_task(
-                self.shutdown(WSCloseCode.OK, b"process deleted")
-            )
+        self.request_close(WSCloseCode.OK, b"process deleted")
+
+    def request_close(self, code: int, message: bytes) -> None:
+        """Have the handler close the WebSocket with ``code`` (the first reason given
+        stays), without waiting."""
+        if not self.leave.is_set():
+            self._close_with = (code, message)
+            self.leave.set()
 
     async def shutdown(self, code: int, message: bytes) -> bool:
-        """Close the WebSocket with ``code``, cutting off a client that does not take it.
+        """Have the handler close the WebSocket with ``code``; return once it has.
 
-        A client that stopped reading never lets the close frame drain; waiting for it
-        would hang a delete or the agent's shutdown.
+        Only the handler closes: aiohttp drops the connection without waiting for the
+        client's close frame when ``close()`` runs while another task waits in
+        ``receive()``, and the client then sees 1006 instead of ``code``.
         """
+        self.request_close(code, message)
+        await self._done.wait()
+        return True
+
+    async def close_socket(self) -> None:
+        """Close the WebSocket with the reason asked for (the handler's part), cutting
+        off a client that does not take the close frame within :data:`CLOSE_TIMEOUT`: a
+        client that stopped reading never lets it drain, which would hang a delete or the
+        agent's shutdown."""
         if self._ws.closed:
-            return False
+            return
+        code, message = self._close_with
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
-                return await self._ws.close(code=code, message=message)
+                await self._ws.close(code=code, message=message)
         except TimeoutError:  # aiohttp has already closed the transport
             self._transport.abort()
-            return True
 
     async def wait_closed(self) -> None:
-        """Wait for a close started by :meth:`close` to finish."""
-        if self._close_task is not None:
-            await self._close_task
+        """Wait until the handler is done with the socket (closed by :meth:`close`, by
+        :meth:`shutdown`, or by the client)."""
+        await self._done.wait()
+
+    def finished(self) -> None:
+        """The handler is done: wake those waiting in :meth:`shutdown`."""
+        self._done.set()
+
+
+class _AttachSocket(web.WebSocketResponse):
+    """The attach WebSocket; it says why when it closes on a frame too large (aiohttp's
+    own close for it has no reason)."""
+
+    async def close(
+        self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True
+    ) -> bool:
+        """Close as aiohttp does, with :data:`FRAME_TOO_LARGE` as the reason of 1009."""
+        if code == WSCloseCode.MESSAGE_TOO_BIG and not message:
+            message = FRAME_TOO_LARGE
+        return await super().close(code=code, message=message, drain=drain)
 
 
 def _marker_document(event: Mapping[str, Any]) -> dict[str, Any]:
@@ -316,8 +355,9 @@ async def attach_console(request: web.Request) -> web.WebSocketResponse:
             "and created again numbers its lines from 1 again)",
             {"after": f"must be below {output.next_seq}, the seq of the next line"},
         )
-    # no compression: frames are written pre-encoded, which an extension would break
-    ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_INPUT_FRAME)
+    # no compression: frames are written pre-encoded, which an extension would break;
+    # aiohttp refuses a frame as long as max_msg_size, so MAX_INPUT_FRAME itself needs +1
+    ws = _AttachSocket(compress=False, max_msg_size=MAX_INPUT_FRAME + 1)
     await ws.prepare(request)
     subscriber = WebSocketSubscriber(ws, request, json_frames=query.json)
     request.app[SOCKETS_KEY].add(subscriber)
@@ -332,20 +372,49 @@ async def attach_console(request: web.Request) -> web.WebSocketResponse:
         if replay:
             entries, more = await output.window(query.tail, after=query.after, before=first)
             subscriber.replay(entries, more, query.tail)
-        async for message in ws:
-            if message.type is WSMsgType.TEXT:
-                if not watcher.send_input(message.data):
-                    subscriber.send_notice(INPUT_NOT_DELIVERED)
-            elif message.type is WSMsgType.BINARY:
-                subscriber.send_notice(INPUT_NOT_TEXT)
+        await _serve(ws, watcher, subscriber)
     finally:
         watcher.hub.unsubscribe(subscriber)
         subscriber.cancel_notice()
-        await subscriber.wait_closed()
+        subscriber.finished()
         if subscriber.dropped:
             log.info("%s: an attached client missed %d line(s)", watcher.spec.slug,
                      subscriber.dropped)
     return ws
+
+
+async def _serve(
+    ws: web.WebSocketResponse, watcher: Watcher, subscriber: WebSocketSubscriber
+) -> None:
+    """Pass the client's input on until it leaves, or until the agent closes the socket
+    (from here, so that aiohttp waits for the client's close frame)."""
+    loop = asyncio.get_running_loop()
+    reader = loop.create_task(_read_input(ws, watcher, subscriber))
+    leaving = loop.create_task(subscriber.leave.wait())
+    try:
+        await asyncio.wait({reader, leaving}, return_when=asyncio.FIRST_COMPLETED)
+        if not reader.done():  # the client is still there: close, as only we may
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            await subscriber.close_socket()
+        else:
+            reader.result()  # a bug of reading shows, not lost with the task
+    finally:
+        reader.cancel()
+        leaving.cancel()
+
+
+async def _read_input(
+    ws: web.WebSocketResponse, watcher: Watcher, subscriber: WebSocketSubscriber
+) -> None:
+    """Write each text frame, as a line, to the process's stdin, until the client leaves."""
+    async for message in ws:
+        if message.type is WSMsgType.TEXT:
+            if not watcher.send_input(message.data):
+                subscriber.send_notice(INPUT_NOT_DELIVERED)
+        elif message.type is WSMsgType.BINARY:
+            subscriber.send_notice(INPUT_NOT_TEXT)
 
 
 async def close_all(app: web.Application) -> None:

@@ -1,8 +1,17 @@
-"""The one place that builds URLs: absolute links from the request's scheme and host."""
+"""The one place that builds URLs: absolute links from the request's scheme and host.
+
+Behind a reverse proxy (TLS ended at the proxy, another host name), the scheme and
+host the client used are those the proxy says, in ``Forwarded`` (RFC 7239) or
+``X-Forwarded-Proto`` and ``X-Forwarded-Host``: believed only when the request comes
+from an address of ``--trusted-proxy`` (:func:`forwarded_origin`), since anyone else
+could send them to make the agent hand out links to a host of their choosing.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from collections.abc import Callable, Mapping, Sequence
 
 from aiohttp import web
 from yarl import URL
@@ -38,6 +47,104 @@ _SLUG = "~slug~"
 SOURCE_ROUTE = "source"
 #: A SHA-256 as the path of an uploaded archive spells it.
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+#: A host as a proxy may forward it: a name or an IPv4 address, or an IPv6 address in
+#: brackets, with a port or without.
+_FORWARDED_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+#: The networks of ``--trusted-proxy``; :func:`smartmob_agent.web.server.make_app` sets it.
+TRUSTED_PROXIES_KEY: web.AppKey[tuple[Network, ...]] = web.AppKey("trusted_proxies")
+
+
+def is_trusted(address: str | None, proxies: Sequence[Network]) -> bool:
+    """Whether ``address`` (as a peer or a ``Forwarded`` ``for=`` gives it: maybe in
+    brackets, maybe with a port) is in one of the ``proxies`` networks.
+
+    >>> from ipaddress import ip_network
+    >>> from smartmob_agent.web.links import is_trusted
+    >>> nets = [ip_network("10.0.0.0/8"), ip_network("::1")]
+    >>> is_trusted("10.1.2.3", nets), is_trusted("[::1]:4711", nets), is_trusted("unknown", nets)
+    (True, True, False)
+    """
+    if not address:
+        return False
+    text = address.strip()
+    if text.startswith("["):  # [v6] or [v6]:port
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:  # v4:port
+        text = text.partition(":")[0]
+    try:
+        parsed = ipaddress.ip_address(text)
+    except ValueError:  # "unknown", an obfuscated "_name": nobody we know
+        return False
+    return any(parsed in network for network in proxies)
+
+
+def forwarded_origin(
+    forwarded: Sequence[Mapping[str, str]], x_proto: str | None, x_host: str | None,
+    trusted: Callable[[str | None], bool],
+) -> tuple[str | None, str | None]:
+    """The scheme and host a request from a trusted proxy was sent to, as the proxies
+    say (``None`` for what they do not say).
+
+    ``Forwarded`` wins over ``X-Forwarded-*``. Its elements are read from the last (the
+    one our peer, the trusted proxy, added) back, for as long as each was received from
+    another trusted proxy (its ``for=``): the element kept is the one the first trusted
+    proxy wrote, so what the client put in the header itself is not believed. Of an
+    ``X-Forwarded-*`` header that lists several values, the last counts.
+
+    >>> from smartmob_agent.web.links import forwarded_origin
+    >>> forwarded_origin([{"for": "203.0.113.9", "proto": "https", "host": "a.example"}],
+    ...                  None, None, lambda address: False)
+    ('https', 'a.example')
+    >>> forwarded_origin([], "https", "b.example, c.example", lambda address: False)
+    ('https', 'c.example')
+    """
+    if forwarded:
+        chosen = forwarded[-1]
+        for element in reversed(forwarded):
+            chosen = element
+            if not trusted(element.get("for")):
+                break
+        return chosen.get("proto"), chosen.get("host")
+
+    return _last_value(x_proto), _last_value(x_host)
+
+
+def _last_value(header: str | None) -> str | None:
+    """The last of the comma-separated values of a header (``None`` if it has none)."""
+    if header is None:
+        return None
+    return header.rpartition(",")[2].strip() or None
+
+
+def _request_origin(request: web.Request) -> URL:
+    """The origin of the links for ``request``: its own, or what a trusted proxy says."""
+    try:
+        origin = request.url.origin()
+    except ValueError:  # no usable Host header: links could not be absolute
+        raise InvalidRequest(
+            "the request has no usable Host header, so links cannot be built"
+        ) from None
+    proxies = request.app.get(TRUSTED_PROXIES_KEY, ())
+    if not proxies or not is_trusted(request.remote, proxies):
+        return origin
+    scheme, host = forwarded_origin(
+        request.forwarded, request.headers.get("X-Forwarded-Proto"),
+        request.headers.get("X-Forwarded-Host"),
+        lambda address: is_trusted(address, proxies),
+    )
+    if scheme is not None and scheme.lower() not in {"http", "https"}:
+        raise InvalidRequest(
+            f"the proxy says the request came over {scheme!r}, which is not http or "
+            "https (Forwarded proto=, or X-Forwarded-Proto)"
+        )
+    if host is not None and not _FORWARDED_HOST.fullmatch(host):
+        raise InvalidRequest(
+            f"the proxy says the request was sent to {host!r}, which is not a host "
+            "name or address (Forwarded host=, or X-Forwarded-Host)"
+        )
+    return URL(f"{(scheme or origin.scheme).lower()}://{host or origin.raw_authority}").origin()
 
 
 class RequestLinks:
@@ -45,12 +152,7 @@ class RequestLinks:
 
     def __init__(self, request: web.Request) -> None:
         self._router = request.app.router
-        try:
-            self._origin = request.url.origin()
-        except ValueError:  # no usable Host header: links could not be absolute
-            raise InvalidRequest(
-                "the request has no usable Host header, so links cannot be built"
-            ) from None
+        self._origin = _request_origin(request)
         self._templates: dict[str, tuple[str, str]] = {}
 
     def _absolute(self, relative: URL, websocket: bool) -> str:

@@ -27,6 +27,8 @@ from smartmob_agent.web import events as eventsocket
 from smartmob_agent.web.access import FailureLimiter, bearer_key, browser_problem, query_key
 from smartmob_agent.web.api import AGENT_KEY, KEY_SOCKETS_KEY, PRINCIPAL_KEY, REQUEST_ID_KEY
 from smartmob_agent.web.attach import SOCKETS_KEY, close_all
+from smartmob_agent.web.guard import SlowRequest, connection_middleware
+from smartmob_agent.web.links import TRUSTED_PROXIES_KEY
 
 log = logging.getLogger("smartmob_agent.server")  # stable name: internals.rst
 
@@ -38,6 +40,7 @@ ERROR_STATUS: tuple[tuple[type[errors.AgentError], int], ...] = (
     (errors.Unauthorized, 401),
     (errors.Forbidden, 403),
     (errors.NotFound, 404),
+    (SlowRequest, 408),  # a body that came too slowly (--body-timeout)
     (errors.TooManyFailures, 429),
     (errors.Conflict, 409),
     (errors.TooLarge, 413),  # an uploaded archive over the limit
@@ -204,11 +207,15 @@ def make_app(settings: Settings, agent: Agent | None = None) -> web.Application:
     """
     app = web.Application(
         client_max_size=settings.max_body,
-        middlewares=[request_id_middleware, error_middleware, access_middleware],
+        middlewares=[
+            connection_middleware, request_id_middleware, error_middleware,
+            access_middleware,
+        ],
     )
     owned = agent is None
     app[AGENT_KEY] = agent if agent is not None else Agent(settings)
     app[SETTINGS_KEY] = settings
+    app[TRUSTED_PROXIES_KEY] = settings.trusted_proxy
     app[LIMITER_KEY] = FailureLimiter()
     app[SOCKETS_KEY] = weakref.WeakSet()
     app[KEY_SOCKETS_KEY] = {}
