@@ -239,12 +239,14 @@ class Child:
 
         Returns:
             ``False`` (and writes nothing) if the child has exited, closed its stdin, or
-            left more than :data:`MAX_STDIN_BUFFER` bytes unread.
+            left earlier input unread that would make more than :data:`MAX_STDIN_BUFFER`
+            bytes with ``data``. A line alone is always taken (its size is bounded by the
+            attach socket's frame limit), so a 64 KiB frame and its newline go through.
         """
         pipe = self._popen.stdin
         if pipe is None or pipe.closed or self.exited:
             return False
-        if len(self._stdin) + len(data) > MAX_STDIN_BUFFER:
+        if self._stdin and len(self._stdin) + len(data) > MAX_STDIN_BUFFER:
             return False
         waiting = bool(self._stdin)
         self._stdin += data
