@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import ipaddress
 import logging
@@ -248,9 +249,13 @@ def _start_guardian(agent: Agent, reaper: Reaper) -> subprocess.Popen[bytes]:
 
 
 def _release_guardian(guardian: subprocess.Popen[bytes]) -> None:
-    """Close the guardian's input: end of file tells it the agent is gone."""
+    """Close the guardian's input (end of file tells it the agent is gone), and wait the
+    moment it takes to exit: its SIGCHLD then reaches a running event loop, not one being
+    closed (whose signal wakeup pipe would print "Exception ignored" on stderr)."""
     assert guardian.stdin is not None
     guardian.stdin.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        guardian.wait(timeout=2.0)  # it finds nobody to kill after a clean stop
 
 
 async def _start_agent(agent: Agent, settings: Settings) -> None:
