@@ -42,6 +42,7 @@ PURE = frozenset({
     "sources.buildplan",
     "output.lines",
     "web.frames", "web.access", "web.openapi",
+    "client.errors", "client.results", "client.ignore",
 }) & frozenset(MODULES)
 #: What each part of the tree may import, besides the pure modules and itself. The
 #: adapters (processes, sources, output, events, store) touch one kind of outside resource
@@ -57,6 +58,8 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "supervision": frozenset({"processes", "sources", "output", "events", "store"}),
     "web": frozenset({"supervision", "processes", "sources", "output", "events", "store"}),
     "cli": frozenset({"supervision", "processes", "output", "web", "store"}),
+    # the client speaks HTTP only: it imports none of the agent's internals
+    "client": frozenset(),
     "__main__": frozenset({"cli"}),
 }
 

@@ -1,0 +1,650 @@
+"""The asynchronous client of one agent: :class:`AgentClient`.
+
+It starts at the agent's index (``GET /``) and follows links: it never builds a route
+itself, so it drives any agent that serves the documented links, down to an agent that
+speaks only the original API of 2016 (``list``, ``create``, and a process's ``details``,
+``attach`` and ``delete``). A call that needs a link the agent lacks raises
+:class:`~.errors.MissingLink`, which says so.
+
+Retries: a request the agent never received (the connection could not be made) is sent
+again, whatever it is; a request that may have reached the agent (the connection broke
+during it) is sent again only if repeating it changes nothing: the ``GET`` calls, and
+uploads (the agent keeps archives by checksum). Each retry waits twice as long as the one
+before, from :attr:`AgentClient.retry_delay`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import json
+import os
+import signal as signals
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+
+from smartmob_agent.client import pack
+from smartmob_agent.client.errors import (
+    ClientError,
+    MissingLink,
+    NotFound,
+    ProcessFailed,
+    UnexpectedAnswer,
+    Unreachable,
+    WaitTimeout,
+    error_for_status,
+)
+from smartmob_agent.client.results import (
+    SETTLED_STATES,
+    LogLine,
+    Outcome,
+    Process,
+    Token,
+    Upload,
+)
+from smartmob_agent.client.streams import Attachment, EventStream, handshake_error
+
+#: Called as an upload goes: (bytes sent, bytes in all).
+Progress = Callable[[int, int], None]
+#: Bytes read from an archive file at a time when uploading it.
+CHUNK = 256 * 1024
+
+
+class AgentClient:
+    """The client of one agent, over aiohttp.
+
+    Use it as an async context manager (``async with AgentClient(url) as agent:``), or
+    call :meth:`close` when done.
+
+    Args:
+        url: the agent's root URL (``http://127.0.0.1:8080``); its index is at ``/``.
+        token: a key sent as ``Authorization: Bearer <key>`` on every request.
+        name: what messages call the agent (a configured name); the URL by default.
+        session: an aiohttp session to share (a :class:`~.fleet.Fleet` shares one); the
+            client then does not close it.
+        timeout: seconds an HTTP call may take in all (a delete waits for the process's
+            stop, up to its ``stop_timeout``).
+        connect_timeout: seconds to open a connection.
+        retries: how many times a call is sent again after a connection failure.
+        retry_delay: seconds before the first retry; doubled at each.
+    """
+
+    def __init__(
+        self, url: str, *, token: str | None = None, name: str | None = None,
+        session: aiohttp.ClientSession | None = None, timeout: float = 60.0,
+        connect_timeout: float = 5.0, retries: int = 3, retry_delay: float = 0.1,
+    ) -> None:
+        self.url = url.rstrip("/") + "/"
+        self.name = name or url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.retries = retries
+        self.retry_delay = retry_delay
+        self._session = session
+        self._own_session = session is None
+        self._index: dict[str, str] | None = None
+        #: slug -> the process's links, from every status document seen
+        self._links: dict[str, Mapping[str, str]] = {}
+
+    async def __aenter__(self) -> AgentClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the HTTP session, if this client made it."""
+        if self._own_session and self._session is not None:
+            await self._session.close()
+        self._session = None
+
+    def use_session(self, session: aiohttp.ClientSession) -> None:
+        """Send requests over ``session`` (shared: this client will not close it), unless
+        the client already has one."""
+        if self._session is None:
+            self._session, self._own_session = session, False
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The aiohttp session (made on first use)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+            self._own_session = True
+        return self._session
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Headers sent with every request: the key, if any."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    # -- HTTP --------------------------------------------------------------------------
+
+    async def request(
+        self, method: str, url: str, *, body: Any = None, params: Mapping[str, str] | None = None,
+        idempotent: bool | None = None, data: Callable[[], Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        """Send one request and return the JSON of its answer.
+
+        Args:
+            body: a JSON value to send (as UTF-8 JSON), or ``None``.
+            data: instead of ``body``, a callable that makes the request body (called
+                again for a retry).
+            idempotent: whether a retry after the connection broke is safe (by default,
+                only for ``GET``).
+
+        Raises:
+            Unreachable: no answer, even after :attr:`retries` retries.
+            ClientError: the agent answered with an error (a subclass by status).
+        """
+        if idempotent is None:
+            idempotent = method == "GET"
+        what = f"{method} {url}"
+        send_headers = {"Accept": "application/json", **self.headers, **(headers or {})}
+        if body is not None:
+            send_headers["Content-Type"] = "application/json"
+        timeout = aiohttp.ClientTimeout(total=self.timeout, connect=self.connect_timeout)
+        failure: aiohttp.ClientError | None = None
+        for attempt in range(self.retries + 1):
+            payload = data() if data is not None else (
+                None if body is None else json.dumps(body).encode())
+            try:
+                async with self.session.request(
+                    method, url, data=payload, params=params, headers=send_headers,
+                    timeout=timeout, allow_redirects=False,
+                ) as response:
+                    return await self._answer(response, what)
+            except aiohttp.ClientConnectorError as error:  # never reached the agent
+                failure = error
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
+                    aiohttp.ClientPayloadError) as error:
+                if not idempotent:
+                    raise self._unreachable(error) from None
+                failure = error
+            except TimeoutError:
+                raise Unreachable(
+                    f"agent {self.name}: no answer to {what} within {self.timeout:g} s",
+                    agent=self.name) from None
+            except (aiohttp.InvalidURL, ValueError) as error:
+                raise Unreachable(f"agent {self.name}: {url} is not a usable URL ({error})",
+                                  agent=self.name) from None
+            if attempt < self.retries:
+                await asyncio.sleep(self.retry_delay * 2 ** attempt)
+        assert failure is not None  # the loop ran at least once
+        raise self._unreachable(failure) from None
+
+    def _unreachable(self, error: BaseException) -> Unreachable:
+        os_error = getattr(error, "os_error", None)
+        number = os_error.errno if isinstance(os_error, OSError) else None
+        if number is not None and number > 0:  # "connection refused", not asyncio's words
+            why = os.strerror(number)
+        elif isinstance(os_error, OSError) and os_error.strerror:
+            why = os_error.strerror
+        else:
+            why = str(error) or type(error).__name__
+        return Unreachable(f"cannot reach agent {self.name}: {why.lower()}", agent=self.name)
+
+    async def _answer(self, response: aiohttp.ClientResponse, what: str) -> Any:
+        raw = await response.read()
+        try:
+            document = json.loads(raw) if raw else None
+        except ValueError:
+            document = None
+            if response.status < 400:
+                raise UnexpectedAnswer(
+                    f"agent {self.name}: {what} answered {response.status} with something "
+                    "that is not JSON; is this a smartmob agent?", agent=self.name,
+                    status=response.status) from None
+        if response.status >= 400:
+            raise error_for_status(
+                response.status, document if isinstance(document, dict) else None,
+                agent=self.name, what=what, retry_after=response.headers.get("Retry-After"))
+        if response.status >= 300:
+            raise UnexpectedAnswer(
+                f"agent {self.name}: {what} answered {response.status} (a redirect to "
+                f"{response.headers.get('Location')}), which the API never does",
+                agent=self.name, status=response.status)
+        return document
+
+    # -- links -------------------------------------------------------------------------
+
+    async def index(self, *, refresh: bool = False) -> dict[str, str]:
+        """The agent's index: link relation -> URL (read once, then kept)."""
+        if self._index is None or refresh:
+            document = await self.request("GET", self.url)
+            if not isinstance(document, dict) or not isinstance(document.get("list"), str):
+                raise UnexpectedAnswer(
+                    f"agent {self.name}: {self.url} is not the index of a smartmob agent "
+                    "(it has no 'list' link)", agent=self.name)
+            self._index = {k: v for k, v in document.items() if isinstance(v, str)}
+        return self._index
+
+    async def link(self, relation: str) -> str:
+        """The URL of an index relation (``list``, ``events``, ...).
+
+        Raises:
+            MissingLink: the agent's index has no such link.
+        """
+        index = await self.index()
+        if relation not in index:
+            raise MissingLink(relation, agent=self.name)
+        return index[relation]
+
+    async def has(self, relation: str) -> bool:
+        """Whether the agent's index has the link ``relation``."""
+        return relation in await self.index()
+
+    async def _process_link(self, process: str | Process, relation: str) -> str:
+        if isinstance(process, Process):
+            links = process.links
+        else:
+            links = self._links.get(process) or await self._find(process)
+        url = links.get(relation)
+        if url is None and relation == "details":
+            url = links.get("status")
+        if url is None:
+            raise MissingLink(relation, agent=self.name)
+        return url
+
+    async def _find(self, slug: str) -> Mapping[str, str]:
+        await self.list()
+        if slug not in self._links:
+            raise NotFound(f"agent {self.name}: there is no process named '{slug}'",
+                           agent=self.name, status=404)
+        return self._links[slug]
+
+    def _process(self, document: Any) -> Process:
+        if not isinstance(document, dict):
+            raise UnexpectedAnswer(f"agent {self.name}: expected a process status document",
+                                   agent=self.name)
+        try:
+            process = Process.from_document(document, self.name)
+        except ValueError as error:
+            raise UnexpectedAnswer(f"agent {self.name}: {error}", agent=self.name) from None
+        self._links[process.slug] = process.links
+        return process
+
+    @staticmethod
+    def _slug(process: str | Process) -> str:
+        return process.slug if isinstance(process, Process) else process
+
+    # -- processes ---------------------------------------------------------------------
+
+    async def list(self) -> builtins.list[Process]:
+        """Every process of the agent, in creation order."""
+        document = await self.request("GET", await self.link("list"))
+        entries = document.get("processes") if isinstance(document, dict) else None
+        if not isinstance(entries, list):
+            raise UnexpectedAnswer(f"agent {self.name}: the listing has no 'processes' list",
+                                   agent=self.name)
+        self._links.clear()
+        return [self._process(entry) for entry in entries]
+
+    async def create(
+        self, app: str, node: str, source_url: str, process_type: str | None = None, *,
+        env: Mapping[str, str] | None = None, checksum: str | None = None,
+        **options: Any,
+    ) -> Process:
+        """Create a process (answered at once, in state ``pending``).
+
+        Args:
+            process_type: the Procfile entry; by default the part of ``node`` before its
+                first ``.`` (``web`` for ``web.0``).
+            env: environment variables for the process.
+            checksum: the archive's ``sha256:...``, checked before it is unpacked.
+            options: supervision options (``restart``, ``health``, ``autostart``, ...)
+                and ``issue_token``, as the create request spells them.
+        """
+        request: dict[str, Any] = {
+            "app": app, "node": node, "process_type": process_type or node.split(".")[0],
+            "source_url": source_url, **options,
+        }
+        if env:
+            request["env"] = dict(env)
+        if checksum:
+            request["checksum"] = checksum
+        return self._process(await self.request("POST", await self.link("create"),
+                                                body=request))
+
+    async def status(self, process: str | Process) -> Process:
+        """The process's status document, as it is now."""
+        url = await self._process_link(process, "details")
+        try:
+            return self._process(await self.request("GET", url))
+        except NotFound:
+            self._links.pop(self._slug(process), None)
+            raise
+
+    async def delete(self, process: str | Process) -> None:
+        """Delete the process: the agent stops it, waits until it is gone, forgets it."""
+        url = await self._process_link(process, "delete")
+        await self.request("POST", url, body={})
+        self._links.pop(self._slug(process), None)
+
+    async def _control(self, process: str | Process, action: str, body: Any = None
+                       ) -> Process:
+        url = await self._process_link(process, action)
+        return self._process(await self.request("POST", url, body={} if body is None
+                                                else body))
+
+    async def start(self, process: str | Process) -> Process:
+        """Start a stopped, exited or failed process (or end its backoff)."""
+        return await self._control(process, "start")
+
+    async def stop(self, process: str | Process) -> Process:
+        """Stop the process (answered once its children are gone); it stays listed."""
+        return await self._control(process, "stop")
+
+    async def restart(self, process: str | Process) -> Process:
+        """Stop the process (unless stopped) and start it again."""
+        return await self._control(process, "restart")
+
+    async def signal(self, process: str | Process, signal: str | int) -> Process:
+        """Send a signal (``"HUP"``, ``"SIGHUP"`` or ``1``) to the running process."""
+        return await self._control(process, "signal", {"signal": signal_name(signal)})
+
+    async def bulk(self, action: str, *, app: str | None = None, every: bool = False
+                   ) -> builtins.list[Outcome]:
+        """Apply ``start``, ``stop``, ``restart`` or ``delete`` to every process of
+        ``app``, or to every process (``every=True``), at once.
+        """
+        if (app is None) == (not every):
+            raise ValueError("give exactly one of app= and every=True")
+        body: dict[str, Any] = {"app": app} if app is not None else {"all": True}
+        document = await self.request("POST", await self.link(f"bulk_{action}"), body=body)
+        entries = document.get("processes") if isinstance(document, dict) else None
+        outcomes = [Outcome.from_document(e) for e in entries or [] if isinstance(e, dict)]
+        if action == "delete":
+            for outcome in outcomes:
+                self._links.pop(outcome.slug, None)
+        return outcomes
+
+    # -- output ------------------------------------------------------------------------
+
+    async def logs(
+        self, process: str | Process, *, tail: int | None = None,
+        since: str | float | datetime | None = None,
+    ) -> builtins.list[LogLine]:
+        """The last lines the process wrote (``tail``, 100 by default on the agent), or
+        those since a time (ISO 8601, seconds since the epoch, or an aware datetime)."""
+        url = await self._process_link(process, "logs")
+        return await self._lines(url, tail, since)
+
+    async def agent_log(self, *, tail: int | None = None,
+                        since: str | float | datetime | None = None) -> builtins.list[LogLine]:
+        """The last lines of the agent's own log (admin keys only)."""
+        return await self._lines(await self.link("agent-log"), tail, since)
+
+    async def _lines(self, url: str, tail: int | None,
+                     since: str | float | datetime | None) -> builtins.list[LogLine]:
+        params = {}
+        if tail is not None:
+            params["tail"] = str(tail)
+        if since is not None:
+            params["since"] = since.isoformat() if isinstance(since, datetime) else str(since)
+        document = await self.request("GET", url, params=params)
+        if not isinstance(document, list):
+            raise UnexpectedAnswer(f"agent {self.name}: {url} did not answer a list of lines",
+                                   agent=self.name)
+        return [LogLine.from_document(entry) for entry in document if isinstance(entry, dict)]
+
+    def attach(
+        self, process: str | Process, *, after: int | None = None, tail: int | None = None,
+        markers: bool = False,
+    ) -> Attachment:
+        """The process's console: iterate it for output lines, :meth:`Attachment.send`
+        to write to its standard input. Use it as ``async with agent.attach(slug) as
+        console:``; it connects on entry (or on the first line read).
+
+        Args:
+            after: resume after the line of this ``seq`` (an earlier
+                :attr:`Attachment.last_seq`): every later line still kept is replayed.
+            tail: replay the last ``tail`` lines first.
+            markers: also yield ``spawned``/``exited``/... markers.
+
+        An agent without the ``logs`` link (the original API) sends bare text frames and
+        knows no ``after`` or ``tail``; those are then refused with
+        :class:`~.errors.MissingLink`.
+        """
+        async def locate() -> tuple[str, bool]:
+            links = (process.links if isinstance(process, Process)
+                     else self._links.get(process) or await self._find(process))
+            url = links.get("attach")
+            if url is None:
+                raise MissingLink("attach", agent=self.name)
+            # line numbers, replays and JSON frames came with the logs link
+            modern = "logs" in links
+            if not modern and (after is not None or tail is not None):
+                raise MissingLink("logs", agent=self.name)
+            query = {"format": "json"} if modern else {}
+            if after is not None:
+                query["after"] = str(after)
+            if tail is not None:
+                query["tail"] = str(tail)
+            return _with_query(url, query), modern
+
+        return Attachment(locate, self._websocket("a process console"), self.name,
+                          markers=markers)
+
+    def events(self, *, app: str | None = None, slug: str | None = None) -> EventStream:
+        """The agent's events from the moment it connects (narrowed to one app or one
+        process). Use it as ``async with agent.events() as events:``.
+
+        Raises:
+            MissingLink: on connecting, if the agent has no ``events`` link.
+        """
+        async def locate() -> tuple[str, bool]:
+            query = {k: v for k, v in (("app", app), ("slug", slug)) if v is not None}
+            return _with_query(await self.link("events"), query), True
+
+        return EventStream(locate, self._websocket("the events stream"), self.name)
+
+    def _websocket(self, what: str) -> Callable[[str], Any]:
+        async def connect(url: str) -> aiohttp.ClientWebSocketResponse:
+            try:
+                return await self.session.ws_connect(
+                    url, headers=self.headers, max_msg_size=0,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0))
+            except aiohttp.WSServerHandshakeError as error:
+                raise handshake_error(error, agent=self.name, what=what, url=url) from None
+            except aiohttp.ClientError as error:
+                raise self._unreachable(error) from None
+        return connect
+
+    # -- sources -----------------------------------------------------------------------
+
+    async def upload(self, path: str | Path, *, progress: Progress | None = None,
+                     ignore: bool = True) -> Upload:
+        """Upload an archive, or a folder packed as ``.tar.gz`` (honouring its
+        ``.gitignore`` and ``.smartmobignore`` files unless ``ignore`` is false).
+
+        The agent's checksum is compared with the one computed here.
+        """
+        path = Path(path)
+        url = await self.link("upload")
+        if path.is_dir():
+            packed = await asyncio.to_thread(pack.pack_folder, path, ignore=ignore)
+            try:
+                return await self._upload_file(url, packed, progress)
+            finally:
+                packed.unlink(missing_ok=True)
+        return await self._upload_file(url, path, progress)
+
+    async def _upload_file(self, url: str, path: Path, progress: Progress | None) -> Upload:
+        size, digest = await asyncio.to_thread(pack.measure, path)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            sent = 0
+            with path.open("rb") as file:
+                while chunk := await asyncio.to_thread(file.read, CHUNK):
+                    sent += len(chunk)
+                    yield chunk
+                    if progress is not None:
+                        progress(sent, size)
+
+        document = await self.request(
+            "POST", url, data=chunks, idempotent=True,
+            headers={"Content-Type": "application/octet-stream",
+                     "Content-Length": str(size)})
+        try:
+            upload = Upload(str(document["source_url"]), str(document["checksum"]),
+                            int(document["size"]))
+        except (KeyError, TypeError, ValueError):
+            raise UnexpectedAnswer(f"agent {self.name}: the upload answer lacks source_url, "
+                                   "checksum or size", agent=self.name) from None
+        if upload.checksum.lower() != f"sha256:{digest}":
+            raise UnexpectedAnswer(
+                f"agent {self.name}: the agent computed {upload.checksum} for the archive "
+                f"but it is sha256:{digest}: it was damaged on the way", agent=self.name)
+        return upload
+
+    # -- waiting -----------------------------------------------------------------------
+
+    async def wait_for(
+        self, process: str | Process, states: str | Iterable[str] = "running",
+        timeout: float = 60.0, *, healthy: bool = True,
+    ) -> Process:
+        """Wait until the process is in one of ``states``; return its status then.
+
+        With ``healthy`` (the default), a process with a health check must also have
+        passed it. Events wake the wait at once when the agent has them; the status is
+        also read again every half second at most (health has no event).
+
+        Raises:
+            ProcessFailed: the process went to ``failed``, ``exited`` or ``stopped`` (one
+                not asked for), or was deleted.
+            WaitTimeout: ``timeout`` seconds passed.
+        """
+        wanted = {states} if isinstance(states, str) else set(states)
+        slug = self._slug(process)
+        changed = asyncio.Event()
+        stream = self.events(slug=slug) if await self.has("events") else None
+        watcher = None
+        if stream is not None:
+            await stream.connect()  # before the first status: no change goes unseen
+            watcher = asyncio.get_running_loop().create_task(_signal_each(stream, changed))
+        try:
+            return await self._wait(slug, wanted, timeout, healthy, changed)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if stream is not None:
+                await stream.close()
+
+    async def _wait(self, slug: str, wanted: set[str], timeout: float, healthy: bool,
+                    changed: asyncio.Event) -> Process:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.05
+        while True:
+            try:
+                current = await self.status(slug)
+            except NotFound:
+                raise ProcessFailed(f"agent {self.name}: {slug} was deleted during the wait",
+                                    agent=self.name) from None
+            if current.state is None:
+                raise MissingLink("events", agent=self.name)
+            if current.state in wanted and (not healthy or is_healthy(current)):
+                return current
+            if current.state in SETTLED_STATES - wanted:
+                raise ProcessFailed(describe_failure(current), process=current,
+                                    agent=self.name)
+            left = deadline - loop.time()
+            if left <= 0:
+                raise WaitTimeout(
+                    f"agent {self.name}: {slug} is still {current.state} after {timeout:g} s"
+                    f" (waited for {' or '.join(sorted(wanted))})", process=current,
+                    agent=self.name)
+            changed.clear()
+            try:
+                async with asyncio.timeout(min(delay, left)):
+                    await changed.wait()
+            except TimeoutError:
+                delay = min(delay * 2, 0.5)
+
+    # -- keys and versions -------------------------------------------------------------
+
+    async def tokens(self) -> builtins.list[Token]:
+        """The minted app keys (ids and apps, never the keys); admin keys only."""
+        document = await self.request("GET", await self.link("tokens"))
+        entries = document.get("tokens") if isinstance(document, dict) else None
+        return [Token.from_document(e) for e in entries or [] if isinstance(e, dict)]
+
+    async def revoke(self, token: Token) -> None:
+        """Revoke a minted key: it stops working at once."""
+        if token.revoke is None:
+            raise MissingLink("revoke", agent=self.name)
+        await self.request("POST", token.revoke, body={})
+
+    async def version(self) -> str:
+        """The agent's version, from its OpenAPI document.
+
+        Raises:
+            MissingLink: the agent has no ``openapi`` link (it is older than it).
+        """
+        document = await self.request("GET", await self.link("openapi"))
+        info = document.get("info") if isinstance(document, dict) else None
+        version = info.get("version") if isinstance(info, dict) else None
+        if not isinstance(version, str):
+            raise UnexpectedAnswer(f"agent {self.name}: its OpenAPI document has no version",
+                                   agent=self.name)
+        return version
+
+
+async def _signal_each(stream: EventStream, changed: asyncio.Event) -> None:
+    """Set ``changed`` at each event (the wait then reads the status again)."""
+    try:
+        async for _ in stream:
+            changed.set()
+    except ClientError:
+        pass  # the wait goes on by reading the status
+    changed.set()
+
+
+def is_healthy(process: Process) -> bool:
+    """Whether the process passed its health check, or has none.
+
+    >>> is_healthy(Process.from_document({"slug": "a.web.0", "options": {"health": None}}))
+    True
+    """
+    check = process.options.get("health") if process.options else None
+    return check is None or process.healthy is True
+
+
+def describe_failure(process: Process) -> str:
+    """One sentence on why a process is not running: its state, error and last exit."""
+    said = f"agent {process.agent}: {process.slug} is {process.state}"
+    if process.error:
+        said += f": {process.error}"
+    elif process.last_exit is not None:
+        said += f": {process.last_exit.describe()}"
+    return said
+
+
+def signal_name(signal: str | int) -> str:
+    """The agent's spelling of a signal: ``"HUP"`` for ``"HUP"``, ``"sighup"`` or ``1``.
+
+    >>> signal_name("sighup"), signal_name(15)
+    ('HUP', 'TERM')
+    """
+    if isinstance(signal, int):
+        return signals.Signals(signal).name.removeprefix("SIG")
+    return signal.upper().removeprefix("SIG")
+
+
+def _with_query(url: str, query: Mapping[str, str]) -> str:
+    """``url`` with ``query`` added to its query string (values percent-encoded)."""
+    if not query:
+        return url
+    separator = "&" if "?" in url else "?"
+    return url + separator + urlencode(query)
