@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +88,107 @@ async def created_and_running(
             await read_until(console, lambda line: line.line == "ready"
                              and line.pid == running.pid)
     return running
+
+
+#: The ``smartmob`` command, as the tests run it.
+SMARTMOB = [sys.executable, "-m", "smartmob_agent.client.cli"]
+
+
+def cli_env(home: Path, **extra: str) -> dict[str, str]:
+    """An environment for ``smartmob`` without the user's agents, keys or colours: a
+    home of its own, no ``SMARTMOB_*`` or ``NO_COLOR`` (unless given in ``extra``)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SMARTMOB_") and k not in {"NO_COLOR", "XDG_CONFIG_HOME"}}
+    env.update(HOME=str(home), COLUMNS="100", **extra)
+    return env
+
+
+@dataclass
+class Ran:
+    """What a finished ``smartmob`` command did."""
+
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+async def smartmob(*args: str, env: dict[str, str], stdin: bytes | None = None,
+                   timeout: float = 60.0) -> Ran:
+    """Run ``smartmob ARGS`` to its end (without blocking the event loop, which serves
+    the archive server and reads the agents' output meanwhile)."""
+    proc = await asyncio.create_subprocess_exec(
+        *SMARTMOB, *args, env=env, stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate(stdin)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return Ran(proc.returncode, out.decode(), err.decode())
+
+
+class Following:
+    """A ``smartmob`` command that runs until stopped (``logs -f``, ``attach``,
+    ``events``), read line by line."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.out: list[str] = []
+        self.err: list[str] = []
+
+    @classmethod
+    async def start(cls, *args: str, env: dict[str, str]) -> Following:
+        proc = await asyncio.create_subprocess_exec(
+            *SMARTMOB, *args, env=env, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        return cls(proc)
+
+    async def _until(self, stream: asyncio.StreamReader | None, seen: list[str],
+                     predicate: Callable[[str], bool], timeout: float) -> str:
+        assert stream is not None
+        async with asyncio.timeout(timeout):
+            while True:
+                raw = await stream.readline()
+                if not raw:
+                    raise AssertionError(f"the command ended; it wrote {seen}")
+                line = raw.decode().rstrip("\n")
+                seen.append(line)
+                if predicate(line):
+                    return line
+
+    async def line(self, predicate: Callable[[str], bool], timeout: float = 20.0) -> str:
+        """The next line of standard output that ``predicate`` accepts."""
+        return await self._until(self.proc.stdout, self.out, predicate, timeout)
+
+    async def err_line(self, predicate: Callable[[str], bool], timeout: float = 20.0) -> str:
+        """The next line of standard error that ``predicate`` accepts."""
+        return await self._until(self.proc.stderr, self.err, predicate, timeout)
+
+    async def send(self, text: str) -> None:
+        """Write to the command's standard input."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode())
+        await self.proc.stdin.drain()
+
+    async def interrupt(self, timeout: float = 20.0) -> Ran:
+        """CTRL-C: SIGINT, then wait for the end; what it wrote after what was read."""
+        self.proc.send_signal(signal.SIGINT)
+        return await self.finish(timeout)
+
+    async def finish(self, timeout: float = 20.0) -> Ran:
+        """Wait for the command's end."""
+        try:
+            async with asyncio.timeout(timeout):
+                out, err = await self.proc.communicate()
+        finally:
+            if self.proc.returncode is None:
+                self.proc.kill()
+                await self.proc.wait()
+        assert self.proc.returncode is not None
+        return Ran(self.proc.returncode, out.decode(), err.decode())

@@ -165,7 +165,9 @@ def test_packing_a_file_is_an_error(tmp_path: Path) -> None:
         pack_folder(tmp_path / "file")
 
 
-@pytest.mark.parametrize("name", ["errors", "results", "ignore", "agent"])
+@pytest.mark.parametrize("name", [
+    "errors", "results", "ignore", "agent", "render", "targets", "terminal", "commands", "follow",
+])
 def test_the_examples_in_the_client_docstrings(name: str) -> None:
     """The examples in the client modules' docstrings hold."""
     module = importlib.import_module(f"smartmob_agent.client.{name}")
