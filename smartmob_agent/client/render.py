@@ -113,7 +113,7 @@ def details(fields: Mapping[str, str]) -> list[str]:
     """``name: value`` lines with the values aligned.
 
     >>> details({"slug": "a.web.0", "state": "running"})
-    ['slug:   a.web.0', 'state:  running']
+    ['slug:  a.web.0', 'state: running']
     """
     width = max((len(name) for name in fields), default=0) + 2
     return [f"{name + ':':<{width}}{value}" for name, value in fields.items()]
