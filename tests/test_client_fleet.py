@@ -89,7 +89,7 @@ async def test_one_agent_stopped_half_way(
     ran = await smartmob("ls", "--all", env=env)
     assert ran.code == 3
     assert [row.split()[:2] for row in ran.out.splitlines()[1:]] == [["a", "shop.web.0"]]
-    assert ran.err == f"smartmob: cannot reach agent b: connection refused\n"
+    assert ran.err == "smartmob: cannot reach agent b: connection refused\n"
     ran = await smartmob("ls", "--all", "--json", env=env)
     assert ran.code == 3
     a, b = ran.json()["agents"]
