@@ -130,15 +130,17 @@ async def test_errors_carry_the_agents_sentence(client: AgentClient, source: str
 
 
 async def test_wait_for_a_process_that_fails(client: AgentClient, source: str) -> None:
-    """Waiting for running on a process that fails raises ProcessFailed with its error."""
+    """Waiting for running on a process that fails raises ProcessFailed with its error;
+    a steady wait sees through a command that is running for an instant only."""
     await client.create("shop", "ghost.0", source)
     with pytest.raises(ProcessFailed) as caught:
         await client.wait_for("shop.ghost.0", "running", timeout=20)
     assert caught.value.process.state == "failed"
     assert 'the Procfile has no process type "ghost"' in str(caught.value)
     exited = await client.create("shop", "crash.0", source, restart="never")
+    # running for an instant only: steady waits for start_seconds of it, and sees it end
     with pytest.raises(ProcessFailed, match="is exited: exited with code 3"):
-        await client.wait_for(exited, "running", timeout=20)
+        await client.wait_for(exited, "running", timeout=20, steady=True)
     assert (await client.wait_for(exited, ["exited", "failed"], timeout=5)).state == "exited"
 
 

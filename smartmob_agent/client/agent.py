@@ -512,13 +512,16 @@ class AgentClient:
 
     async def wait_for(
         self, process: str | Process, states: str | Iterable[str] = "running",
-        timeout: float = 60.0, *, healthy: bool = True,
+        timeout: float = 60.0, *, healthy: bool = True, steady: bool = False,
     ) -> Process:
         """Wait until the process is in one of ``states``; return its status then.
 
         With ``healthy`` (the default), a process with a health check must also have
-        passed it. Events wake the wait at once when the agent has them; the status is
-        also read again every half second at most (health has no event).
+        passed it. With ``steady``, a ``running`` process must also have run for its
+        ``start_seconds`` option (what the agent counts as a successful start): a
+        command that exits at once is ``running`` for an instant only. Events wake the
+        wait at once when the agent has them; the status is also read again every half
+        second at most (health has no event).
 
         Raises:
             ProcessFailed: the process went to ``failed``, ``exited`` or ``stopped`` (one
@@ -534,19 +537,20 @@ class AgentClient:
             await stream.connect()  # before the first status: no change goes unseen
             watcher = asyncio.get_running_loop().create_task(_signal_each(stream, changed))
         try:
-            return await self._wait(slug, wanted, timeout, healthy, changed)
+            return await self._wait(slug, wanted, timeout, (healthy, steady), changed)
         finally:
             if watcher is not None:
                 watcher.cancel()
             if stream is not None:
                 await stream.close()
 
-    async def _wait(self, slug: str, wanted: set[str], timeout: float, healthy: bool,
-                    changed: asyncio.Event) -> Process:
+    async def _wait(self, slug: str, wanted: set[str], timeout: float,
+                    checks: tuple[bool, bool], changed: asyncio.Event) -> Process:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         delay = 0.05
         while True:
+            changed.clear()  # before reading: a change after the read wakes the wait
             try:
                 current = await self.status(slug)
             except NotFound:
@@ -554,8 +558,14 @@ class AgentClient:
                                     agent=self.name) from None
             if current.state is None:
                 raise MissingLink("events", agent=self.name)
+            healthy, steady = checks
             if current.state in wanted and (not healthy or is_healthy(current)):
-                return current
+                if not steady or current.state != "running":
+                    return current
+                short = unsteady_for(current)
+                if short <= 0:
+                    return current
+                delay = max(min(delay, short), 0.01)
             if current.state in SETTLED_STATES - wanted:
                 raise ProcessFailed(describe_failure(current), process=current,
                                     agent=self.name)
@@ -565,7 +575,6 @@ class AgentClient:
                     f"agent {self.name}: {slug} is still {current.state} after {timeout:g} s"
                     f" (waited for {' or '.join(sorted(wanted))})", process=current,
                     agent=self.name)
-            changed.clear()
             try:
                 async with asyncio.timeout(min(delay, left)):
                     await changed.wait()
@@ -619,6 +628,23 @@ def is_healthy(process: Process) -> bool:
     """
     check = process.options.get("health") if process.options else None
     return check is None or process.healthy is True
+
+
+def unsteady_for(process: Process) -> float:
+    """How many more seconds a running process must run to count as started (its
+    ``start_seconds`` option, 1 by default, minus its ``uptime``); 0 if it has, or if
+    the agent does not say.
+
+    >>> unsteady_for(Process.from_document({"slug": "a.b", "uptime": 0.25,
+    ...                                     "options": {"start_seconds": 1.0}}))
+    0.75
+    """
+    if process.uptime is None:
+        return 0.0
+    wanted = process.options.get("start_seconds", 1.0) if process.options else 1.0
+    if not isinstance(wanted, (int, float)):
+        return 0.0
+    return max(0.0, float(wanted) - process.uptime)
 
 
 def describe_failure(process: Process) -> str:

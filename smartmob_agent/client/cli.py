@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from smartmob_agent import __version__
-from smartmob_agent.client import commands, follow
+from smartmob_agent.client import commands, deploy, follow
 from smartmob_agent.client.agent import AgentClient
 from smartmob_agent.client.errors import ClientError
 from smartmob_agent.client.fleet import Fleet
@@ -60,6 +60,10 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
         "smartmob tokens", "smartmob tokens --revoke 3f9c2a17")),
     "version": ("show the versions of the client and of the agents", (
         "smartmob version --all",)),
+    "deploy": ("deploy a folder: pack, upload, create the formation's nodes, wait", (
+        "smartmob deploy ./shop --app shop --process web=2 --process worker=1",)),
+    "scale": ("create or delete an app's nodes to reach a count per type", (
+        "smartmob scale shop web=3 worker=0 --source ./shop",)),
 }
 
 
@@ -135,6 +139,34 @@ def _add_arguments(name: str, sub: argparse.ArgumentParser) -> None:
                          ".gitignore and .smartmobignore files")
     if name == "tokens":
         sub.add_argument("--revoke", metavar="ID", help="revoke the minted key of this id")
+    if name in {"deploy", "scale"}:
+        _add_rollout_arguments(name, sub)
+
+
+def _add_rollout_arguments(name: str, sub: argparse.ArgumentParser) -> None:
+    if name == "deploy":
+        sub.add_argument("folder", metavar="DIR", help="the app's folder (with its Procfile)")
+        sub.add_argument("--app", required=True, help="the application's name")
+        sub.add_argument("-p", "--process", action="append", metavar="TYPE=COUNT",
+                         help="how many processes of a Procfile type to run (repeatable)")
+    else:
+        sub.add_argument("app", metavar="APP", help="the application's name")
+        sub.add_argument("formation", metavar="TYPE=COUNT", nargs="+",
+                         help="how many processes of a type to run")
+        sub.add_argument("--source", metavar="DIR|FILE|URL",
+                         help="the source of new nodes: a folder or archive to upload, "
+                         "or the URL of an archive")
+        sub.add_argument("--checksum", metavar="sha256:HEX",
+                         help="the checksum of the archive at a --source URL")
+    sub.add_argument("-e", "--env", action="append", metavar="NAME=VALUE",
+                     help="an environment variable of the new processes (repeatable)")
+    sub.add_argument("-o", "--option", action="append", metavar="NAME=JSON",
+                     help="a supervision option of the new processes, in JSON "
+                     "(repeatable)")
+    sub.add_argument("--wait-timeout", metavar="SECONDS", type=_seconds, default=120.0,
+                     help="how long to wait for the processes to run [default: 120]")
+    sub.add_argument("--no-ignore", action="store_true",
+                     help="pack every file of a folder (but .git)")
 
 
 def _add_create_arguments(sub: argparse.ArgumentParser) -> None:
@@ -152,7 +184,10 @@ def _add_create_arguments(sub: argparse.ArgumentParser) -> None:
                      help="a supervision option, its value in JSON: restart=never, "
                      "'health={\"http\": \"/\"}' (repeatable)")
     sub.add_argument("-w", "--wait", action="store_true",
-                     help="wait until the process runs (and passes its health check)")
+                     help="wait until the process runs (for its start_seconds, and passes its "
+                     "health check)")
+    sub.add_argument("--wait-timeout", metavar="SECONDS", type=_seconds, default=120.0,
+                     help="how long --wait waits [default: 120]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,7 +222,8 @@ HANDLERS: dict[str, Handler] = {
     "rm": commands.control, "start": commands.control, "stop": commands.control,
     "restart": commands.control, "signal": commands.signal, "upload": commands.upload,
     "tokens": commands.tokens, "version": commands.version, "logs": follow.logs,
-    "attach": follow.attach, "events": follow.events,
+    "attach": follow.attach, "events": follow.events, "deploy": deploy.deploy,
+    "scale": deploy.scale,
 }
 
 

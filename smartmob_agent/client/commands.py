@@ -189,7 +189,8 @@ async def create(args: argparse.Namespace, fleet: Fleet, term: Terminal) -> int:
         process = await agent.create(args.app, args.node, args.source, args.type, env=env,
                                      checksum=args.checksum, **options)
         if args.wait:
-            process = await agent.wait_for(process, "running", args.timeout)
+            process = await agent.wait_for(process, "running", args.wait_timeout,
+                                           steady=True)
         return process
 
     results = await fleet.each(one)
