@@ -167,6 +167,7 @@ def test_packing_a_file_is_an_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", [
     "errors", "results", "ignore", "agent", "render", "targets", "terminal", "commands", "follow",
+    "formation",
 ])
 def test_the_examples_in_the_client_docstrings(name: str) -> None:
     """The examples in the client modules' docstrings hold."""

@@ -42,7 +42,7 @@ PURE = frozenset({
     "sources.buildplan",
     "output.lines",
     "web.frames", "web.access", "web.openapi",
-    "client.errors", "client.results", "client.ignore", "client.render",
+    "client.errors", "client.results", "client.ignore", "client.render", "client.formation",
 }) & frozenset(MODULES)
 #: What each part of the tree may import, besides the pure modules and itself. The
 #: adapters (processes, sources, output, events, store) touch one kind of outside resource
