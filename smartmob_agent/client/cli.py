@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from smartmob_agent import __version__
-from smartmob_agent.client import commands, deploy, follow
+from smartmob_agent.client import commands, completion, deploy, follow, top
 from smartmob_agent.client.agent import AgentClient
 from smartmob_agent.client.errors import ClientError
 from smartmob_agent.client.fleet import Fleet
@@ -64,6 +64,10 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
         "smartmob deploy ./shop --app shop --process web=2 --process worker=1",)),
     "scale": ("create or delete an app's nodes to reach a count per type", (
         "smartmob scale shop web=3 worker=0 --source ./shop",)),
+    "top": ("a live table of the processes, redrawn as they change", (
+        "smartmob top --all",)),
+    "completion": ("print the shell completion script of smartmob", (
+        'eval "$(smartmob completion bash)"',)),
 }
 
 
@@ -141,6 +145,13 @@ def _add_arguments(name: str, sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--revoke", metavar="ID", help="revoke the minted key of this id")
     if name in {"deploy", "scale"}:
         _add_rollout_arguments(name, sub)
+    if name == "top":
+        sub.add_argument("--interval", metavar="SECONDS", type=_seconds, default=2.0,
+                         help="how often CPU and memory are read again [default: 2]")
+        sub.add_argument("--once", action="store_true", help="draw the table once, and end")
+    if name == "completion":
+        sub.add_argument("shell", metavar="SHELL", choices=("bash", "zsh"),
+                         help="bash or zsh")
 
 
 def _add_rollout_arguments(name: str, sub: argparse.ArgumentParser) -> None:
@@ -212,7 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         _add_arguments(name, sub)
-        _common(sub, suppress=True)
+        if name != "completion":
+            _common(sub, suppress=True)
+    # what the completion scripts ask: the slugs of the agents, or the agents' names
+    hidden = subparsers.add_parser("_complete")
+    hidden.add_argument("what", choices=("slugs", "agents"))
+    _common(hidden, suppress=True)
     return parser
 
 
@@ -223,7 +239,7 @@ HANDLERS: dict[str, Handler] = {
     "restart": commands.control, "signal": commands.signal, "upload": commands.upload,
     "tokens": commands.tokens, "version": commands.version, "logs": follow.logs,
     "attach": follow.attach, "events": follow.events, "deploy": deploy.deploy,
-    "scale": deploy.scale,
+    "scale": deploy.scale, "top": top.top,
 }
 
 
@@ -254,7 +270,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return USAGE
     term = Terminal(json_output=args.json)
+    if args.command == "completion":
+        term.out.write(completion.script(args.shell, parser))
+        return OK
     try:
+        if args.command == "_complete":
+            return _complete(args, term)
         return asyncio.run(run(args, targets_of(args), term))
     except UsageError as error:
         term.error(str(error))
@@ -265,6 +286,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         follows = args.command in FOLLOWING or getattr(args, "follow", False)
         return OK if follows else 130
+
+
+def _complete(args: argparse.Namespace, term: Terminal) -> int:
+    """The words a completion script offers: agent names, or slugs (asked for with a
+    short timeout and no retries; nothing when no agent answers)."""
+    path = Path(args.config) if args.config else config_path(os.environ)
+    if args.what == "agents":
+        term.lines(agent.name for agent in load_config(path).agents)
+        return OK
+
+    async def slugs() -> list[str]:
+        clients = [AgentClient(t.url, token=t.token, name=t.name, timeout=1.0, retries=0)
+                   for t in targets_of(args)]
+        async with Fleet(clients) as fleet:
+            return sorted({p.slug for listing in (await fleet.list()).values
+                           for p in listing})
+
+    term.lines(asyncio.run(slugs()))
+    return OK
 
 
 if __name__ == "__main__":
