@@ -154,6 +154,7 @@ async def test_zsh_completion_is_the_bash_one_through_bashcompinit(
     assert "bashcompinit" in ran.out
     assert "complete -F _smartmob smartmob" in ran.out
     if shutil.which("zsh"):
-        checked = subprocess.run(["zsh", "-n"], input=ran.out, text=True,
-                                 capture_output=True, check=False)
+        checked = await asyncio.to_thread(
+            subprocess.run, ["zsh", "-n"], input=ran.out, text=True, capture_output=True,
+            check=False)
         assert checked.returncode == 0, checked.stderr
