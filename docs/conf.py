@@ -61,7 +61,7 @@ _EXTERNAL_MODULES = (
     "typing", "types", "enum", "os", "signal", "tarfile", "zipfile", "yarl", "weakref",
     "fastjsonschema", "procfile", "argparse", "logging", "http", "urllib", "threading",
     "multidict", "sqlite3", "hmac", "hashlib", "socket", "queue", "datetime",
-    "ipaddress",
+    "ipaddress", "re",
 )
 nitpick_ignore_regex = [
     # the standard library and third-party packages (no intersphinx offline)

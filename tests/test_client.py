@@ -15,12 +15,12 @@ from smartmob_agent import __version__
 from smartmob_agent.client import (
     Agent,
     AgentClient,
-    Conflict,
-    Forbidden,
-    InvalidRequest,
-    NotFound,
+    ConflictError,
+    ForbiddenError,
+    InvalidRequestError,
+    NotFoundError,
     ProcessFailed,
-    Unauthorized,
+    UnauthorizedError,
 )
 from smartmob_agent.client.pack import pack_folder, sha256_of
 from smartmob_agent.client.results import Exit, LogLine, Process
@@ -85,7 +85,7 @@ async def test_create_wait_and_read_a_process(client: AgentClient, source: str) 
 
 async def test_controls_and_delete(client: AgentClient, source: str) -> None:
     """stop, start, restart and signal answer the status document; a deleted process is
-    NotFound with the agent's own sentence."""
+    NotFoundError with the agent's own sentence."""
     running = await created_and_running(client, source)
     stopped = await client.stop("shop.web.0")
     assert stopped.state == "stopped"
@@ -105,7 +105,7 @@ async def test_controls_and_delete(client: AgentClient, source: str) -> None:
         assert signalled.state == "running"
         await read_until(console, lambda line: line.line == "reloading on SIGHUP")
     await client.delete("shop.web.0")
-    with pytest.raises(NotFound) as caught:
+    with pytest.raises(NotFoundError) as caught:
         await client.status(again)
     assert caught.value.status == 404
     assert caught.value.error == "there is no process named 'shop.web.0'"
@@ -113,15 +113,15 @@ async def test_controls_and_delete(client: AgentClient, source: str) -> None:
 
 
 async def test_errors_carry_the_agents_sentence(client: AgentClient, source: str) -> None:
-    """A 409 is a Conflict and a 400 an InvalidRequest naming each bad field, each
+    """A 409 is a ConflictError and a 400 an InvalidRequestError naming each bad field, each
     carrying what the agent said."""
     await created_and_running(client, source)
-    with pytest.raises(Conflict) as conflict:
+    with pytest.raises(ConflictError) as conflict:
         await client.create("shop", "web.0", source)
     assert conflict.value.error == "a process named 'shop.web.0' already exists; delete it first"
-    with pytest.raises(Conflict, match="start applies to a stopped"):
+    with pytest.raises(ConflictError, match="start applies to a stopped"):
         await client.start("shop.web.0")
-    with pytest.raises(InvalidRequest) as invalid:
+    with pytest.raises(InvalidRequestError) as invalid:
         await client.create("shop", "web..1", "ftp://example.com/app.zip", restart="sometimes")
     assert invalid.value.status == 400
     assert set(invalid.value.fields) == {"node", "source_url", "restart"}
@@ -235,12 +235,12 @@ async def test_bulk_version_and_the_sync_facade(client: AgentClient, source: str
 
 
 async def test_keys(tmp_path: Path) -> None:
-    """Without a key the agent is Unauthorized; an app key may not list the keys
-    (Forbidden); the admin key may."""
+    """Without a key the agent is UnauthorizedError; an app key may not list the keys
+    (ForbiddenError); the admin key may."""
     async with running_agent(tmp_path / "state", "--token", "admin-key-0123456789",
                              "--app-token", "shop=shop-key-0123456789") as agent:
         async with AgentClient(agent.url) as stranger:
-            with pytest.raises(Unauthorized) as caught:
+            with pytest.raises(UnauthorizedError) as caught:
                 await stranger.list()
         assert caught.value.status == 401
         assert caught.value.kind == "auth"
@@ -248,7 +248,7 @@ async def test_keys(tmp_path: Path) -> None:
         assert caught.value.error.startswith("this agent needs a key")
         async with AgentClient(agent.url, token="shop-key-0123456789") as shop:
             assert await shop.list() == []
-            with pytest.raises(Forbidden):
+            with pytest.raises(ForbiddenError):
                 await shop.tokens()
         async with AgentClient(agent.url, token="admin-key-0123456789") as admin:
             assert await admin.tokens() == []

@@ -15,9 +15,9 @@ from aiohttp.test_utils import TestServer
 
 from smartmob_agent.client import (
     AgentClient,
-    Conflict,
+    ConflictError,
     MissingLink,
-    NotFound,
+    NotFoundError,
     Unreachable,
 )
 from smartmob_agent.client.errors import ClientError
@@ -167,22 +167,22 @@ async def test_a_new_client_finds_a_process_by_its_slug(seed: SeedAgent,
 
 
 async def test_delete_then_not_found(client: AgentClient) -> None:
-    """A deleted process is gone: its status is a NotFound naming the agent and status."""
+    """A deleted process is gone: its status is a NotFoundError naming the agent and status."""
     created = await create(client)
     await client.delete("myapp.web.0")
-    with pytest.raises(NotFound) as caught:
+    with pytest.raises(NotFoundError) as caught:
         await client.status(created)
     assert caught.value.status == 404
     assert str(caught.value) == (
         f"agent {client.name}: GET {created.links['details']} answered 404 without saying why")
-    with pytest.raises(NotFound, match=r"there is no process named 'myapp\.web\.0'"):
+    with pytest.raises(NotFoundError, match=r"there is no process named 'myapp\.web\.0'"):
         await client.status("myapp.web.0")
 
 
 async def test_an_error_without_json_is_still_a_sentence(client: AgentClient) -> None:
-    """A 409 with a plain-text body is a Conflict whose message says what was asked."""
+    """A 409 with a plain-text body is a ConflictError whose message says what was asked."""
     await create(client)
-    with pytest.raises(Conflict) as caught:
+    with pytest.raises(ConflictError) as caught:
         await create(client)
     assert caught.value.error is None
     assert "answered 409 without saying why" in str(caught.value)

@@ -19,15 +19,15 @@ if TYPE_CHECKING:
         AgentFailure,
         AuthError,
         ClientError,
-        Conflict,
-        Forbidden,
-        InvalidRequest,
+        ConflictError,
+        ForbiddenError,
+        InvalidRequestError,
         MissingLink,
-        NotFound,
+        NotFoundError,
         ProcessFailed,
-        TooLarge,
+        TooLargeError,
         TooManyAttempts,
-        Unauthorized,
+        UnauthorizedError,
         UnexpectedAnswer,
         Unreachable,
         WaitTimeout,
@@ -53,18 +53,19 @@ _HOMES = {
     **{name: "results" for name in (
         "Event", "Exit", "LogLine", "Marker", "Outcome", "Process", "Token", "Upload")},
     **{name: "errors" for name in (
-        "AgentFailure", "AuthError", "ClientError", "Conflict", "Forbidden",
-        "InvalidRequest", "MissingLink", "NotFound", "ProcessFailed", "TooLarge",
-        "TooManyAttempts", "Unauthorized", "UnexpectedAnswer", "Unreachable",
+        "AgentFailure", "AuthError", "ClientError", "ConflictError", "ForbiddenError",
+        "InvalidRequestError", "MissingLink", "NotFoundError", "ProcessFailed", "TooLargeError",
+        "TooManyAttempts", "UnauthorizedError", "UnexpectedAnswer", "Unreachable",
         "WaitTimeout")},
 }
 
 __all__ = [
     "Agent", "AgentClient", "AgentFailure", "Attachment", "AuthError", "ClientError",
-    "Conflict", "Event", "EventStream", "Exit", "Fleet", "Forbidden", "InvalidRequest",
-    "LogLine", "Marker", "MissingLink", "NotFound", "Outcome", "Process", "ProcessFailed",
-    "Result", "Results", "Token", "TooLarge", "TooManyAttempts", "Unauthorized",
-    "UnexpectedAnswer", "Unreachable", "Upload", "WaitTimeout",
+    "ConflictError", "Event", "EventStream", "Exit", "Fleet", "ForbiddenError",
+    "InvalidRequestError", "LogLine", "Marker", "MissingLink", "NotFoundError", "Outcome",
+    "Process", "ProcessFailed", "Result", "Results", "Token", "TooLargeError",
+    "TooManyAttempts", "UnauthorizedError", "UnexpectedAnswer", "Unreachable", "Upload",
+    "WaitTimeout",
 ]
 
 

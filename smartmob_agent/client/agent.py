@@ -10,7 +10,7 @@ Retries: a request the agent never received (the connection could not be made) i
 again, whatever it is; a request that may have reached the agent (the connection broke
 during it) is sent again only if repeating it changes nothing: the ``GET`` calls, and
 uploads (the agent keeps archives by checksum). Each retry waits twice as long as the one
-before, from :attr:`AgentClient.retry_delay`.
+before, from the client's ``retry_delay``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from smartmob_agent.client import pack
 from smartmob_agent.client.errors import (
     ClientError,
     MissingLink,
-    NotFound,
+    NotFoundError,
     ProcessFailed,
     UnexpectedAnswer,
     Unreachable,
@@ -144,7 +144,7 @@ class AgentClient:
                 only for ``GET``).
 
         Raises:
-            Unreachable: no answer, even after :attr:`retries` retries.
+            Unreachable: no answer, even after ``retries`` retries.
             ClientError: the agent answered with an error (a subclass by status).
         """
         if idempotent is None:
@@ -259,7 +259,7 @@ class AgentClient:
     async def _find(self, slug: str) -> Mapping[str, str]:
         await self.list()
         if slug not in self._links:
-            raise NotFound(f"agent {self.name}: there is no process named '{slug}'",
+            raise NotFoundError(f"agent {self.name}: there is no process named '{slug}'",
                            agent=self.name, status=404)
         return self._links[slug]
 
@@ -321,7 +321,7 @@ class AgentClient:
         url = await self._process_link(process, "details")
         try:
             return self._process(await self.request("GET", url))
-        except NotFound:
+        except NotFoundError:
             self._links.pop(self._slug(process), None)
             raise
 
@@ -553,7 +553,7 @@ class AgentClient:
             changed.clear()  # before reading: a change after the read wakes the wait
             try:
                 current = await self.status(slug)
-            except NotFound:
+            except NotFoundError:
                 raise ProcessFailed(f"agent {self.name}: {slug} was deleted during the wait",
                                     agent=self.name) from None
             if current.state is None:
@@ -623,6 +623,7 @@ async def _signal_each(stream: EventStream, changed: asyncio.Event) -> None:
 def is_healthy(process: Process) -> bool:
     """Whether the process passed its health check, or has none.
 
+    >>> from smartmob_agent.client.agent import Process, is_healthy
     >>> is_healthy(Process.from_document({"slug": "a.web.0", "options": {"health": None}}))
     True
     """
@@ -635,6 +636,7 @@ def unsteady_for(process: Process) -> float:
     ``start_seconds`` option, 1 by default, minus its ``uptime``); 0 if it has, or if
     the agent does not say.
 
+    >>> from smartmob_agent.client.agent import Process, unsteady_for
     >>> unsteady_for(Process.from_document({"slug": "a.b", "uptime": 0.25,
     ...                                     "options": {"start_seconds": 1.0}}))
     0.75
@@ -660,6 +662,7 @@ def describe_failure(process: Process) -> str:
 def signal_name(signal: str | int) -> str:
     """The agent's spelling of a signal: ``"HUP"`` for ``"HUP"``, ``"sighup"`` or ``1``.
 
+    >>> from smartmob_agent.client.agent import signal_name
     >>> signal_name("sighup"), signal_name(15)
     ('HUP', 'TERM')
     """

@@ -17,7 +17,7 @@ from typing import Any
 
 from smartmob_agent import __version__
 from smartmob_agent.client.agent import AgentClient
-from smartmob_agent.client.errors import ClientError, MissingLink, NotFound
+from smartmob_agent.client.errors import ClientError, MissingLink, NotFoundError
 from smartmob_agent.client.fleet import Fleet, Result, Results
 from smartmob_agent.client.render import (
     dash,
@@ -49,7 +49,7 @@ def absent_elsewhere(results: Results[Any]) -> list[Result[Any]]:
     """The results worth reporting: with several agents, a process found on some is not
     an error on those where it is not (a slug need not be everywhere)."""
     if len(results) > 1 and any(result.ok for result in results):
-        return [r for r in results if not isinstance(r.error, NotFound)]
+        return [r for r in results if not isinstance(r.error, NotFoundError)]
     return list(results)
 
 
@@ -312,7 +312,7 @@ async def tokens(args: argparse.Namespace, fleet: Fleet, term: Terminal) -> int:
         if args.revoke:
             chosen = [token for token in listed if token.id == args.revoke]
             if not chosen:
-                raise NotFound(f"agent {agent.name}: no minted key has the id "
+                raise NotFoundError(f"agent {agent.name}: no minted key has the id "
                                f"{args.revoke!r}", agent=agent.name, status=404)
             await agent.revoke(chosen[0])
             listed = [token for token in listed if token.id != args.revoke]

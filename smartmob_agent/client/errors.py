@@ -3,7 +3,7 @@
 Pure: no I/O. An error the agent answered carries what it said: :attr:`ClientError.error`
 (the agent's one-sentence ``error``), :attr:`ClientError.reason` (its ``reason``, when it
 gives one), :attr:`ClientError.fields` (one entry per bad field of a ``400``), the HTTP
-:attr:`ClientError.status` and the whole :attr:`ClientError.body`. ``str(error)`` is one
+``status`` and the whole ``body``. ``str(error)`` is one
 sentence naming the agent, fit to print as it is.
 """
 
@@ -79,11 +79,11 @@ class AuthError(ClientError):
     kind = "auth"
 
 
-class Unauthorized(AuthError):
+class UnauthorizedError(AuthError):
     """No key, or a key the agent does not know (``401``)."""
 
 
-class Forbidden(AuthError):
+class ForbiddenError(AuthError):
     """The key is known but may not do this, such as an app key reaching beyond its app
     (``403``)."""
 
@@ -98,27 +98,27 @@ class TooManyAttempts(AuthError):
         self.retry_after = retry_after
 
 
-class NotFound(ClientError):
+class NotFoundError(ClientError):
     """No such process on the agent (``404``), or nothing at a link."""
 
     kind = "not_found"
 
 
-class InvalidRequest(ClientError):
-    """The agent refused the request's fields or body (``400``); :attr:`fields` names
-    each bad field."""
+class InvalidRequestError(ClientError):
+    """The agent refused the request's fields or body (``400``); ``fields`` names each
+    bad field."""
 
     kind = "invalid"
 
 
-class Conflict(ClientError):
+class ConflictError(ClientError):
     """The request clashes with the process's state (``409``): the slug exists, or the
     control makes no sense now."""
 
     kind = "conflict"
 
 
-class TooLarge(ClientError):
+class TooLargeError(ClientError):
     """The request body or upload is over the agent's limit (``413``)."""
 
     kind = "too_large"
@@ -164,7 +164,7 @@ class ProcessFailed(ClientError):
 
 
 class WaitTimeout(ClientError):
-    """A wait for a process's state ran out of time; :attr:`process` is the last status
+    """A wait for a process's state ran out of time; ``process`` is the last status
     seen."""
 
     kind = "timeout"
@@ -196,6 +196,7 @@ FEATURES = {
 def missing_link_message(relation: str) -> str:
     """The sentence for an agent that lacks ``relation``.
 
+    >>> from smartmob_agent.client.errors import missing_link_message
     >>> print(missing_link_message("events").replace(": ", ":\\n"))
     this agent has no 'events' link:
     it is older than the events WebSocket (it may speak only the original API of 2016)
@@ -209,8 +210,8 @@ def missing_link_message(relation: str) -> str:
 
 #: The error class of each HTTP status the agent documents.
 BY_STATUS: dict[int, type[ClientError]] = {
-    400: InvalidRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound,
-    409: Conflict, 413: TooLarge, 429: TooManyAttempts,
+    400: InvalidRequestError, 401: UnauthorizedError, 403: ForbiddenError, 404: NotFoundError,
+    409: ConflictError, 413: TooLargeError, 429: TooManyAttempts,
 }
 
 
@@ -227,6 +228,7 @@ def error_for_status(
         what: what was asked, for an answer without a sentence ("GET /list-processes").
         retry_after: the ``Retry-After`` header of a ``429``.
 
+    >>> from smartmob_agent.client.errors import error_for_status
     >>> str(error_for_status(404, {"error": "there is no process named 'a.b'"},
     ...                      agent="http://h:8080", what="GET /x"))
     "agent http://h:8080: there is no process named 'a.b'"

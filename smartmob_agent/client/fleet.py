@@ -20,6 +20,7 @@ from smartmob_agent.client.agent import AgentClient
 from smartmob_agent.client.errors import ClientError
 from smartmob_agent.client.results import Outcome, Process
 
+#: The type of what each agent answers to a fleet call.
 T = TypeVar("T")
 
 
@@ -27,7 +28,7 @@ T = TypeVar("T")
 class Result(Generic[T]):
     """What one agent answered to a fleet call: a value, or an error."""
 
-    #: The agent's client (its :attr:`~AgentClient.name` says which agent).
+    #: The agent's client (its ``name`` says which agent).
     agent: AgentClient
     value: T | None = None
     error: ClientError | None = None
@@ -125,7 +126,7 @@ class Fleet:
         return await self.each(lambda agent: agent.list())
 
     async def status(self, slug: str) -> Results[Process]:
-        """The process ``slug`` on each agent (a :class:`~.errors.NotFound` where it is
+        """The process ``slug`` on each agent (a :class:`~.errors.NotFoundError` where it is
         not)."""
         return await self.each(lambda agent: agent.status(slug))
 

@@ -38,6 +38,7 @@ class Rule:
 def parse(text: str, base: str = "") -> list[Rule]:
     """The rules of an ignore file's ``text``, found in folder ``base`` of the root.
 
+    >>> from smartmob_agent.client.ignore import parse
     >>> [rule.pattern for rule in parse("# build output\\n/build/\\n!keep.log\\n\\n*.log\\n")]
     ['/build/', 'keep.log', '*.log']
     """
@@ -68,6 +69,7 @@ def _strip_trailing_spaces(line: str) -> str:
 def translate(pattern: str) -> str:
     """The regular expression (for ``fullmatch``) of a pattern without its trailing ``/``.
 
+    >>> from smartmob_agent.client.ignore import translate
     >>> translate("*.log")
     '(?:.*/)?[^/]*\\\\.log'
     >>> translate("/build")
@@ -148,6 +150,7 @@ def ignored(rules: Iterable[Rule], path: str, is_folder: bool) -> bool:
     ``rules`` are in precedence order: those of the root's files first, then those of
     deeper folders; the last rule that matches decides.
 
+    >>> from smartmob_agent.client.ignore import ignored, parse
     >>> rules = parse("*.log\\n!keep.log\\nbuild/\\n")
     >>> ignored(rules, "a/debug.log", False), ignored(rules, "a/keep.log", False)
     (True, False)

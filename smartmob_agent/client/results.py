@@ -76,6 +76,7 @@ class Exit:
     def describe(self) -> str:
         """In words: ``"exited with code 3"``, ``"killed by SIGKILL"``.
 
+        >>> from smartmob_agent.client.results import Exit
         >>> Exit.from_document({"code": -9, "signal": "SIGKILL"}).describe()
         'killed by SIGKILL'
         >>> Exit.from_document({"code": 3, "signal": None, "reason": "stopped"}).describe()

@@ -17,6 +17,7 @@ import aiohttp
 from smartmob_agent.client.errors import ClientError, Unreachable, error_for_status
 from smartmob_agent.client.results import Event, LogLine, Marker
 
+#: What each frame of a stream is read as.
 T = TypeVar("T")
 #: Close codes the agent uses, and what they mean.
 CLOSE_REASONS = {1000: "the process was deleted", 1001: "the agent is shutting down"}
@@ -26,8 +27,9 @@ Connector = Callable[[str], Awaitable[aiohttp.ClientWebSocketResponse]]
 Locator = Callable[[], Awaitable[tuple[str, bool]]]
 
 
-class _Socket(Generic[T]):
-    """A WebSocket whose text frames are read as ``T``."""
+class WebSocketStream(Generic[T]):
+    """A WebSocket whose text frames are read as ``T``: the base of
+    :class:`Attachment` and :class:`EventStream`."""
 
     def __init__(self, locate: Locator, connect: Connector, agent: str) -> None:
         self._locate = locate
@@ -61,7 +63,7 @@ class _Socket(Generic[T]):
         if self._socket is not None and not self._socket.closed:
             await self._socket.close()
 
-    async def __aenter__(self) -> _Socket[T]:
+    async def __aenter__(self) -> WebSocketStream[T]:
         await self.connect()
         return self
 
@@ -71,7 +73,7 @@ class _Socket(Generic[T]):
     ) -> None:
         await self.close()
 
-    def __aiter__(self) -> _Socket[T]:
+    def __aiter__(self) -> WebSocketStream[T]:
         return self
 
     async def __anext__(self) -> T:
@@ -99,7 +101,7 @@ class _Socket(Generic[T]):
         raise NotImplementedError
 
 
-class Attachment(_Socket[LogLine | Marker]):
+class Attachment(WebSocketStream[LogLine | Marker]):
     """A process's console: its output lines, and :meth:`send` to its standard input.
 
     Frames are JSON (``format=json``) when the agent has them; from an agent of the
@@ -149,7 +151,7 @@ class Attachment(_Socket[LogLine | Marker]):
         return line
 
 
-class EventStream(_Socket[Event]):
+class EventStream(WebSocketStream[Event]):
     """The agent's events, one :class:`~.results.Event` per frame."""
 
     async def __aenter__(self) -> EventStream:

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 from smartmob_agent.client.errors import (
     AuthError,
     ClientError,
-    NotFound,
+    NotFoundError,
     Unreachable,
 )
 from smartmob_agent.client.render import table
@@ -33,7 +33,7 @@ def exit_status(error: ClientError) -> int:
         return UNREACHABLE
     if isinstance(error, AuthError):
         return AUTH
-    if isinstance(error, NotFound):
+    if isinstance(error, NotFoundError):
         return NOT_FOUND
     return FAILED
 
