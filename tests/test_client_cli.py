@@ -294,3 +294,54 @@ async def test_keys_from_the_environment_and_the_config_file(tmp_path: Path) -> 
         ran = await smartmob("ls", env=env)
         assert ran.code == 2
         assert "is not valid TOML" in one_line(ran.err)
+
+
+async def test_logs_since(env: dict[str, str], source: str, client: AgentClient) -> None:
+    """logs --since shows the lines from that time on; with -f it then follows."""
+    await created_and_running(client, source)
+    async with client.attach("shop.web.0") as console:
+        await console.send("one")
+        [said] = await read_until(console, lambda line: line.line == "you said: one")
+    assert said.at is not None
+    ran = await smartmob("logs", "shop.web.0", "--since", said.at, env=env)
+    assert ran.code == 0
+    assert [line.split(" ", 2)[2] for line in ran.out.splitlines()] == ["you said: one"]
+    follow = await Following.start("logs", "shop.web.0", "-f", "--since", said.at, env=env)
+    await follow.line(lambda line: line.endswith("stdout you said: one"))
+    async with client.attach("shop.web.0") as console:
+        await console.send("two")
+        await follow.line(lambda line: line.endswith("stdout you said: two"))
+    ran = await follow.interrupt()
+    assert ran.code == 0
+    assert not [line for line in follow.out if line.endswith(" ready")]
+    ran = await smartmob("logs", "shop.web.0", "--since", "yesterday", env=env)
+    assert ran.code == 1
+    said_by_agent = one_line(ran.err)  # the agent's own sentence on the bad query
+    assert "since" in said_by_agent
+    assert "ISO 8601" in said_by_agent
+
+
+async def test_tokens_list_and_revoke(tmp_path: Path, archive_server: ArchiveServer) -> None:
+    """tokens lists the minted keys (id and app); --revoke revokes one, and an unknown id
+    is not found (5); an app key may not list them (4)."""
+    admin = "admin-key-0123456789"
+    async with running_agent(tmp_path / "state", "--token", admin,
+                             "--app-token", "shop=shop-key-0123456789") as agent:
+        async with AgentClient(agent.url, token=admin) as client:
+            created = await client.create("shop", "web.0", archive_server.add(
+                "echo.tgz", echo_archive()), issue_token=True)
+        minted = created.extra["token"]
+        env = cli_env(tmp_path / "home", SMARTMOB_URL=agent.url, SMARTMOB_TOKEN=admin)
+        ran = await smartmob("tokens", env=env)
+        assert ran.code == 0
+        header, row = ran.out.splitlines()
+        assert header.split() == ["ID", "APP", "CREATED"]
+        assert row.split()[:2] == [minted["id"], "shop"]
+        ran = await smartmob("tokens", "--revoke", minted["id"], env=env)
+        assert (ran.code, ran.out) == (0, f"{minted['id']}: revoked\n")
+        ran = await smartmob("tokens", "--revoke", minted["id"], env=env)
+        assert ran.code == 5
+        assert one_line(ran.err).endswith(f"no minted key has the id '{minted['id']}'")
+        ran = await smartmob("tokens", env={**env, "SMARTMOB_TOKEN": "shop-key-0123456789"})
+        assert ran.code == 4
+        one_line(ran.err)
