@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import aiohttp
+
 from smartmob_agent.client import pack
 from smartmob_agent.client.errors import (
     ClientError,
@@ -54,8 +56,14 @@ class AgentClient(Transport):
     ``timeout``, ``connect_timeout``, ``retries``, ``retry_delay``.
     """
 
-    def __init__(self, url: str, **options: Any) -> None:
-        super().__init__(url, **options)
+    def __init__(
+        self, url: str, *, token: str | None = None, name: str | None = None,
+        session: aiohttp.ClientSession | None = None, timeout: float = 60.0,
+        connect_timeout: float = 5.0, retries: int = 3, retry_delay: float = 0.1,
+    ) -> None:
+        super().__init__(url, token=token, name=name, session=session, timeout=timeout,
+                         connect_timeout=connect_timeout, retries=retries,
+                         retry_delay=retry_delay)
         self._index: dict[str, str] | None = None
         #: slug -> the process's links, from every status document seen
         self._links: dict[str, Mapping[str, str]] = {}
