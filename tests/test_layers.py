@@ -43,6 +43,7 @@ PURE = frozenset({
     "output.lines",
     "output.redact",
     "web.frames", "web.access", "web.openapi",
+    "client.errors", "client.results", "client.ignore", "client.render", "client.formation",
 }) & frozenset(MODULES)
 #: What each part of the tree may import, besides the pure modules and itself. The
 #: adapters (processes, sources, output, events, store) touch one kind of outside resource
@@ -58,6 +59,8 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "supervision": frozenset({"processes", "sources", "output", "events", "store"}),
     "web": frozenset({"supervision", "processes", "sources", "output", "events", "store"}),
     "cli": frozenset({"supervision", "processes", "output", "web", "store"}),
+    # the client speaks HTTP only: it imports none of the agent's internals
+    "client": frozenset(),
     "__main__": frozenset({"cli"}),
 }
 
