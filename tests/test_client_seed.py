@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import WSCloseCode, web
 from aiohttp.test_utils import TestServer
+from aiohttp.typedefs import Handler
 
 from smartmob_agent.client import (
     AgentClient,
@@ -21,6 +22,7 @@ from smartmob_agent.client import (
     Unreachable,
 )
 from smartmob_agent.client.errors import ClientError
+from smartmob_agent.client.results import LogLine
 
 
 @dataclass
@@ -55,7 +57,7 @@ class SeedAgent:
         return app
 
     @web.middleware
-    async def _count_and_drop(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _count_and_drop(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         self.hits[request.path] = self.hits.get(request.path, 0) + 1
         if self.drop.get(request.path, 0) > 0:
             self.drop[request.path] -= 1
@@ -193,7 +195,9 @@ async def test_attach_reads_bare_text_frames(seed: SeedAgent, client: AgentClien
     looks like JSON; the deletion of the process ends the stream with 1000."""
     await create(client)
     async with client.attach("myapp.web.0") as console:
-        lines = [await console.__anext__(), await console.__anext__()]
+        received = [await console.__anext__(), await console.__anext__()]
+        lines = [line for line in received if isinstance(line, LogLine)]
+        assert lines == received  # no marker: the seed has none
         assert [line.line for line in lines] == [
             "hello", '{"seq": 1, "line": "a line that looks like JSON"}']
         assert lines[0].seq is None
