@@ -19,7 +19,8 @@ PROCESS_RELATIONS = frozenset({
 })
 #: The fields :class:`Process` models (besides the links).
 PROCESS_FIELDS = frozenset({
-    "app", "node", "process_type", "slug", "state", "pid", "error", "port", "started_at",
+    "app", "node", "process_type", "slug", "state", "pid", "error", "reason", "port",
+    "started_at",
     "uptime", "restarts", "last_exit", "exits", "cpu_percent", "memory_rss", "healthy",
     "checksum", "output_tail", "options",
 })
@@ -101,6 +102,10 @@ class Process:
     pid: int | None
     #: Why the process is ``failed``, in one sentence.
     error: str | None
+    #: Why the process is ``failed``, as a name from the agent's closed set (``download
+    #: failure``, ``no procfile``, ...) to switch on; ``None`` unless failed, and from an
+    #: agent older than the field.
+    reason: str | None
     port: int | None
     started_at: str | None
     uptime: float | None
@@ -141,7 +146,8 @@ class Process:
             slug=slug, app=_str(document, "app"), node=_str(document, "node"),
             process_type=_str(document, "process_type"), state=_str(document, "state"),
             pid=_int(document, "pid"), error=_str(document, "error"),
-            port=_int(document, "port"), started_at=_str(document, "started_at"),
+            reason=_str(document, "reason"), port=_int(document, "port"),
+            started_at=_str(document, "started_at"),
             uptime=_float(document, "uptime"), restarts=_int(document, "restarts"),
             last_exit=Exit.from_document(last) if isinstance(last, dict) else None,
             exits=tuple(Exit.from_document(e) for e in exits if isinstance(e, dict))
