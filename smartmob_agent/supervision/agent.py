@@ -236,10 +236,14 @@ class Agent:
             log.info("brought back %d process(es) from %s", len(records), store.path)
         self._collect_sources()
 
-    def _register(self, watcher: Watcher) -> None:
+    def _register(self, watcher: Watcher, *, created: bool = False) -> None:
+        """Make ``watcher`` one of the agent's and start it; ``created``: by a create
+        request, which is published (``process:create``) before its first change."""
         assert self._records is not None, "Agent.start() first"
         self._watchers[watcher.spec.slug] = watcher
         watcher.add_listener(self._records.remember_child)
+        if created:  # registered first: its notify URLs get it too
+            self._emit(watcher, "process:create", {})
         watcher.start()
 
     def _open_agent_log(self, store: Store) -> None:
@@ -339,7 +343,7 @@ class Agent:
         except StoreError:
             self.ports.release(slug)
             raise
-        self._register(watcher)
+        self._register(watcher, created=True)
         log.info("%s: created (process type %r)", slug, spec.process_type)
         return watcher
 
@@ -440,6 +444,7 @@ class Agent:
             await watcher.remove_files()
         finally:  # even if it failed: a slug must never be stuck half-deleted
             if self._watchers.get(slug) is watcher:
+                self._emit(watcher, "process:delete", {})  # still registered: notify gets it
                 del self._watchers[slug]
                 self.ports.release(slug)
                 log.info("%s: deleted", slug)
