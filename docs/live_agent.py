@@ -269,6 +269,8 @@ def brief(event: Mapping[str, Any]) -> str:
         return f"{kind:<18} code {event['code']}, signal {event['signal']}"
     if kind == "process:exception":
         return f"{kind:<18} {event['error']}"
+    if kind in ("process:create", "process:delete"):
+        return f"{kind:<18} {event['state']}"
     return f"{kind:<18} pid {'set' if event.get('pid') else None}"
 
 

@@ -2,9 +2,13 @@
 
 What survives an agent restart is each process's *desired* state, written before the API
 answers: the create request as it was accepted, whether the process should run or stay
-stopped, its ``PORT``, its restart count, and the pid and start time of its current
-child (so that a child that outlived its agent is recognised, and stopped, never run
-twice). Deleting a process deletes its row first: it never comes back.
+stopped, its ``PORT``, its restart count, its last exits (as its status document shows
+them), and the pid and start time of its current child (so that a child that outlived
+its agent is recognised, and stopped, never run twice). Deleting a process deletes its
+row first: it never comes back.
+
+A write that fails for want of space says so ("no space left on device") and says to
+free some, never to move the database aside: it holds every process.
 
 The database is in WAL mode, written by one connection from the event loop's thread (each
 write is a few hundred microseconds on a local disk), and its schema carries a version,
@@ -13,6 +17,7 @@ upgraded in place by :data:`MIGRATIONS`.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -24,6 +29,7 @@ from typing import Any
 
 from smartmob_agent.errors import AgentError
 from smartmob_agent.keys import MintedKey
+from smartmob_agent.model import Exit, ExitRecord
 
 #: Each step upgrades the schema by one version; step ``i`` brings it to version ``i + 1``.
 #: One SQL statement each, run in the same transaction as the version change.
@@ -53,6 +59,8 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # output line numbers below this mark may have been used (see smartmob_agent.output.logs)
     "ALTER TABLE processes ADD COLUMN seq_reserved INTEGER NOT NULL DEFAULT 0",
+    # the last exits, oldest first, as a JSON list (see exits_json)
+    "ALTER TABLE processes ADD COLUMN exits TEXT NOT NULL DEFAULT '[]'",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 DATABASE_NAME = "agent.db"
@@ -81,6 +89,7 @@ class Record:
             reports it), which tells it from a later process that reused the pid.
         seq_reserved: the sequence numbers of its output lines below this mark may
             have been used: the next agent numbers on from it.
+        exits: its last exits, oldest first (those its status document shows).
     """
 
     slug: str
@@ -92,6 +101,7 @@ class Record:
     pid: int | None = None
     pid_started: float | None = None
     seq_reserved: int = 0
+    exits: tuple[ExitRecord, ...] = ()
 
 
 class Store:
@@ -169,7 +179,7 @@ class Store:
         try:
             return self._db.execute(sql, parameters)
         except sqlite3.Error as error:
-            raise StoreError(f"the state database {self.path} cannot be written: {error}") from None
+            raise StoreError(_write_failure(self.path, error)) from None
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -177,10 +187,11 @@ class Store:
         """Every process, in creation order."""
         rows = self._run(
             "SELECT slug, request, desired, process_id, port, restarts, pid, pid_started, "
-            "seq_reserved FROM processes ORDER BY position"
+            "seq_reserved, exits FROM processes ORDER BY position"
         ).fetchall()
         records = []
-        for slug, request, desired, process_id, port, restarts, pid, pid_started, seq in rows:
+        for slug, request, desired, process_id, port, restarts, pid, pid_started, seq, \
+                exits in rows:
             try:
                 data = json.loads(request)
             except ValueError:
@@ -189,7 +200,8 @@ class Store:
                     f"{slug!r}: " + _WHAT_TO_DO.format(path=self.path)
                 ) from None
             records.append(Record(
-                slug, data, desired, process_id, port, restarts, pid, pid_started, seq
+                slug, data, desired, process_id, port, restarts, pid, pid_started, seq,
+                _read_exits(slug, exits),
             ))
         return records
 
@@ -226,6 +238,10 @@ class Store:
             "UPDATE processes SET pid = ?, pid_started = ?, restarts = ? WHERE slug = ?",
             (pid, started, restarts, slug),
         )
+
+    def set_exits(self, slug: str, exits: Iterable[ExitRecord]) -> None:
+        """Record the last exits of ``slug``, oldest first (they replace those recorded)."""
+        self._run("UPDATE processes SET exits = ? WHERE slug = ?", (exits_json(exits), slug))
 
     def set_seq_reserved(self, slug: str, mark: int) -> None:
         """Record that the output lines of ``slug`` may be numbered up to ``mark``
@@ -272,9 +288,84 @@ def _advice(path: Path, error: sqlite3.Error | OSError) -> str:
             f"the state database {path} is in use by another smartmob-agent: stop it, or "
             "start this one with another --state-dir"
         )
+    if _out_of_space(error, path.parent):
+        # the database is fine and holds every process: moving it aside would lose them
+        return _write_failure(path, error)
     return f"the state database {path} cannot be used ({text}): " + _WHAT_TO_DO.format(
         path=path
     )
+
+
+#: The primary result code of SQLite for a full disk (``database or disk is full``).
+SQLITE_FULL = 13
+#: The primary result code of SQLite for a failed read or write of its files: on a full
+#: disk, that of its shared-memory file (``SQLITE_IOERR_SHMSIZE``).
+SQLITE_IOERR = 10
+#: Below this many free bytes, a failed write of a database file is put down to the
+#: disk being full (SQLite needs a few pages at a time).
+LOW_SPACE = 1 << 20
+
+
+def _write_failure(path: Path, error: sqlite3.Error | OSError) -> str:
+    """Why the database ``path`` could not be written, and, when the disk is full, what
+    to do: free space (never move the database aside: it holds every process)."""
+    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    if not _out_of_space(error, path.parent):
+        return f"the state database {path} cannot be written: {text}"
+    what = "the disk quota is exceeded" if getattr(error, "errno", None) == errno.EDQUOT \
+        else "no space left on device"
+    return (
+        f"the state database {path} cannot be written: {what} ({text}); free some space "
+        f"on the file system of {path.parent} (the database keeps every process: do not "
+        "move it), then try again"
+    )
+
+
+def _out_of_space(error: sqlite3.Error | OSError, folder: Path) -> bool:
+    """Whether ``error``, met writing a file in ``folder``, comes from a full disk."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    code = getattr(error, "sqlite_errorcode", None)
+    if not isinstance(code, int):
+        return False
+    if code & 0xFF == SQLITE_FULL:
+        return True
+    return code & 0xFF == SQLITE_IOERR and _little_room(folder)
+
+
+def _little_room(folder: Path) -> bool:
+    """Whether the file system of ``folder`` has less than :data:`LOW_SPACE` bytes free
+    for the agent's user (root may use the blocks reserved for it)."""
+    try:
+        info = os.statvfs(folder)
+    except OSError:
+        return False
+    blocks = info.f_bfree if os.geteuid() == 0 else info.f_bavail
+    return blocks * info.f_frsize < LOW_SPACE
+
+
+def exits_json(exits: Iterable[ExitRecord]) -> str:
+    """The exits column: a JSON list of ``{"code", "at", "ran_for", "reason"}``."""
+    return json.dumps(
+        [{"code": e.exit.code, "at": e.at, "ran_for": e.ran_for, "reason": e.reason}
+         for e in exits],
+        separators=(",", ":"),
+    )
+
+
+def _read_exits(slug: str, text: str) -> tuple[ExitRecord, ...]:
+    """The exits of the exits column; none if it cannot be read (a history is not worth
+    refusing to start over: it is said in the log)."""
+    try:
+        return tuple(
+            ExitRecord(Exit(int(e["code"])), float(e["at"]), float(e["ran_for"]),
+                       None if e["reason"] is None else str(e["reason"]))
+            for e in json.loads(text)
+        )
+    except (ValueError, TypeError, KeyError) as error:
+        log.warning("%s: its last exits cannot be read from the state database (%s): "
+                    "they are forgotten", slug, error)
+        return ()
 
 
 #: Mode of the state folder: it holds the processes' secrets (their ``env``, their

@@ -88,7 +88,8 @@ def test_make_event_fills_every_field() -> None:
         "at": "2026-12-01T18:00:00.123Z", "code": None, "signal": "SIGKILL", "ran_for": 1.5,
     }
     assert sorted(EVENT_KINDS) == [
-        "process:exception", "process:exit", "process:online", "process:state",
+        "process:create", "process:delete", "process:exception", "process:exit",
+        "process:online", "process:state",
     ]
 
 
@@ -130,8 +131,9 @@ def test_make_event_refuses_other_fields_than_its_kinds(fields: dict[str, Any]) 
 def test_every_kind_has_its_type_and_fields() -> None:
     """Each kind's own fields are read from its type, as the API document lists them."""
     assert dict(KIND_FIELDS) == {
-        "process:state": {"previous"}, "process:online": set(),
+        "process:create": set(), "process:state": {"previous"}, "process:online": set(),
         "process:exit": {"code", "signal", "ran_for"}, "process:exception": {"error"},
+        "process:delete": set(),
     }
     assert set(KIND_FIELDS) == EVENT_KINDS
 

@@ -60,7 +60,7 @@ while True:
 FAST_BACKOFF = {"initial": 0.05, "max": 0.05}
 
 #: What every event carries.
-COMMON_FIELDS = {"event", "slug", "app", "node", "process_type", "pid", "state", "at"}
+COMMON_FIELDS = {"event", "slug", "app", "node", "process_type", "pid", "state", "reason", "at"}
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -375,21 +375,22 @@ async def make_agent(
 
 
 async def test_start_sequence_from_create_to_online(client: Client, web_app: str) -> None:
-    """A client connected before the create sees downloading, unpacking, starting,
-    running, then online: each state event names the state it left, the running one and
-    the online one carry the child's pid, and the status without a health check says
-    healthy null (with a port given to the process)."""
+    """A client connected before the create sees the create (in state pending), then
+    downloading, unpacking, starting, running, then online: each state event names the
+    state it left, the running one and the online one carry the child's pid, and the
+    status without a health check says healthy null (with a port given to the process)."""
     events = await connect_events(client)
     process = await create(client, web_app)
     assert process["state"] == "pending"
     seen = await events.until(is_("online"))
     assert [brief(e) for e in seen] == [
+        "create@pending",
         "state:pending->downloading", "state:downloading->unpacking",
         "state:unpacking->starting", "state:starting->running", "online@running",
     ]
     check_fields(seen, "myapp.web.0")
     status = await get_json(client, process["details"])
-    assert [e["pid"] for e in seen] == [None, None, None, status["pid"], status["pid"]]
+    assert [e["pid"] for e in seen] == [None, None, None, None, status["pid"], status["pid"]]
     times = [parse_at(e) for e in seen]
     assert times == sorted(times)
     assert status["healthy"] is None
@@ -448,7 +449,8 @@ async def test_stop_start_restart_and_delete_sequences(
 ) -> None:
     """The controls, each as the socket tells it: stop is stopping, the exit of the child
     (pid, code 0 on SIGTERM), stopped; start is starting, running, online; restart is a
-    stop then a start; delete is stopping, exit, stopped, and nothing after."""
+    stop then a start; delete is stopping, exit, stopped, the delete (no pid), and nothing
+    after."""
     events = await connect_events(client)
     process = await create(client, web_app)
     pid = (await events.until(is_("online")))[-1]["pid"]
@@ -482,10 +484,11 @@ async def test_stop_start_restart_and_delete_sequences(
     await wait_ready(agent, "myapp.web.0", 3)
 
     await post_json(client, process["delete"])
-    delete = await events.take(3)
+    delete = await events.take(4)
     assert [brief(e) for e in delete] == ["state:running->stopping", "exit@stopping",
-                                          "state:stopping->stopped"]
+                                          "state:stopping->stopped", "delete@stopped"]
     assert delete[1]["pid"] == pid
+    assert delete[3]["pid"] is None
     assert (delete[1]["code"], delete[1]["signal"]) == (0, None)
     check_fields(events.seen, "myapp.web.0")
     await events.nothing_within(0.2)
@@ -514,7 +517,8 @@ async def test_a_404_source_ends_in_an_exception_event(
     process = await create(client, archive_server.url("missing.tgz"))
     seen = await events.until(is_("exception"))
     assert [brief(e) for e in seen] == [
-        "state:pending->downloading", "state:downloading->failed", "exception@failed",
+        "create@pending", "state:pending->downloading", "state:downloading->failed",
+        "exception@failed",
     ]
     check_fields(seen, "myapp.web.0")
     status = await get_json(client, process["details"])
@@ -546,8 +550,8 @@ async def test_filters_by_app_and_by_slug(client: Client, web_app: str) -> None:
     seen = await everything.until(all_online)
     of_app = [e for e in seen if e["app"] == "one"]
     of_slug = [e for e in seen if e["slug"] == "one.web.1"]
-    assert len(of_app) == 10
-    assert len(of_slug) == 5
+    assert len(of_app) == 12
+    assert len(of_slug) == 6
     assert await by_app.take(len(of_app)) == of_app
     assert await by_slug.take(len(of_slug)) == of_slug
 
@@ -685,10 +689,55 @@ async def test_notify_without_a_global_webhook_is_unsigned(
     await create(client, web_app, notify=[receiver.url("/notify")])
     hits = await receiver.wait_until("/notify", has("online", "myapp.web.0"))
     assert [brief(hit.event) for hit in hits] == [
-        "state:pending->downloading", "state:downloading->unpacking",
+        "create@pending", "state:pending->downloading", "state:downloading->unpacking",
         "state:unpacking->starting", "state:starting->running", "online@running",
     ]
     assert all("X-Smartmob-Signature" not in hit.headers for hit in hits)
+
+
+async def test_create_and_delete_are_told_to_the_socket_and_the_webhooks(
+    receiver: Receiver, make_agent: AgentFactory, web_app: str
+) -> None:
+    """A create is told first (``process:create``, in the state it was created in: here
+    ``stopped``, with ``autostart: false``), a delete last (``process:delete`` after the
+    stop's events), each with the fields of every event and no pid, on the events socket,
+    at the global webhook and at the process's ``notify`` URL (which still gets the
+    delete); a create that is refused (a conflict) tells nothing."""
+    _, client = await make_agent(webhook=(receiver.url("/global"),))
+    events = await connect_events(client)
+    quiet = await create(client, web_app, node="quiet.0", autostart=False,
+                         notify=[receiver.url("/notify")])
+    created = await events.next()
+    assert (brief(created), created["slug"], created["pid"]) == (
+        "create@stopped", "myapp.quiet.0", None)
+    assert created.keys() == COMMON_FIELDS
+    busy = await create(client, web_app)
+    assert brief(await events.next()) == "create@pending"
+    await events.until(is_("online", "myapp.web.0"))
+    await post_json(client, (await index(client))["create"], {
+        "app": "myapp", "node": "web.0", "process_type": "web", "source_url": web_app,
+    }, status=409)
+    await post_json(client, quiet["delete"])
+    deleted = await events.next()
+    assert (brief(deleted), deleted["slug"], deleted["pid"]) == (
+        "delete@stopped", "myapp.quiet.0", None)
+    assert deleted.keys() == COMMON_FIELDS
+    await post_json(client, busy["delete"])
+    last = await events.until(is_("delete"))
+    assert [brief(e) for e in last] == [
+        "state:running->stopping", "exit@stopping", "state:stopping->stopped", "delete@stopped"]
+    check_fields([created, deleted], "myapp.quiet.0")
+    await events.nothing_within(0.2)
+    notified = await receiver.wait_until("/notify", has("delete", "myapp.quiet.0"))
+    assert [hit.event for hit in notified] == [created, deleted]
+    assert [hit.headers["X-Smartmob-Event"] for hit in notified] == [
+        "process:create", "process:delete"]
+    everything = await receiver.wait_until("/global", has("delete", "myapp.web.0"))
+    told = [(hit.event["event"], hit.event["slug"]) for hit in everything
+            if hit.event["event"] in ("process:create", "process:delete")]
+    assert told == [("process:create", "myapp.quiet.0"), ("process:create", "myapp.web.0"),
+                    ("process:delete", "myapp.quiet.0"), ("process:delete", "myapp.web.0")]
+    await events.ws.close()
 
 
 async def test_dead_webhooks_slow_neither_supervision_nor_the_api(

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from smartmob_agent.model import Exit, ExitRecord
 from smartmob_agent.store import (
     DATABASE_NAME,
     MIGRATIONS,
@@ -404,19 +405,25 @@ def test_each_migration_starts_from_the_version_before(folder: Path) -> None:
     assert user_version(folder) == SCHEMA_VERSION
 
 
-def test_the_reserved_seq_mark_is_kept_and_migrated(folder: Path) -> None:
-    """The mark below which a process's output lines may be numbered survives a reopen;
-    a database from before it (the version before the last) gets it as 0 for each row."""
-    assert "seq_reserved" in MIGRATIONS[-1]
+def older_database(folder: Path, column: str) -> None:
+    """Leave in ``folder`` a database of the version before the migration that added
+    ``column``, holding one process, ``old``."""
+    (before,) = [i for i, step in enumerate(MIGRATIONS) if f"ADD COLUMN {column} " in step]
     connection = raw(folder)
-    for step in MIGRATIONS[:-1]:
+    for step in MIGRATIONS[:before]:
         connection.execute(step)
     connection.execute(
         "INSERT INTO processes (slug, position, request, desired, process_id) "
         "VALUES ('old', 1, ?, 'running', 'pid-old')", (json.dumps({"app": "old"}),),
     )
-    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
+    connection.execute(f"PRAGMA user_version = {before}")
     connection.close()
+
+
+def test_the_reserved_seq_mark_is_kept_and_migrated(folder: Path) -> None:
+    """The mark below which a process's output lines may be numbered survives a reopen;
+    a database from before it gets it as 0 for each row."""
+    older_database(folder, "seq_reserved")
     opened = Store.open(folder)
     try:
         assert opened.load() == [Record("old", {"app": "old"}, "running", "pid-old")]
@@ -431,4 +438,36 @@ def test_the_reserved_seq_mark_is_kept_and_migrated(folder: Path) -> None:
         assert {r.slug: r.seq_reserved for r in again.load()} == {"old": 0, "new": 100_042}
     finally:
         again.close()
+    assert user_version(folder) == SCHEMA_VERSION
+
+
+def test_the_last_exits_are_kept_and_migrated(folder: Path) -> None:
+    """A process's last exits (code, time, run length and reason, oldest first) survive a
+    reopen exactly; ``set_exits`` replaces them; a database from before them gets none
+    for each row, and an unreadable list is forgotten (said in the log), not refused."""
+    older_database(folder, "exits")
+    exits = (ExitRecord(Exit(3), 1796148000.123456, 0.25),
+             ExitRecord(Exit(-15), 1796148001.5, 12.000001, "stopped"))
+    opened = Store.open(folder)
+    try:
+        assert opened.load()[0].exits == ()
+        opened.add(record("new"))
+        opened.set_exits("new", exits[:1])
+        opened.set_exits("new", exits)
+        opened.set_exits("gone", exits)  # a deleted process: nothing to update
+    finally:
+        opened.close()
+    again = Store.open(folder)
+    try:
+        assert {r.slug: r.exits for r in again.load()} == {"old": (), "new": exits}
+    finally:
+        again.close()
+    connection = raw(folder)
+    connection.execute("UPDATE processes SET exits = '[{\"code\": \"x\"}]' WHERE slug = 'new'")
+    connection.close()
+    third = Store.open(folder)
+    try:
+        assert [r.exits for r in third.load()] == [(), ()]
+    finally:
+        third.close()
     assert user_version(folder) == SCHEMA_VERSION

@@ -25,7 +25,10 @@ from smartmob_agent.representations import format_time
 log = logging.getLogger("smartmob_agent.events")  # stable name: internals.rst
 
 #: The kind of an event about a process (its ``event`` field).
-EventKind = Literal["process:state", "process:online", "process:exit", "process:exception"]
+EventKind = Literal[
+    "process:create", "process:state", "process:online", "process:exit", "process:exception",
+    "process:delete",
+]
 #: The kinds of event the agent publishes (the ``event`` field).
 EVENT_KINDS: frozenset[str] = frozenset(get_args(EventKind))
 #: The kind of the notice that tells a queue's reader how many events it missed.
@@ -50,6 +53,14 @@ class _ProcessFields(TypedDict):
     reason: str | None
     #: when, in ISO 8601, UTC, with milliseconds
     at: str
+
+
+class CreateEvent(_ProcessFields):
+    """``process:create``: a create request made the process (its first event, before
+    any change of state); ``state`` is ``pending``, or ``stopped`` with ``autostart:
+    false``."""
+
+    event: Literal["process:create"]
 
 
 class StateEvent(_ProcessFields):
@@ -86,8 +97,17 @@ class ExceptionEvent(_ProcessFields):
     error: str
 
 
+class DeleteEvent(_ProcessFields):
+    """``process:delete``: the process is deleted (its last event, after those of its
+    stop): no child left, its files removed, its name free again."""
+
+    event: Literal["process:delete"]
+
+
 #: An event about a process: what :meth:`EventBus.publish` takes and listeners are told.
-ProcessEvent = StateEvent | OnlineEvent | ExitEvent | ExceptionEvent
+ProcessEvent = (
+    CreateEvent | StateEvent | OnlineEvent | ExitEvent | ExceptionEvent | DeleteEvent
+)
 
 
 class DroppedNotice(TypedDict):
@@ -107,10 +127,12 @@ _COMMON = _ProcessFields.__required_keys__ | {"event"}
 #: The fields of each kind besides the common ones, read from the types above, so that
 #: :func:`make_event` builds exactly what they say.
 KIND_FIELDS: dict[str, frozenset[str]] = {
+    "process:create": CreateEvent.__required_keys__ - _COMMON,
     "process:state": StateEvent.__required_keys__ - _COMMON,
     "process:online": OnlineEvent.__required_keys__ - _COMMON,
     "process:exit": ExitEvent.__required_keys__ - _COMMON,
     "process:exception": ExceptionEvent.__required_keys__ - _COMMON,
+    "process:delete": DeleteEvent.__required_keys__ - _COMMON,
 }
 
 
@@ -141,7 +163,7 @@ def make_event(
         extra: the fields particular to the kind, all of them and no others
             (:data:`KIND_FIELDS`): ``previous`` for ``process:state``; ``code``,
             ``signal`` and ``ran_for`` for ``process:exit``; ``error`` for
-            ``process:exception``.
+            ``process:exception``; none for ``process:create`` and ``process:delete``.
 
     Raises:
         ValueError: for a kind not in :data:`EVENT_KINDS`, or other fields than the

@@ -106,7 +106,7 @@ class ProcessLog:
         first_seq: int = 0,
         reserve: Callable[[int], None] | None = None,
     ) -> None:
-        self.folder = folder
+        self.folder = self._home = folder  # _home: what remove() deletes, even after a failure
         self._max_bytes = max_bytes
         self._files = files
         self._clock = clock
@@ -265,11 +265,7 @@ class ProcessLog:
                         record = prefix + line + b"\n"
                     self._append(record)
         except OSError as error:  # a full or broken disk: keep the lines in memory only
-            log.warning("cannot write the output log %s (%s): keeping lines in memory "
-                        "only", self.path, error)
-            self._drop_file()
-            self.folder = None
-            self._complete = False
+            self._give_up(error)
             return
         if self._flush_handle is None:
             with contextlib.suppress(RuntimeError):  # no running loop: flushed on close
@@ -319,16 +315,22 @@ class ProcessLog:
         if self._file is not None:
             try:
                 self._file.flush()
-            except OSError as error:
-                log.warning("cannot write the output log %s: %s", self.path, error)
+            except OSError as error:  # as in _write: said once, not at every flush
+                self._give_up(error)
+
+    def _give_up(self, error: OSError) -> None:
+        """Keep lines in memory only (a full or broken disk); say so once the file is gone."""
+        path, self.folder, self._complete = self.path, None, False
+        self._drop_file()  # first: the warning goes to the agent's own log, maybe this one
+        log.warning("cannot write the output log %s (%s): lines kept in memory only", path, error)
 
     async def remove(self) -> None:
         """Close the log and delete its files (the process is being deleted)."""
         self.close()
         self._ring.clear()
         self._ring_lines = 0
-        if self.folder is not None:
-            await asyncio.to_thread(shutil.rmtree, self.folder, True)
+        if self._home is not None:
+            await asyncio.to_thread(shutil.rmtree, self._home, True)
 
     # -- reading -----------------------------------------------------------------------------
 

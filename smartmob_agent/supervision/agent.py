@@ -225,10 +225,12 @@ class Agent:
         records = await take_over(
             store, self.id, self.settings.stop_timeout, (self.processes_dir, self.logs_dir)
         )
+        assert self._records is not None
         for record in records:
             spec, past = resumed(record, store.path)
             if record.port is not None:
                 self.ports.reserve(spec.slug, record.port)
+            self._records.known(record)
             self._register(Watcher(
                 spec, self.processes_dir / spec.slug, runtime, None, record.port, resumed=past
             ))
@@ -236,10 +238,14 @@ class Agent:
             log.info("brought back %d process(es) from %s", len(records), store.path)
         self._collect_sources()
 
-    def _register(self, watcher: Watcher) -> None:
+    def _register(self, watcher: Watcher, *, created: bool = False) -> None:
+        """Make ``watcher`` one of the agent's and start it; ``created``: by a create
+        request, which is published (``process:create``) before its first change."""
         assert self._records is not None, "Agent.start() first"
         self._watchers[watcher.spec.slug] = watcher
         watcher.add_listener(self._records.remember_child)
+        if created:  # registered first: its notify URLs get it too
+            self._emit(watcher, "process:create", {})
         watcher.start()
 
     def _open_agent_log(self, store: Store) -> None:
@@ -247,8 +253,8 @@ class Agent:
         settings = self.settings
 
         def reserve(mark: int) -> None:
-            if self.store is not None:
-                self.store.set_value(AGENT_LOG_SEQ_KEY, str(mark))
+            if self._records is not None:
+                self._records.set_value(AGENT_LOG_SEQ_KEY, str(mark))
 
         self.agent_log = ProcessLog(
             self.agent_log_dir if settings.log_max_bytes > 0 else None,
@@ -287,6 +293,9 @@ class Agent:
         self.reaper.close()
 
     def _emit(self, watcher: Watcher, kind: EventKind, fields: Mapping[str, Any]) -> None:
+        if kind == "process:exit" and self._records is not None:
+            # the exit is in watcher.exits already: a later agent shows it too
+            self._records.record_exits(watcher)
         spec = watcher.spec
         extra = dict(fields)
         pid = extra.pop("pid", watcher.pid)  # an exit names the child that ended
@@ -339,7 +348,7 @@ class Agent:
         except StoreError:
             self.ports.release(slug)
             raise
-        self._register(watcher)
+        self._register(watcher, created=True)
         log.info("%s: created (process type %r)", slug, spec.process_type)
         return watcher
 
@@ -440,6 +449,7 @@ class Agent:
             await watcher.remove_files()
         finally:  # even if it failed: a slug must never be stuck half-deleted
             if self._watchers.get(slug) is watcher:
+                self._emit(watcher, "process:delete", {})  # still registered: notify gets it
                 del self._watchers[slug]
                 self.ports.release(slug)
                 log.info("%s: deleted", slug)
@@ -511,22 +521,30 @@ class Agent:
         return path
 
     async def control(self, watcher: Watcher, action: str) -> None:
-        """Apply a ``start``, ``stop`` or ``restart`` control and record the process's
-        desired state (``stop`` keeps it stopped across agent restarts).
+        """Record the process's desired state (``stop`` keeps it stopped across agent
+        restarts), then apply a ``start``, ``stop`` or ``restart`` control.
+
+        A control that changes whether the process should run is recorded first: if that
+        cannot be written, the control is not applied (a new agent would undo it). One
+        that changes nothing there (a restart of a running process) writes nothing.
 
         Raises:
             Conflict: the control makes no sense in the process's state.
+            StoreError: it could not be recorded, and is not applied.
         """
-        if action == "start":
-            await watcher.request_start()
-        elif action == "stop":
-            await watcher.request_stop()
-        elif action == "restart":
-            await watcher.request_restart()
-        else:
+        controls = {"start": watcher.request_start, "stop": watcher.request_stop,
+                    "restart": watcher.request_restart}
+        if action not in controls:
             raise ValueError(f"unknown control {action!r}")
-        if self._records is not None and self._watchers.get(watcher.spec.slug) is watcher:
-            self._records.set_desired(watcher, "stopped" if action == "stop" else "running")
+        desired = "stopped" if action == "stop" else "running"
+        # raises if it cannot be written: then nothing is done
+        undo = None if self._records is None else self._records.intend(watcher, desired)
+        try:
+            await controls[action]()
+        except Conflict:
+            if undo is not None and self._watchers.get(watcher.spec.slug) is watcher:
+                undo()  # not applied: it stays as it was, and so does its row
+            raise
 
     def select(self, app: str | None) -> builtins.list[Watcher]:
         """Every watcher of ``app`` (of every app for ``None``), in creation order."""

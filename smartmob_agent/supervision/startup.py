@@ -113,7 +113,7 @@ def resumed(record: Record, database: Path) -> tuple[Spec, Resumed]:
         ) from None
     return spec, Resumed(
         record.process_id, stopped=record.desired == "stopped", restarts=record.restarts,
-        seq_start=record.seq_reserved,
+        seq_start=record.seq_reserved, exits=record.exits,
     )
 
 

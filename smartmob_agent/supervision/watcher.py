@@ -75,6 +75,8 @@ class Resumed:
     #: the lowest sequence number its output lines may get (the mark an earlier agent
     #: reserved up to)
     seq_start: int = 0
+    #: its last exits, oldest first, as the earlier agent's status document showed them
+    exits: tuple[ExitRecord, ...] = ()
 
 
 _P = ParamSpec("_P")
@@ -150,7 +152,8 @@ class Watcher:
         self.error: str | None = None
         #: why it failed, as a name, while it is failed (``reason``); else ``None``
         self.reason: FailureReason | None = None
-        self.exits: deque[ExitRecord] = deque(maxlen=EXIT_HISTORY)
+        self.exits: deque[ExitRecord] = deque(resumed.exits if resumed else (),
+                                              maxlen=EXIT_HISTORY)
         self.next_start_at: float | None = None
         self._restarts = Restarts(count=resumed.restarts if resumed else 0)
         self._current: Run | None = None  # the last child's run, until it is stopped
