@@ -194,25 +194,7 @@ class Watcher:
 
     def info(self) -> ProcessInfo:
         """Return a snapshot of the process for the API."""
-        pid, state, monitor = self.pid, self.state, self._runtime.monitor
-        usage = None if pid is None or monitor is None else monitor.usage(pid)
-        started_at = None if pid is None or self._current is None else self._current.started_at
-        crashed = state in (S.BACKOFF, S.FAILED, S.EXITED)
-        return ProcessInfo(
-            spec=self.spec, state=state, pid=pid, error=self.error, restarts=self.restarts,
-            last_exit=self.exits[-1] if self.exits else None, exits=tuple(self.exits),
-            started_at=started_at, port=self.port, healthy=self.healthy,
-            uptime=None if started_at is None
-            else max(0.0, self._runtime.wall_clock() - started_at),
-            cpu_percent=None if usage is None else usage.cpu_percent,
-            memory_rss=None if usage is None else usage.memory_rss,
-            backoff_delay=self._restarts.delay if state is S.BACKOFF else None,
-            next_start_at=self.next_start_at if state is S.BACKOFF else None,
-            output_tail=self._output.tail(OUTPUT_TAIL) if crashed else (),
-            stop_timeout=self._stop_timeout,
-            download=self._source.download if state is S.DOWNLOADING else None,
-            reason=self.reason,
-        )
+        return _snapshot(self)
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(watcher, old, new)`` after each state change (what it raises is
@@ -535,3 +517,26 @@ async def _cancel(task: asyncio.Task[None] | None, slug: str) -> None:
     except Exception:  # a bug of the run task: log it, stop all the same
         log.exception("%s: the run task failed", slug)
 
+
+def _snapshot(watcher: Watcher) -> ProcessInfo:
+    """What :meth:`Watcher.info` returns: outside the class, which is the lifecycle only."""
+    pid, state, runtime = watcher.pid, watcher.state, watcher._runtime
+    usage = None if pid is None or runtime.monitor is None else runtime.monitor.usage(pid)
+    current = watcher._current
+    started_at = None if pid is None or current is None else current.started_at
+    crashed = state in (S.BACKOFF, S.FAILED, S.EXITED)
+    return ProcessInfo(
+        spec=watcher.spec, state=state, pid=pid, error=watcher.error,
+        restarts=watcher.restarts, last_exit=watcher.exits[-1] if watcher.exits else None,
+        exits=tuple(watcher.exits), started_at=started_at, port=watcher.port,
+        healthy=watcher.healthy,
+        uptime=None if started_at is None else max(0.0, runtime.wall_clock() - started_at),
+        cpu_percent=None if usage is None else usage.cpu_percent,
+        memory_rss=None if usage is None else usage.memory_rss,
+        backoff_delay=watcher._restarts.delay if state is S.BACKOFF else None,
+        next_start_at=watcher.next_start_at if state is S.BACKOFF else None,
+        output_tail=watcher._output.tail(OUTPUT_TAIL) if crashed else (),
+        stop_timeout=watcher._stop_timeout,
+        download=watcher._source.download if state is S.DOWNLOADING else None,
+        reason=watcher.reason,
+    )
