@@ -28,6 +28,7 @@ from smartmob_agent.config import OPTIONS, Settings, check_settings, settings_fr
 from smartmob_agent.errors import AgentError, InvalidRequest
 from smartmob_agent.output.logs import RedactKeys
 from smartmob_agent.processes import guardian
+from smartmob_agent.processes.keeper import Keeper
 from smartmob_agent.processes.reaper import Reaper, become_subreaper
 from smartmob_agent.processes.users import resolve_run_as
 from smartmob_agent.supervision.agent import AGENT_ID_VARIABLE, Agent
@@ -264,18 +265,17 @@ async def _bind(
     return _BoundSite(runner, bound, tls is not None)
 
 
-def _start_guardian(agent: Agent, reaper: Reaper) -> subprocess.Popen[bytes]:
-    """Start the guardian of the agent's children, and say so if it ever exits."""
-    guardian = start_guardian(f"{AGENT_ID_VARIABLE}={agent.id}")
-    reaper.watch(guardian.pid, lambda status: log.warning(
-        "the guardian (pid %d) exited: children will not be killed if the agent is", guardian.pid))
-    return guardian
+def _start_guardian(agent: Agent, reaper: Reaper) -> Keeper:
+    """Start the guardian of the agent's children, and a new one whenever it dies."""
+    marker = f"{AGENT_ID_VARIABLE}={agent.id}"
+    keeper = Keeper(lambda: start_guardian(marker), reaper)
+    keeper.start()
+    return keeper
 
 
-def _release_guardian(guardian: subprocess.Popen[bytes]) -> None:
+def _release_guardian(guardian: Keeper) -> None:
     """Close the guardian's input: end of file tells it the agent is gone."""
-    assert guardian.stdin is not None
-    guardian.stdin.close()
+    guardian.release()
 
 
 async def _start_agent(agent: Agent, settings: Settings) -> None:
@@ -301,9 +301,7 @@ def _announce_ready(agent: Agent, runner: web.AppRunner, tls: bool) -> None:
                  __version__, scheme, shown, port, os.getpid())
 
 
-async def _shut_down(
-    runner: web.AppRunner, agent: Agent, guardian: subprocess.Popen[bytes]
-) -> None:
+async def _shut_down(runner: web.AppRunner, agent: Agent, guardian: Keeper) -> None:
     """Stop listening, stop every process, close the clients, the agent, the guardian."""
     try:
         # stop listening, then stop every process while the events and attach clients
