@@ -25,6 +25,7 @@ log = logging.getLogger("smartmob_agent")
 
 #: Restarts of the guardian allowed within :data:`RESTART_WINDOW` seconds.
 RESTART_LIMIT = 5
+#: The window of :data:`RESTART_LIMIT`, in seconds.
 RESTART_WINDOW = 60.0
 
 
@@ -36,6 +37,7 @@ def restart_delay(
     (oldest first): none while fewer than ``limit`` happened in the last ``window``
     seconds, else until the oldest of the last ``limit`` leaves the window.
 
+    >>> from smartmob_agent.processes.keeper import restart_delay
     >>> restart_delay([], 100.0)
     0.0
     >>> restart_delay([10.0, 20.0, 30.0, 40.0, 50.0], 60.0)

@@ -50,17 +50,11 @@ def marked_processes(marker: bytes, proc: str = "/proc") -> list[int]:
 
 
 class Entry:
-    """One process as a :func:`scan` found it.
-
-    Attributes:
-        pid: its pid.
-        parent: its parent's pid.
-        group: its process group.
-        started: when it started, in clock ticks since boot: with the pid, it names one
-            process for good (see :func:`started`).
-        markers: the entries of its environment whose name starts with
-            :data:`MARKER_PREFIX` (none if it was not ours to read).
-    """
+    """One process as a :func:`scan` found it: its ``pid``, its ``parent``'s pid, its
+    process ``group``, when it ``started`` (clock ticks since boot: with the pid, it
+    names one process for good, see :func:`started`), and its ``markers``, the entries
+    of its environment whose name starts with :data:`MARKER_PREFIX` (none if it was not
+    ours to read)."""
 
     __slots__ = ("group", "markers", "parent", "pid", "started")
 

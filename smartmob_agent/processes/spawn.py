@@ -111,6 +111,7 @@ def exec_command(command: str) -> str:
     first (``$PORT``, ``~``, globs). Anything else keeps its shell, which the command
     needs. Conservative: a quoted operator character keeps the shell too.
 
+    >>> from smartmob_agent.processes.spawn import exec_command
     >>> exec_command("gunicorn -b :$PORT app:main")
     'exec gunicorn -b :$PORT app:main'
     >>> exec_command("python -c 'import a; a.main()'")
@@ -146,6 +147,7 @@ def shell_script(command: str, parent: int) -> str:
     parent-death signal, set after the agent died, would never come: this guard ends
     it. Then the command, through :func:`exec_command`.
 
+    >>> from smartmob_agent.processes.spawn import shell_script
     >>> shell_script("serve", 42)
     '[ "$PPID" = 42 ] || exit 1; exec serve'
     """
@@ -162,10 +164,11 @@ def death_signal_wrapper() -> tuple[str, ...]:
 
     A program run before the shell, since setting it in Python between fork and exec
     (``preexec_fn``) would make :mod:`subprocess` fork instead of vfork: ~1.3 ms more per
-    spawn for an idle agent, ~2.7 ms at 40 MB, during which the event loop waits
-    (``benchmarks/spawn.py --spawn-cost``); setpriv costs the child ~0.9 ms and the
-    agent nothing. Found and tried once; ``()`` when it is missing or refuses the
-    option: the child then sets the signal in Python (see :func:`_child_setup`).
+    spawn for a 10 MB process, ~2.7 ms for a 50 MB one, more on a busy machine, during
+    which the event loop waits (``benchmarks/spawn.py --spawn-cost``); setpriv costs the
+    child ~0.9 ms and the agent nothing. Found and tried once; ``()`` when it is missing
+    or refuses the option: the child then sets the signal in Python, in a
+    ``preexec_fn``.
     """
     setpriv = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
     if setpriv is not None:
