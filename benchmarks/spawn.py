@@ -15,11 +15,11 @@ Targets (from the issue): agent RSS <= 40 MB with 300 running children (supervis
 holds 300 in ~29 MB). The issue gives no figure for spawn time; it is reported.
 
 First, in this process (``--spawn-cost N``, 0 to skip): the cost of the parent-death
-signal, N spawns of ``/bin/true`` each way, with ``--ballast`` MB of memory touched (as
-an agent's): how long each spawn holds the event loop (the ``Popen`` call) and spawn ->
-exit, for a plain ``/bin/sh -c`` (as before the signal), ``spawn_shell`` (``setpriv
---pdeathsig``), and ``spawn_shell`` setting it with ``prctl`` between fork and exec (the
-fallback where setpriv is missing, and the rejected design).
+signal, N spawns of ``/bin/true`` each way (the ways taking turns), with ``--ballast`` MB
+of memory touched (as an agent's): how long each spawn holds the event loop (the
+``Popen`` call) and spawn -> exit, for a plain ``/bin/sh -c`` (as before the signal),
+``spawn_shell`` (``setpriv --pdeathsig``), and ``spawn_shell`` setting it with ``prctl``
+between fork and exec (the fallback where setpriv is missing, and the rejected design).
 
 Run: ``python benchmarks/spawn.py [--burst 100] [--total 300] [--runs K]
 [--spawn-cost 300] [--ballast 30]``.
@@ -69,51 +69,58 @@ def _agent_way(reaper: Reaper) -> subprocess.Popen[bytes]:
     )
 
 
-async def _spawn_times(
-    start: Callable[[Reaper], subprocess.Popen[bytes]], count: int
-) -> tuple[list[float], list[float]]:
-    """``count`` spawns one after the other: how long each start held the loop, and
-    spawn -> exit reaped."""
-    loop = asyncio.get_running_loop()
-    reaper = Reaper()
-    held, total = [], []
-    for _ in range(count):
-        began = time.perf_counter()
-        popen = start(reaper)
-        held.append(time.perf_counter() - began)
-        exited: asyncio.Future[int] = loop.create_future()
-        reaper.redirect(popen.pid, exited.set_result)
-        await asyncio.wait_for(exited, 10)
-        total.append(time.perf_counter() - began)
-        popen.returncode = 0  # reaped by the reaper: Popen must not wait for the pid
-        for pipe in (popen.stdin, popen.stdout, popen.stderr):
-            assert pipe is not None
-            pipe.close()
-    reaper.close()
+def _prctl_way(reaper: Reaper) -> subprocess.Popen[bytes]:
+    """A spawn as the agent does it where setpriv is missing."""
+    found = spawn.death_signal_wrapper
+    spawn.death_signal_wrapper = lambda: ()  # type: ignore[assignment]
+    try:
+        return _agent_way(reaper)
+    finally:
+        spawn.death_signal_wrapper = found
+
+
+async def _one_spawn(
+    start: Callable[[Reaper], subprocess.Popen[bytes]], reaper: Reaper
+) -> tuple[float, float]:
+    """One spawn: how long the start held the loop, and spawn -> exit reaped."""
+    began = time.perf_counter()
+    popen = start(reaper)
+    held = time.perf_counter() - began
+    exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    reaper.redirect(popen.pid, exited.set_result)
+    await asyncio.wait_for(exited, 10)
+    total = time.perf_counter() - began
+    popen.returncode = 0  # reaped by the reaper: Popen must not wait for the pid
+    for pipe in (popen.stdin, popen.stdout, popen.stderr):
+        assert pipe is not None
+        pipe.close()
     return held, total
 
 
 async def spawn_cost(count: int, ballast_mb: int) -> None:
-    """Print the cost of each way of spawning (see the module's docstring)."""
+    """Print the cost of each way of spawning (see the module's docstring); the ways
+    take turns, spawn by spawn, so that the machine's load weighs on each alike."""
     ballast = bytearray(ballast_mb * b.MB)
     for offset in range(0, len(ballast), 4096):  # touched: resident, like an agent's heap
         ballast[offset] = 1
     wrapper = spawn.death_signal_wrapper()
-    print(f"   spawn cost: {count} spawns of /bin/true each way, this process's RSS "
-          f"{b.fmt_mb(psutil.Process().memory_info().rss)}; setpriv: "
+    print(f"   spawn cost: {count} spawns of /bin/true each way, in turns; this process's "
+          f"RSS {b.fmt_mb(psutil.Process().memory_info().rss)}; setpriv: "
           f"{' '.join(wrapper) if wrapper else 'not available'}")
-    found = spawn.death_signal_wrapper
-    ways: list[Callable[[Reaper], subprocess.Popen[bytes]]] = [_plain, _agent_way, _agent_way]
-    for name, start in zip(SPAWN_WAYS, ways, strict=True):
-        if name.startswith("prctl"):  # the fallback, as if setpriv were missing
-            spawn.death_signal_wrapper = lambda: ()  # type: ignore[assignment]
-        try:
-            held, total = await _spawn_times(start, count)
-        finally:
-            spawn.death_signal_wrapper = found
-        print(f"     {name:22s} event loop held: median {1000 * b.median(held):.3f} ms, "
-              f"p90 {1000 * b.percentile(held, 90):.3f} ms, total {sum(held):.3f} s; "
-              f"spawn -> exit median {1000 * b.median(total):.3f} ms")
+    ways = (_plain, _agent_way, _prctl_way)
+    held: list[list[float]] = [[] for _ in ways]
+    total: list[list[float]] = [[] for _ in ways]
+    reaper = Reaper()
+    for _ in range(count):
+        for index, start in enumerate(ways):
+            one_held, one_total = await _one_spawn(start, reaper)
+            held[index].append(one_held)
+            total[index].append(one_total)
+    reaper.close()
+    for name, times, totals in zip(SPAWN_WAYS, held, total, strict=True):
+        print(f"     {name:22s} event loop held: median {1000 * b.median(times):.3f} ms, "
+              f"p90 {1000 * b.percentile(times, 90):.3f} ms, total {sum(times):.3f} s; "
+              f"spawn -> exit median {1000 * b.median(totals):.3f} ms")
     del ballast
 
 
