@@ -701,9 +701,8 @@ async def test_a_child_between_fork_and_exec_does_not_outlive_a_sigkilled_agent(
     by a stop, standing in for a preemption); once the guardian has swept and exited,
     the child goes on: it must not run its command.
 
-    Its environment is still the agent's, which carries no marker, so the guardian's
-    sweep misses it, and the parent-death signal is not set yet: the guard its shell
-    runs first (its parent is not the agent any more) ends it."""
+    The guardian's sweep misses it (no marker yet), and its parent-death signal is not
+    set yet: its shell's guard (its parent is no longer the agent) ends it."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(HOLD_BEFORE_EXEC)
@@ -744,9 +743,7 @@ async def test_a_child_between_fork_and_exec_does_not_outlive_a_sigkilled_agent(
             os.close(guardian_fd)
         with contextlib.suppress(ProcessLookupError):  # gone already: the sweep got it
             signal.pidfd_send_signal(child_fd, signal.SIGCONT)
-        # it ends, or it runs its command (not merely execs: the shell's guard, which
-        # runs in the command's environment, comes first)
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(10):  # it ends, or runs its command (after the guard)
             while True:
                 if process_state(pid) in (None, "Z") or runs_sleep_1001(pid):
                     break
