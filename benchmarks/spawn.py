@@ -14,7 +14,15 @@ With the app archive already served on 127.0.0.1, measured on a fresh agent each
 Targets (from the issue): agent RSS <= 40 MB with 300 running children (supervisord
 holds 300 in ~29 MB). The issue gives no figure for spawn time; it is reported.
 
-Run: ``python benchmarks/spawn.py [--burst 100] [--total 300] [--runs K]``.
+First, in this process (``--spawn-cost N``, 0 to skip): the cost of the parent-death
+signal, N spawns of ``/bin/true`` each way (the ways taking turns), with ``--ballast`` MB
+of memory touched (as an agent's): how long each spawn holds the event loop (the
+``Popen`` call) and spawn -> exit, for a plain ``/bin/sh -c`` (as before the signal),
+``spawn_shell`` (``setpriv --pdeathsig``), and ``spawn_shell`` setting it with ``prctl``
+between fork and exec (the fallback where setpriv is missing, and the rejected design).
+
+Run: ``python benchmarks/spawn.py [--burst 100] [--total 300] [--runs K]
+[--spawn-cost 300] [--ballast 30]``.
 """
 
 from __future__ import annotations
@@ -22,13 +30,98 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
+import subprocess
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import benchlib as b
 import psutil
 
+sys.path.insert(0, str(b.agent_code_dir()))  # the snapshot, if the header names one
+
+from smartmob_agent.processes import spawn
+from smartmob_agent.processes.reaper import Reaper
+
 TARGET_RSS = 40 * b.MB
+#: What each way of spawning is called in the output.
+SPAWN_WAYS = ("plain /bin/sh -c", "setpriv --pdeathsig", "prctl in preexec_fn")
+
+
+def _plain(reaper: Reaper) -> subprocess.Popen[bytes]:
+    """A spawn as before the parent-death signal: ``/bin/sh -c`` and nothing else."""
+    popen = subprocess.Popen(
+        ["/bin/sh", "-c", "/bin/true"], cwd=Path.cwd(), env=dict(os.environ),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+        start_new_session=True, close_fds=True,
+    )
+    reaper.watch(popen.pid, lambda status: None)
+    return popen
+
+
+def _agent_way(reaper: Reaper) -> subprocess.Popen[bytes]:
+    """A spawn as the agent does it (``death_signal_wrapper`` decides setpriv or prctl)."""
+    return spawn.spawn_shell(
+        "/bin/true", cwd=Path.cwd(), env=dict(os.environ), reaper=reaper,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+def _prctl_way(reaper: Reaper) -> subprocess.Popen[bytes]:
+    """A spawn as the agent does it where setpriv is missing."""
+    found = spawn.death_signal_wrapper
+    spawn.death_signal_wrapper = lambda: ()  # type: ignore[assignment]
+    try:
+        return _agent_way(reaper)
+    finally:
+        spawn.death_signal_wrapper = found
+
+
+async def _one_spawn(
+    start: Callable[[Reaper], subprocess.Popen[bytes]], reaper: Reaper
+) -> tuple[float, float]:
+    """One spawn: how long the start held the loop, and spawn -> exit reaped."""
+    began = time.perf_counter()
+    popen = start(reaper)
+    held = time.perf_counter() - began
+    exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    reaper.redirect(popen.pid, exited.set_result)
+    await asyncio.wait_for(exited, 10)
+    total = time.perf_counter() - began
+    popen.returncode = 0  # reaped by the reaper: Popen must not wait for the pid
+    for pipe in (popen.stdin, popen.stdout, popen.stderr):
+        assert pipe is not None
+        pipe.close()
+    return held, total
+
+
+async def spawn_cost(count: int, ballast_mb: int) -> None:
+    """Print the cost of each way of spawning (see the module's docstring); the ways
+    take turns, spawn by spawn, so that the machine's load weighs on each alike."""
+    ballast = bytearray(ballast_mb * b.MB)
+    for offset in range(0, len(ballast), 4096):  # touched: resident, like an agent's heap
+        ballast[offset] = 1
+    wrapper = spawn.death_signal_wrapper()
+    print(f"   spawn cost: {count} spawns of /bin/true each way, in turns; this process's "
+          f"RSS {b.fmt_mb(psutil.Process().memory_info().rss)}; setpriv: "
+          f"{' '.join(wrapper) if wrapper else 'not available'}")
+    ways = (_plain, _agent_way, _prctl_way)
+    held: list[list[float]] = [[] for _ in ways]
+    total: list[list[float]] = [[] for _ in ways]
+    reaper = Reaper()
+    for _ in range(count):
+        for index, start in enumerate(ways):
+            one_held, one_total = await _one_spawn(start, reaper)
+            held[index].append(one_held)
+            total[index].append(one_total)
+    reaper.close()
+    for name, times, totals in zip(SPAWN_WAYS, held, total, strict=True):
+        print(f"     {name:22s} event loop held: median {1000 * b.median(times):.3f} ms, "
+              f"p90 {1000 * b.percentile(times, 90):.3f} ms, total {sum(times):.3f} s; "
+              f"spawn -> exit median {1000 * b.median(totals):.3f} ms")
+    del ballast
 
 
 async def create_all(api: b.Api, url: str, nodes: list[str]) -> dict[str, float]:
@@ -164,11 +257,21 @@ async def main() -> int:
     parser.add_argument("--agent-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment variable for the agent (experiments, e.g. "
                         "MALLOC_ARENA_MAX=2)")
+    parser.add_argument("--spawn-cost", type=int, default=300, metavar="N",
+                        help="spawns of /bin/true each way to measure the parent-death "
+                        "signal's cost (0: skip)")
+    parser.add_argument("--ballast", type=int, default=30, metavar="MB",
+                        help="memory this process touches first, as an agent's, for "
+                        "--spawn-cost (fork copies its page tables)")
     parser.add_argument("--profile", choices=("none", "cprofile", "py-spy"), default="none")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
     b.header("spawn time and memory with many children")
+    if args.spawn_cost > 0:
+        await spawn_cost(args.spawn_cost, args.ballast)
     results = [await one_run(args, run) for run in range(args.runs)]
+    if not results:
+        return 0
     rss = b.median([r["rss"] for r in results])
     steady = b.median([r.get("rss_steady", float("nan")) for r in results])
     print("\n-- summary (medians over runs) --")

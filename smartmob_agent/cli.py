@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import ctypes
 import ipaddress
 import logging
@@ -29,6 +28,7 @@ from smartmob_agent.config import OPTIONS, Settings, check_settings, settings_fr
 from smartmob_agent.errors import AgentError, InvalidRequest
 from smartmob_agent.output.logs import RedactKeys
 from smartmob_agent.processes import guardian, privacy
+from smartmob_agent.processes.keeper import Keeper
 from smartmob_agent.processes.reaper import Reaper, become_subreaper
 from smartmob_agent.processes.users import resolve_run_as
 from smartmob_agent.supervision.agent import AGENT_ID_VARIABLE, Agent
@@ -240,22 +240,20 @@ async def _bind(
     return site
 
 
-def _start_guardian(agent: Agent, reaper: Reaper) -> subprocess.Popen[bytes]:
-    """Start the guardian of the agent's children, and say so if it ever exits."""
-    guardian = start_guardian(f"{AGENT_ID_VARIABLE}={agent.id}")
-    reaper.watch(guardian.pid, lambda status: log.warning(
-        "the guardian (pid %d) exited: children will not be killed if the agent is", guardian.pid))
-    return guardian
+def _start_guardian(agent: Agent, reaper: Reaper) -> Keeper:
+    """Start the guardian of the agent's children, and a new one whenever it dies."""
+    marker = f"{AGENT_ID_VARIABLE}={agent.id}"
+    keeper = Keeper(lambda: start_guardian(marker), reaper)
+    keeper.start()
+    return keeper
 
 
-def _release_guardian(guardian: subprocess.Popen[bytes]) -> None:
+def _release_guardian(guardian: Keeper) -> None:
     """Close the guardian's input (end of file tells it the agent is gone), and wait the
     moment it takes to exit: its SIGCHLD then reaches a running event loop, not one being
     closed (whose signal wakeup pipe would print "Exception ignored" on stderr)."""
-    assert guardian.stdin is not None
-    guardian.stdin.close()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        guardian.wait(timeout=2.0)  # it finds nobody to kill after a clean stop
+    guardian.release()
+    guardian.wait_released(timeout=2.0)  # it finds nobody to kill after a clean stop
 
 
 async def _start_agent(agent: Agent, settings: Settings) -> None:
@@ -281,9 +279,7 @@ def _announce_ready(agent: Agent, runner: web.AppRunner, tls: bool) -> None:
                  __version__, scheme, shown, port, os.getpid())
 
 
-async def _shut_down(
-    runner: web.AppRunner, agent: Agent, guardian: subprocess.Popen[bytes]
-) -> None:
+async def _shut_down(runner: web.AppRunner, agent: Agent, guardian: Keeper) -> None:
     """Stop listening, stop every process, close the clients, the agent, the guardian."""
     try:
         # stop listening, then stop every process while the events and attach clients

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import select
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -401,13 +404,18 @@ async def test_children_that_outlived_their_agent_are_stopped_not_doubled(
     tmp_path: Path, http: aiohttp.ClientSession, archive_server: ArchiveServer,
     leftovers: list[psutil.Process],
 ) -> None:
-    """With its guardian gone too (SIGKILLed first), a SIGKILLed agent leaves its
-    children running: a new agent on the same folder stops them before starting each
-    process again, both the child that still carries the old agent's id and one that
-    removed it from its environment (found by its recorded pid and start time)."""
+    """With its guardian out of the way too (frozen, then SIGKILLed once the agent is:
+    a frozen guardian is not replaced, and a dead one does not sweep) and children that
+    cleared their parent-death signal, a SIGKILLed agent leaves its children running: a
+    new agent on the same folder stops them before starting each process again, both
+    the child that still carries the old agent's id and one that removed it from its
+    environment (found by its recorded pid and start time)."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv to clear the children's parent-death signal")
+    keep = "setpriv --pdeathsig clear --"
     url = archive_server.add("pair.tgz", app_archive(
-        "web: exec sleep 1000\n"
-        f"hidden: exec env -u {AGENT_ID_VARIABLE} sleep 1000\n"))
+        f"web: exec {keep} sleep 1000\n"
+        f"hidden: exec {keep} env -u {AGENT_ID_VARIABLE} sleep 1000\n"))
     state_dir = tmp_path / "state"
     first = AgentProcess(state_dir)
     second: AgentProcess | None = None
@@ -427,6 +435,17 @@ async def test_children_that_outlived_their_agent_are_stopped_not_doubled(
         assert AGENT_ID_VARIABLE not in await environ_of(hidden.pid)
 
         guardian = guardian_of(first)
+        guardian.suspend()
+        # the frozen guardian holds the agent's stderr: wait for the agent's death by its
+        # pidfd, then kill the guardian (a live agent would replace it), then reap
+        assert first.proc is not None
+        agent_fd = os.pidfd_open(first.pid)
+        try:
+            first.proc.kill()
+            await eventually(lambda: bool(select.select([agent_fd], [], [], 0)[0]),
+                             what="the agent to die")
+        finally:
+            os.close(agent_fd)
         guardian.kill()
         guardian.wait(timeout=5)
         await first.kill()

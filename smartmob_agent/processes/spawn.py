@@ -3,7 +3,16 @@
 :func:`spawn_shell` is the one way the agent starts a command (a process's, a build
 step's, a health check's): ``/bin/sh -c COMMAND`` in a new session (so it leads its own
 process group), with the process's umask, user and resource limits, watched by the
-agent's :class:`~smartmob_agent.processes.reaper.Reaper`.
+agent's :class:`~smartmob_agent.processes.reaper.Reaper`. A simple command is run with
+``exec`` (see :func:`exec_command`), so that the program replaces the shell and a signal
+sent to the child reaches the program, not a shell that would die of it.
+
+A child dies with the agent, even of ``SIGKILL``: it gets ``SIGKILL`` when the thread
+that spawned it ends (Linux's parent-death signal, set by ``setpriv --pdeathsig`` before
+the shell runs, see :func:`death_signal_wrapper`), and its shell exits at once if the
+agent died before that was set (see :func:`shell_script`). So spawn only from a thread
+that lives as long as the agent: the event loop's. The guardian
+(:mod:`~smartmob_agent.processes.guardian`) ends the grandchildren.
 
 A :class:`Child` is one pid from spawn to reap. It reads stdout and stderr in 64 KiB
 chunks straight from the pipes into a :class:`~smartmob_agent.output.lines.LineSplitter`,
@@ -16,9 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
+import functools
+import logging
 import os
+import re
 import resource
+import shlex
+import shutil
 import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +46,8 @@ from smartmob_agent.output.lines import DEFAULT_MAX_LINE, LineSplitter
 from smartmob_agent.processes.privacy import children_umask
 from smartmob_agent.processes.reaper import Reaper
 from smartmob_agent.processes.stop import signal_tree, stop_tree
+
+log = logging.getLogger("smartmob_agent.child")  # stable name: internals.rst
 
 #: Receives batches of output lines: ``sink(stream, lines)``.
 Sink = Callable[[str, list[bytes]], None]
@@ -63,16 +80,149 @@ def hard_limits() -> dict[str, int | None]:
     return limits
 
 
-def _limiter(rlimits: Sequence[tuple[str, int | None]]) -> Callable[[], None]:
-    """The function the child runs between fork and exec: sets each limit, soft and hard,
-    from values computed here (nothing to look up or allocate there)."""
+#: The shell's reserved words and builtins: a command that starts with one is not a
+#: program that ``exec`` could run (``exit 1``, ``cd dir``, ``if``...), or one whose
+#: program of the same name may behave otherwise (``echo``, ``kill``, ``test``).
+_SHELL_WORDS = frozenset({
+    "!", "{", "}", "[[", "]]", "case", "do", "done", "elif", "else", "esac", "fi", "for",
+    "function", "if", "in", "select", "then", "time", "until", "while",
+    ".", ":", "[", "alias", "bg", "bind", "break", "builtin", "caller", "cd", "chdir",
+    "command", "compgen", "complete", "continue", "declare", "dirs", "disown", "echo",
+    "enable", "eval", "exec", "exit", "export", "false", "fc", "fg", "getopts", "hash",
+    "help", "history", "jobs", "kill", "let", "local", "logout", "mapfile", "popd",
+    "printf", "pushd", "pwd", "read", "readarray", "readonly", "return", "set", "shift",
+    "shopt", "source", "suspend", "test", "times", "trap", "true", "type", "typeset",
+    "ulimit", "umask", "unalias", "unset", "wait",
+})
+#: Characters of the shell's operators: a pipe, a list, a redirection, a subshell, a
+#: command substitution (``$(...)``, backquotes), a background job.
+_OPERATOR_CHARS = "|&;<>()`"
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def exec_command(command: str) -> str:
+    """``command`` with ``exec`` in front if it is one simple command, else as it is.
+
+    A simple command is a program and its arguments, with no operator outside quotes
+    (``|``, ``&&``, ``;``, ``&``, redirections, ``(``, ``$(...)``, backquotes), no line
+    break, and a first word that is neither a shell builtin or reserved word nor a
+    variable assignment. With ``exec``, the program replaces ``/bin/sh`` (Debian's
+    ``dash`` does not do it by itself), so the child's pid is the program's and a signal
+    it handles does not kill a shell in between. The shell still expands the words
+    first (``$PORT``, ``~``, globs). Anything else keeps its shell, which the command
+    needs. Conservative: a quoted operator character keeps the shell too.
+
+    >>> from smartmob_agent.processes.spawn import exec_command
+    >>> exec_command("gunicorn -b :$PORT app:main")
+    'exec gunicorn -b :$PORT app:main'
+    >>> exec_command("python -c 'import a; a.main()'")
+    "exec python -c 'import a; a.main()'"
+    >>> exec_command("migrate && serve")
+    'migrate && serve'
+    >>> exec_command("DEBUG=1 serve")
+    'DEBUG=1 serve'
+    """
+    if "\n" in command:
+        return command
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=_OPERATOR_CHARS)
+    lexer.whitespace_split = True
+    lexer.commenters = ""  # "#" starts a comment only at a word's start: the shell decides
+    try:
+        words = list(lexer)
+    except ValueError:  # an unclosed quote: the shell says what is wrong
+        return command
+    if not words or any(char in _OPERATOR_CHARS for word in words for char in word[:1]):
+        return command
+    first = words[0]
+    if first in _SHELL_WORDS or first.startswith("-") or _ASSIGNMENT.match(first):
+        return command
+    return f"exec {command}"
+
+
+def shell_script(command: str, parent: int) -> str:
+    """What ``/bin/sh -c`` runs for ``command``, spawned by process ``parent``.
+
+    First a guard: the shell exits at once if its parent is no longer ``parent``. A
+    child caught between fork and exec when the agent dies carries no marker yet (its
+    environment is still the agent's), so the guardian's sweep cannot find it, and the
+    parent-death signal, set after the agent died, would never come: this guard ends
+    it. Then the command, through :func:`exec_command`.
+
+    >>> from smartmob_agent.processes.spawn import shell_script
+    >>> shell_script("serve", 42)
+    '[ "$PPID" = 42 ] || exit 1; exec serve'
+    """
+    return f'[ "$PPID" = {parent} ] || exit 1; {exec_command(command)}'
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+@functools.cache
+def death_signal_wrapper() -> tuple[str, ...]:
+    """The start of a child's command line that gives it ``SIGKILL`` when its parent
+    thread ends: ``setpriv --pdeathsig KILL --`` (util-linux 2.33 or newer).
+
+    A program run before the shell, since setting it in Python between fork and exec
+    (``preexec_fn``) would make :mod:`subprocess` fork instead of vfork: ~1.3 ms more per
+    spawn for a 10 MB process, ~2.7 ms for a 50 MB one, more on a busy machine, during
+    which the event loop waits (``benchmarks/spawn.py --spawn-cost``); setpriv costs the
+    child ~0.9 ms and the agent nothing. Found and tried once; ``()`` when it is missing
+    or refuses the option: the child then sets the signal in Python, in a
+    ``preexec_fn``.
+    """
+    setpriv = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
+    if setpriv is not None:
+        wrapper = (setpriv, "--pdeathsig", "KILL", "--")
+        try:
+            tried = subprocess.run(
+                [*wrapper, "/bin/sh", "-c", ":"], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError):
+            tried = None
+        if tried is not None and tried.returncode == 0:
+            return wrapper
+    log.warning(
+        "setpriv (util-linux 2.33 or newer) is not available: each child sets its "
+        "parent-death signal in Python between fork and exec, which makes spawning slower"
+    )
+    return ()
+
+
+def _prctl() -> Callable[..., int] | None:
+    """libc's ``prctl``, or ``None`` where there is none."""
+    try:
+        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return None
+    return prctl
+
+
+def _child_setup(
+    rlimits: Sequence[tuple[str, int | None]], death_signal: bool
+) -> Callable[[], None] | None:
+    """The function the child runs between fork and exec, or ``None`` if there is
+    nothing to do there (so that :mod:`subprocess` can vfork, which is faster).
+
+    Sets the parent-death signal if ``death_signal`` (no :func:`death_signal_wrapper`),
+    then each limit, soft and hard, from values computed here (nothing to look up or
+    allocate there).
+    """
     pairs = tuple(
         (_RLIMITS[name], resource.RLIM_INFINITY if value is None else value)
         for name, value in rlimits
     )
     setrlimit = resource.setrlimit
+    prctl = _prctl() if death_signal else None
+    if not pairs and prctl is None:
+        return None
+    kill = int(signal.SIGKILL)
 
     def apply() -> None:
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, kill, 0, 0, 0)
         for number, value in pairs:
             setrlimit(number, (value, value))
 
@@ -110,7 +260,8 @@ def spawn_shell(
     rlimits: Sequence[tuple[str, int | None]] = (),
 ) -> subprocess.Popen[bytes]:
     """Start ``/bin/sh -c command`` in ``cwd`` with exactly ``env``, in a new session,
-    watched by ``reaper``.
+    watched by ``reaper``; a simple command replaces the shell (see :func:`exec_command`),
+    and the child dies with this thread (see :func:`death_signal_wrapper`).
 
     ``umask`` (if given) is set in the child before it runs the shell, as the user, group
     and groups of ``run_as`` are, then the resource limits ``rlimits`` (soft and hard;
@@ -148,9 +299,10 @@ def _start(
 ) -> subprocess.Popen[bytes]:
     """The :class:`subprocess.Popen` of :func:`spawn_shell`, its failures worded."""
     stdin, stdout, stderr = streams
+    wrapper = death_signal_wrapper()
     try:
         return subprocess.Popen(
-            ["/bin/sh", "-c", command],
+            [*wrapper, "/bin/sh", "-c", shell_script(command, os.getpid())],
             cwd=cwd,
             env=dict(env),
             stdin=stdin,
@@ -163,8 +315,9 @@ def _start(
             user=None if run_as is None else run_as.uid,
             group=None if run_as is None else run_as.gid,
             extra_groups=None if run_as is None else list(run_as.groups),
-            # after the switch of user: lowering a limit needs no privilege
-            preexec_fn=_limiter(rlimits) if rlimits else None,
+            # after the switch of user: lowering a limit needs no privilege, and a
+            # change of user would clear the parent-death signal
+            preexec_fn=_child_setup(rlimits, death_signal=not wrapper),
         )
     except OSError as error:
         reason = error.strerror or str(error)
@@ -214,7 +367,7 @@ class Child:
         rlimits: Sequence[tuple[str, int | None]] = (),
     ) -> Child:
         """Start ``/bin/sh -c command`` in ``cwd`` with exactly ``env`` (see
-        :func:`spawn_shell`, for ``umask``, ``run_as`` and ``rlimits``).
+        :func:`spawn_shell`, for ``exec``, ``umask``, ``run_as`` and ``rlimits``).
 
         Its stdin is a pipe the agent keeps open for :meth:`write_input`; its stdout and
         stderr are read into ``sink``, a line at a time.

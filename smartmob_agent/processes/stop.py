@@ -6,16 +6,24 @@ once, then waited for through a pidfd (which names one process for good, whateve
 happens to its pid), and SIGKILLed if it outlives the grace period. :func:`stop_marked`
 and :func:`stop_survivor` reach processes that are nobody's child any more: the orphans
 of a previous run, and the children of a previous agent.
+
+A stop finds descendants and marked processes in a scan of the process table
+(:func:`~smartmob_agent.processes.proctable.scan`), run in a thread so that the event
+loop goes on serving meanwhile. Within :func:`one_scan`, every stop shares one scan: the
+agent's shutdown stops all its processes with one pass over ``/proc``, not one per
+process. A pid read from a scan is checked against its start time once its pidfd is
+open, so a pid reused since the scan is never signalled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import psutil
@@ -46,6 +54,70 @@ def open_pidfds(pids: Iterable[int]) -> dict[int, int]:
         with contextlib.suppress(OSError):
             fds[pid] = os.pidfd_open(pid)
     return fds
+
+
+def open_entries(entries: Iterable[proctable.Entry]) -> dict[int, int]:
+    """A pidfd for each process of a scan that is still the one the scan found (not
+    gone, not a zombie, its pid not reused since)."""
+    fds: dict[int, int] = {}
+    for entry in entries:
+        try:
+            fd = os.pidfd_open(entry.pid)
+        except OSError:
+            continue
+        # read after the pidfd is open: if the start time matches now, the pidfd names
+        # the very process the scan found
+        if proctable.started(entry.pid) == entry.started:
+            fds[entry.pid] = fd
+        else:
+            os.close(fd)
+    return fds
+
+
+class _SharedScan:
+    """The scan of the process table that the stops within one :func:`one_scan` share."""
+
+    def __init__(self) -> None:
+        self._table: asyncio.Future[proctable.Table] | None = None
+
+    async def table(self) -> proctable.Table:
+        if self._table is None:  # the first stop to ask starts it
+            self._table = asyncio.ensure_future(fresh_table())
+        # shielded: a stop cancelled while it waits must not cancel the others' scan
+        return await asyncio.shield(self._table)
+
+
+_shared: contextvars.ContextVar[_SharedScan | None] = contextvars.ContextVar(
+    "smartmob_agent_shared_scan", default=None)
+
+
+@contextlib.contextmanager
+def one_scan() -> Iterator[None]:
+    """Within this block, every stop (of this task and of the tasks it creates) reads
+    one scan of the process table, taken when the first of them needs it.
+
+    For stopping many processes at once (the agent's shutdown): one pass over ``/proc``
+    instead of two per process. The table is as old as the batch: a process that leaves
+    its group *and* loses its parent during the stop itself is not found by it (at
+    shutdown, the guardian's sweep ends it). A stop whose grace period runs out reads a
+    fresh table all the same, to SIGKILL what appeared meanwhile.
+    """
+    token = _shared.set(_SharedScan())
+    try:
+        yield
+    finally:
+        _shared.reset(token)
+
+
+async def fresh_table() -> proctable.Table:
+    """A scan of the process table taken now, in a thread (the loop serves meanwhile)."""
+    return await asyncio.to_thread(proctable.scan)
+
+
+async def scan_table() -> proctable.Table:
+    """The shared scan of :func:`one_scan` if in one, a fresh one otherwise."""
+    shared = _shared.get()
+    return await (shared.table() if shared is not None else fresh_table())
 
 
 def _close_all(fds: dict[int, int]) -> None:
@@ -93,17 +165,24 @@ async def stop_tree(
     Sends ``sig`` to the process group and to every descendant, waits up to ``timeout``
     seconds for all of them to be gone (``reaped`` done: the caller reaps the leader),
     then SIGKILLs the rest. Members of the group that appeared after the signal and
-    outlive the child get SIGKILL at the end.
+    outlive the child get SIGKILL at the end. The descendants come from
+    :func:`scan_table` (the shared scan within :func:`one_scan`).
     """
-    fds = open_pidfds([] if reaped.done() else descendants(leader))
+    fds: dict[int, int] = {}
     try:
+        if not reaped.done():
+            fds = await _descendants(leader)
+        # the leader may have been reaped during the scan: its pid is not its own then
         signal_once(None if reaped.done() else leader, sig, fds)
         try:
             async with asyncio.timeout(timeout):
                 await _gone(reaped, fds)
         except TimeoutError:
-            if not reaped.done():  # descendants that appeared meanwhile
-                fds.update(open_pidfds(p for p in descendants(leader) if p not in fds))
+            if not reaped.done():  # descendants that appeared meanwhile: a fresh table
+                table = await fresh_table()
+                if not reaped.done():
+                    fds.update(open_entries(
+                        e for e in table.descendants(leader) if e.pid not in fds))
             log.warning(
                 "process %d did not stop within %.1f s of %s: sending SIGKILL",
                 leader, timeout, signal.Signals(sig).name,
@@ -115,6 +194,17 @@ async def stop_tree(
         _close_all(fds)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(leader, signal.SIGKILL)
+
+
+async def _descendants(leader: int) -> dict[int, int]:
+    """A pidfd for each descendant of ``leader``, from :func:`scan_table`, or from a
+    fresh table if that one does not know this ``leader`` (it was taken before the
+    child started: what it shows under the pid is another process's tree)."""
+    table = await scan_table()
+    entry = table.entries.get(leader)
+    if entry is None or proctable.started(leader) != entry.started:
+        table = await fresh_table()
+    return open_entries(table.descendants(leader))
 
 
 async def _gone(reaped: asyncio.Future[Any], fds: dict[int, int]) -> None:
@@ -148,8 +238,12 @@ async def stop_marked(marker: str, timeout: float, sig: int = signal.SIGTERM) ->
     This reaches descendants that left their process group and lost their parent, which
     neither the group nor the process tree can find any more. Sends ``sig``, waits up to
     ``timeout`` seconds, then SIGKILLs what is left. Returns how many were found.
+    The processes come from :func:`scan_table` (the shared scan within
+    :func:`one_scan`); ``marker`` starts with
+    :data:`~smartmob_agent.processes.proctable.MARKER_PREFIX`.
     """
-    fds = open_pidfds(proctable.marked_processes(marker.encode()))
+    table = await scan_table()
+    fds = open_entries(table.marked(marker.encode()))
     await _stop_all(fds, sig, timeout)
     return len(fds)
 

@@ -31,6 +31,7 @@ from smartmob_agent.processes.monitor import Monitor
 from smartmob_agent.processes.ports import PortAllocator
 from smartmob_agent.processes.reaper import Reaper
 from smartmob_agent.processes.spawn import hard_limits
+from smartmob_agent.processes.stop import one_scan
 from smartmob_agent.processes.users import resolve_run_as
 from smartmob_agent.schemas import check_rlimits
 from smartmob_agent.sources import download
@@ -584,7 +585,9 @@ class Agent:
         watchers = list(self._watchers.values())
         if any(w.state is not ProcessState.STOPPED for w in watchers):  # once per shutdown
             log.info("stopping %d process(es)", len(watchers))
-        results = await asyncio.gather(*(w.stop() for w in watchers), return_exceptions=True)
+        with one_scan():  # one pass over /proc for every stop, in a thread
+            results = await asyncio.gather(*(w.stop() for w in watchers),
+                                           return_exceptions=True)
         for watcher, result in zip(watchers, results, strict=True):
             if isinstance(result, BaseException):
                 log.error("%s: stop failed: %r", watcher.spec.slug, result, exc_info=result)
