@@ -42,6 +42,7 @@ PURE = frozenset({
     "sources.buildplan",
     "output.lines",
     "output.redact",
+    "output.endpoint",
     "web.frames", "web.access", "web.openapi",
 }) & frozenset(MODULES)
 #: What each part of the tree may import, besides the pure modules and itself. The

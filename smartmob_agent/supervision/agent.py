@@ -26,6 +26,7 @@ from smartmob_agent.events.bus import EventBus, EventKind, ProcessEvent, make_ev
 from smartmob_agent.events.webhooks import Webhooks
 from smartmob_agent.keys import Keyring, MintedKey
 from smartmob_agent.model import ProcessInfo, ProcessState, Spec
+from smartmob_agent.output import records
 from smartmob_agent.output.logs import LogHandler, ProcessLog
 from smartmob_agent.processes.monitor import Monitor
 from smartmob_agent.processes.ports import PortAllocator
@@ -182,6 +183,7 @@ class Agent:
             secret=None if secret is None else secret.encode(),
         )
         self.events.add_listener(self._notify)
+        self.events.add_listener(self._log_state)
         for key in self.store.load_keys():
             self.keyring.add_minted(key)
         self._open_agent_log(self.store)
@@ -256,7 +258,8 @@ class Agent:
             files=settings.log_files, first_seq=int(store.get_value(AGENT_LOG_SEQ_KEY) or 0),
             reserve=reserve,
         )
-        self._log_handler = LogHandler(self.agent_log)
+        self._log_handler = LogHandler(self.agent_log, formatter=records.formatter(
+            settings.log_format, utc=settings.utc, agent_log=True))
         logging.getLogger().addHandler(self._log_handler)
 
     def _close_agent_log(self) -> None:
@@ -294,6 +297,13 @@ class Agent:
             kind, slug=spec.slug, app=spec.app, node=spec.node,
             process_type=spec.process_type, pid=pid, state=watcher.state.value, **extra,
         ))
+
+    def _log_state(self, event: ProcessEvent) -> None:
+        """Log each state change as a ``process.state`` record (with why it failed)."""
+        if event["event"] == "process:state":
+            watcher = self._watchers.get(event["slug"])
+            reason = watcher.error if watcher is not None and event["state"] == "failed" else None
+            records.state_changed(event["slug"], event["previous"], event["state"], reason)
 
     def _notify(self, event: ProcessEvent) -> None:
         """Hand an event to the webhooks: the agent's own and the process's ``notify``."""
@@ -340,7 +350,9 @@ class Agent:
             self.ports.release(slug)
             raise
         self._register(watcher)
-        log.info("%s: created (process type %r)", slug, spec.process_type)
+        records.event(log, "process.create", f"{slug}: created (process type "
+                      f"{spec.process_type!r})", slug=slug, app=spec.app, node=spec.node,
+                      process_type=spec.process_type)
         return watcher
 
     def _check_source(self, spec: Spec) -> None:
@@ -442,7 +454,7 @@ class Agent:
             if self._watchers.get(slug) is watcher:
                 del self._watchers[slug]
                 self.ports.release(slug)
-                log.info("%s: deleted", slug)
+                records.event(log, "process.delete", f"{slug}: deleted", slug=slug)
             self._collect_sources()
 
     def _collect_sources(self) -> None:
