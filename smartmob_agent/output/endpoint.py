@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 #: The port of FluentD's forward input, when a ``fluent://`` URL names none.
 FLUENT_PORT = 24224
-#: The paths of ``file://`` that mean the agent's own standard streams.
+#: The path of ``file://`` that means the agent's own standard output.
 STDOUT = "/dev/stdout"
+#: The path of ``file://`` that means the agent's own standard error.
 STDERR = "/dev/stderr"
 
 
