@@ -206,9 +206,9 @@ async def test_an_agent_without_endpoint_writes_text_to_stderr_only(tmp_path: Pa
     finally:
         await quiet.kill()
         await loud.kill()
-    assert "http.access" not in quiet.stderr
-    assert re.search(r"INFO smartmob_agent\.access: http\.access .*method=GET outcome=200 "
-                     r"path=/ .*request=abc", loud.stderr)
+    assert "smartmob_agent.access" not in quiet.stderr
+    assert re.search(r'INFO smartmob_agent\.access: 127\.0\.0\.1 "GET /" 200 [0-9.]+s '
+                     r"\[request abc\]\n", loud.stderr), loud.stderr
     assert (quiet.stdout, loud.stdout) == ("", "")
 
 

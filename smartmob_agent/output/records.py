@@ -57,19 +57,23 @@ _BASE_KEYS = frozenset({"@timestamp", "event", "level", "logger"})
 
 def event(
     logger: logging.Logger, name: str, message: str | None = None, /, *,
-    level: int = logging.INFO, **fields: Any,
+    level: int = logging.INFO, text: str | None = None, **fields: Any,
 ) -> None:
     """Log the named event ``name`` with ``fields`` (JSON values: strings, numbers,
     booleans, ``None``).
 
     Args:
-        message: the sentence the ``text`` format writes (and the others as their
-            ``message``); by default ``name`` and the fields as ``key=value``.
+        message: the sentence the ``text`` format writes, and the others as the
+            record's ``message``.
+        text: without ``message``, the line the ``text`` format writes, which the others
+            leave out (their fields say it); by default ``name`` and the fields as
+            ``key=value``.
     """
     if message is not None:
         fields = {**fields, "message": message}
     else:
-        message = " ".join([name, *(f"{key}={fields[key]}" for key in sorted(fields))])
+        message = text if text is not None else " ".join(
+            [name, *(f"{key}={fields[key]}" for key in sorted(fields))])
     logger.log(level, "%s", message, extra={EVENT_ATTR: name, FIELDS_ATTR: fields})
 
 
@@ -182,10 +186,9 @@ class TextFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         text = super().formatMessage(record)
-        request = current_request()
-        if request is None or "request" in (getattr(record, FIELDS_ATTR, None) or {}):
-            return text
-        return f"{text} [request {request}]"
+        fields = getattr(record, FIELDS_ATTR, None) or {}
+        request = fields["request"] if "request" in fields else current_request()
+        return text if request is None else f"{text} [request {request}]"
 
 
 def formatter(log_format: str, *, utc: bool = False, agent_log: bool = False) -> logging.Formatter:

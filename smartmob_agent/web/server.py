@@ -114,11 +114,12 @@ class AccessRecords(AbstractAccessLogger):
     for a request refused before it got one, e.g. an unreadable one)."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        path = redact(request.raw_path)
         records.event(
-            self.logger, "http.access", method=request.method,
-            path=redact(request.raw_path), outcome=response.status,
-            duration=round(time, 6), remote=request.remote,
+            self.logger, "http.access", method=request.method, path=path,
+            outcome=response.status, duration=round(time, 6), remote=request.remote,
             request=request.get(REQUEST_ID_KEY),
+            text=f'{request.remote} "{request.method} {path}" {response.status} {time:.6f}s',
         )
 
     @property
