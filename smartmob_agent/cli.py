@@ -96,7 +96,8 @@ def _configure_logging(settings: Settings) -> None:
 
 def _fatal(settings: Settings, message: str, status: int) -> int:
     """Report why the agent cannot go on, and return its exit status: one line on
-    stderr in the ``text`` format, else an ``exit`` record where the records go."""
+    stderr in the ``text`` format without an endpoint (as always), else an ``exit``
+    record (level error) where the records go."""
     if settings.log_format == "text" and settings.logging_endpoint is None:
         print(message, file=sys.stderr)
     else:
