@@ -3,7 +3,9 @@
 Every error the agent raises on purpose is an :class:`AgentError`. Each carries a message
 written for a person; :mod:`smartmob_agent.web.server` maps the classes to HTTP statuses in
 one place, and :mod:`smartmob_agent.supervision.watcher` turns those raised after ``201`` into the
-``failed`` state with the message as ``error``. :class:`InvalidTransition` is the one
+``failed`` state with the message as ``error`` and the class's
+:class:`~smartmob_agent.model.FailureReason` as ``reason`` (see
+:mod:`~smartmob_agent.supervision.failures`). :class:`InvalidTransition` is the one
 exception here that is no :class:`AgentError`: it means a bug.
 """
 
@@ -58,12 +60,34 @@ class DownloadError(AgentError):
     """The source archive could not be fetched."""
 
 
+class ChecksumMismatch(DownloadError):
+    """The archive fetched does not have the SHA-256 the create request gave."""
+
+
 class ArchiveError(AgentError):
-    """The source archive is not a zip or tar archive, or is unsafe to unpack."""
+    """The source archive is not a zip or tar archive, or cannot be read or unpacked."""
+
+
+class ArchiveRefused(ArchiveError):
+    """The source archive is unsafe to unpack (a member that would land outside the
+    source, a device...) or goes over a limit of unpacking (members, sizes, ratio)."""
 
 
 class ProcfileError(AgentError):
     """The Procfile is missing, unreadable, or has no entry for the process type."""
+
+
+class NoProcfile(ProcfileError):
+    """The source has no Procfile at its root."""
+
+
+class UnknownProcessType(ProcfileError):
+    """The Procfile has no entry for the process type, or the entry cannot be run as a
+    process (``release``)."""
+
+
+class WorkingDirError(ProcfileError):
+    """The ``working_dir`` of the request is no folder of the source."""
 
 
 class BuildError(AgentError):
@@ -71,8 +95,22 @@ class BuildError(AgentError):
     command failed; the message quotes the last lines of its output."""
 
 
+class VirtualEnvironmentError(BuildError):
+    """The virtual environment of a source's build could not be made."""
+
+
+class PipInstallError(BuildError):
+    """``pip install -r requirements.txt`` failed in a source's build."""
+
+
+class ReleaseError(BuildError):
+    """The release command of a source failed."""
+
+
 class SpawnError(AgentError):
-    """The process's command could not be started at all.
+    """The process's command could not be started at all (the shell could not be
+    spawned, or it exited at once with 127 or 126: the command is not found or not
+    executable).
 
     Args:
         message: the sentence shown to the user.
@@ -83,6 +121,10 @@ class SpawnError(AgentError):
     def __init__(self, message: str, *, transient: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+
+
+class TooManyRestarts(AgentError):
+    """More starts failed in a row than the process's ``max_restarts``."""
 
 
 class Unauthorized(AgentError):

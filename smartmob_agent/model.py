@@ -70,6 +70,48 @@ TRANSITIONS: Mapping[ProcessState, frozenset[ProcessState]] = MappingProxyType(
 RESTING_STATES = frozenset({S.STOPPED, S.EXITED, S.FAILED})
 
 
+class FailureReason(enum.StrEnum):
+    """Why a process is ``failed``, as a name a client can switch on (``reason`` in the
+    status document and the events; ``error`` says the same to a person, in a sentence).
+
+    A closed set: each way a process can fail has exactly one (see
+    :mod:`~smartmob_agent.supervision.failures`). The first names are the original
+    agent's, which its clients know; :doc:`api` has the table.
+    """
+
+    #: the source could not be fetched (a bad URL, an HTTP error, a stall, too large)
+    DOWNLOAD_FAILURE = "download failure"
+    #: the source has no Procfile at its root
+    NO_PROCFILE = "no procfile"
+    #: the Procfile has no entry for the process type (or it is the ``release`` entry)
+    UNKNOWN_PROCESS_TYPE = "unknown process type"
+    #: the virtual environment of the source's build could not be made
+    VIRTUAL_ENVIRONMENT_FAILURE = "virtual environment failure"
+    #: ``pip install -r requirements.txt`` failed
+    PIP_INSTALL_FAILURE = "pip install failure"
+    #: the archive fetched does not have the request's ``checksum``
+    CHECKSUM_MISMATCH = "checksum mismatch"
+    #: the source is not a zip or tar archive, or is corrupt, encrypted or unreadable
+    UNPACK_FAILURE = "unpack failure"
+    #: the archive is unsafe to unpack, or over a limit of unpacking
+    ARCHIVE_REFUSED = "archive refused"
+    #: the Procfile is unreadable or invalid
+    BAD_PROCFILE = "bad procfile"
+    #: the ``.env`` file is unreadable or invalid
+    BAD_DOTENV = "bad dotenv"
+    #: the request's ``working_dir`` is no folder of the source
+    BAD_WORKING_DIR = "bad working dir"
+    #: the source's release command failed
+    RELEASE_FAILURE = "release failure"
+    #: the command cannot start (the shell cannot be spawned, or exits at once with 127
+    #: or 126: not found, not executable)
+    START_FAILURE = "start failure"
+    #: more starts failed in a row than ``max_restarts``
+    MAX_RESTARTS = "max restarts"
+    #: an error the agent did not foresee (a bug): its log has the details
+    INTERNAL_ERROR = "internal error"
+
+
 def check_transition(old: ProcessState, new: ProcessState) -> None:
     """Raise :class:`InvalidTransition` unless ``old -> new`` is an edge of the graph."""
     if new not in TRANSITIONS[old]:
@@ -147,6 +189,12 @@ class RunAs:
     def environment(self) -> dict[str, str]:
         """What a login of this user would find in ``HOME``, ``USER`` and ``LOGNAME``."""
         return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name}
+
+
+#: The shortest wait before a process is started again after a failed start, in
+#: seconds, whatever its ``backoff`` option asks: a command that fails at once is started
+#: at most some ten times a second (see :func:`~smartmob_agent.supervision.restart.decide`).
+MIN_RESTART_DELAY = 0.1
 
 
 @dataclass(frozen=True)
@@ -317,3 +365,5 @@ class ProcessInfo:
     stop_timeout: float | None = None
     #: while downloading: how far the download of the source is
     download: DownloadProgress | None = None
+    #: while failed: why, as a name (``error`` says it in a sentence)
+    reason: FailureReason | None = None

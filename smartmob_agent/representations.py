@@ -123,6 +123,7 @@ def process_document(info: ProcessInfo, links: Linker) -> dict[str, Any]:
         "state": info.state.value,
         "pid": info.pid,
         "error": info.error,
+        "reason": None if info.reason is None else info.reason.value,
         "port": info.port,
         "started_at": None if info.started_at is None else format_time(info.started_at),
         "uptime": _seconds(info.uptime),

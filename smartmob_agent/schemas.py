@@ -20,6 +20,7 @@ import fastjsonschema
 from smartmob_agent.errors import InvalidRequest
 from smartmob_agent.model import (
     HEALTH_DEFAULTS,
+    MIN_RESTART_DELAY,
     RLIMIT_NAMES,
     SIGNAL_NAMES,
     Backoff,
@@ -351,6 +352,10 @@ def _json_type(value: Any) -> str:
 def parse_options(data: Mapping[str, Any]) -> Options:
     """Build the :class:`Options` of a create request already checked by its schema.
 
+    A ``backoff`` under :data:`~smartmob_agent.model.MIN_RESTART_DELAY` is raised to it
+    (clamped, not refused: a client, or a process an earlier agent kept, that asked for
+    less keeps working; the status document shows the delays in force).
+
     Raises:
         InvalidRequest: for what a schema cannot say (a backoff whose initial delay is
             above its maximum).
@@ -371,6 +376,7 @@ def parse_options(data: Mapping[str, Any]) -> Options:
             f"max {maximum:g} s)"
         )}
         raise InvalidRequest("invalid fields in the request: backoff", problem)
+    initial, maximum = max(initial, MIN_RESTART_DELAY), max(maximum, MIN_RESTART_DELAY)
     max_restarts = data.get("max_restarts")
     umask = data.get("umask")
     stop_timeout = data.get("stop_timeout")

@@ -51,6 +51,8 @@ class Hostile:
     files: dict[str | bytes, bytes] = field(default_factory=dict)
     #: the archive itself is safe and unpacks (to ``files``): what fails comes after
     unpacks: bool = False
+    #: the ``reason`` of the failed process (see :class:`~smartmob_agent.model.FailureReason`)
+    reason: str = "archive refused"
 
 
 # -- building blocks ---------------------------------------------------------------------
@@ -244,25 +246,26 @@ def builders(outside: Path) -> dict[str, Callable[[], Hostile]]:
         "truncated-tar-gz": lambda: Hostile(
             "app.tar.gz",
             half(tar([procfile, file("blob", bytes(range(256)) * 400)])),
-            "is corrupt or truncated"),
+            "is corrupt or truncated", reason="unpack failure"),
         "truncated-zip": lambda: Hostile(
             "app.zip",
             zip_archive([("Procfile", PROCFILE, REG)])[:-30],
-            "is corrupt or truncated|not a zip or tar archive"),
+            "is corrupt or truncated|not a zip or tar archive", reason="unpack failure"),
         "html-served-as-an-archive": lambda: Hostile(
             "app.tar.gz",
             b"<!DOCTYPE html><html><head><title>Sign in</title></head><body>Sign in</body>"
             b"</html>",
-            "the source is not a zip or tar archive (it is an HTML page)"),
+            "the source is not a zip or tar archive (it is an HTML page)",
+            reason="unpack failure"),
         "zip-inside-a-tar": lambda: Hostile(
             "app.tar.gz",
             tar([(_info("app.zip"), ZIP_APP)]),
             "has no Procfile at its root (it holds only 'app.zip', a zip archive",
-            files={"app.zip": ZIP_APP}, unpacks=True),
+            files={"app.zip": ZIP_APP}, unpacks=True, reason="no procfile"),
         "bzip2-of-a-zip": lambda: Hostile(
             "app.tar.bz2",
             bz2.compress(zip_archive([("Procfile", PROCFILE, REG)])),
-            "is corrupt or truncated"),
+            "is corrupt or truncated", reason="unpack failure"),
         "unicode-names-tar": lambda: Hostile(
             "app.tar.gz",
             tar([procfile, *(file(name, data) for name, data in UNICODE.items())]),
@@ -313,7 +316,7 @@ def main(argv: list[str]) -> int:
     for name, case in corpus(Path(argv[1])).items():
         path = folder / f"{name}--{case.filename}"
         path.write_bytes(case.data)
-        print(f"{path.name}: {case.error or 'accepted'}"
+        print(f"{path.name}: {f'{case.reason}: {case.error}' if case.error else 'accepted'}"
               + (f" (with {case.settings})" if case.settings else ""))
     return 0
 

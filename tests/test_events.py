@@ -84,12 +84,26 @@ def test_make_event_fills_every_field() -> None:
     )
     assert exit_event == {
         "event": "process:exit", "slug": "myapp.web.0", "app": "myapp", "node": "web.0",
-        "process_type": "web", "pid": 42, "state": "backoff",
+        "process_type": "web", "pid": 42, "state": "backoff", "reason": None,
         "at": "2026-12-01T18:00:00.123Z", "code": None, "signal": "SIGKILL", "ran_for": 1.5,
     }
     assert sorted(EVENT_KINDS) == [
         "process:exception", "process:exit", "process:online", "process:state",
     ]
+
+
+def test_an_event_carries_the_failure_reason_after_the_state() -> None:
+    """The reason of a failed process is a common field, on the wire right after
+    ``state``; events of a process that is not failed have ``null``."""
+    failed = make_event(
+        "process:exception", slug="myapp.web.0", app="myapp", node="web.0",
+        process_type="web", pid=None, state="failed", reason="no procfile", clock=lambda: NOON,
+        error="the source has no Procfile at its root",
+    )
+    assert list(failed) == [
+        "event", "slug", "app", "node", "process_type", "pid", "state", "reason", "at", "error",
+    ]
+    assert failed["reason"] == "no procfile"
 
 
 def test_make_event_refuses_an_unknown_kind() -> None:

@@ -71,8 +71,10 @@ async def test_hostile_archive(
     name: str, tmp_path: Path, archive_server: ArchiveServer,
     aiohttp_client: Callable[..., Awaitable[Client]],
 ) -> None:
-    """Each hostile archive fails with a clear error and writes nothing outside the work
-    folder; each odd but harmless one runs, unpacked exactly."""
+    """Each hostile archive fails with a clear error and its reason (``archive refused``
+    for an unsafe one or one over a limit, ``unpack failure`` for a broken one) and
+    writes nothing outside the work folder; each odd but harmless one runs, unpacked
+    exactly."""
     outside = tmp_path / OUTSIDE_NAME
     outside.mkdir()
     case: Hostile = builders(outside)[name]()
@@ -97,6 +99,7 @@ async def test_hostile_archive(
         reached = await wait_for_state(watcher, S.FAILED, S.RUNNING, timeout=30)
         document = await (await client.get(f"/process-status/{watcher.spec.slug}")).json()
         assert reached == expected, document.get("error")
+        assert document["reason"] == (None if case.error is None else case.reason), document
         if case.error is not None:
             error = document["error"]
             assert any(part in error for part in case.error.split("|")), error

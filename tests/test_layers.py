@@ -37,13 +37,14 @@ SUBPACKAGES = frozenset(
 #: Parsing, policy and documents: pure functions and data, no I/O of their own.
 PURE = frozenset({
     "__init__", "errors", "model", "keys", "schemas", "representations", "config",
-    "supervision.restart",
+    "supervision.restart", "supervision.failures",
     "sources.procfile", "sources.dotenv", "sources.decode", "sources.fetchpolicy",
     "sources.buildplan",
     "output.lines",
     "output.redact",
     "output.endpoint",
     "web.frames", "web.access", "web.openapi",
+    "client.errors", "client.results", "client.ignore", "client.render", "client.formation",
 }) & frozenset(MODULES)
 #: What each part of the tree may import, besides the pure modules and itself. The
 #: adapters (processes, sources, output, events, store) touch one kind of outside resource
@@ -59,6 +60,8 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "supervision": frozenset({"processes", "sources", "output", "events", "store"}),
     "web": frozenset({"supervision", "processes", "sources", "output", "events", "store"}),
     "cli": frozenset({"supervision", "processes", "output", "web", "store"}),
+    # the client speaks HTTP only: it imports none of the agent's internals
+    "client": frozenset(),
     "__main__": frozenset({"cli"}),
 }
 

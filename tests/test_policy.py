@@ -7,12 +7,14 @@ from typing import Any
 
 import pytest
 
-from smartmob_agent.model import Backoff, Exit, Options, RestartPolicy
+from smartmob_agent.model import MIN_RESTART_DELAY, Backoff, Exit, Options, RestartPolicy
 from smartmob_agent.supervision.restart import (
     JITTER,
+    MIN_START_SECONDS,
     SHELL_CANNOT_RUN,
     Action,
     Decision,
+    Restarts,
     cannot_run,
     decide,
     next_delay,
@@ -347,3 +349,40 @@ def test_decide_is_pure() -> None:
     first = decide(given, UNCLEAN, QUICK, 1, 0.5, 0.3)
     assert decide(given, UNCLEAN, QUICK, 1, 0.5, 0.3) == first
     assert given == options(max_restarts=3)
+
+
+# -- the floor of the restart rate (issue 13, item 8) ------------------------------------------
+
+
+@pytest.mark.parametrize("backoff", [Backoff(0.001, 0.001), Backoff(0.0, 0.0), Backoff(0.05, 2.0)])
+@pytest.mark.parametrize("jitter", [0.0, 0.999999])
+def test_a_failed_start_never_waits_under_the_floor(backoff: Backoff, jitter: float) -> None:
+    """Whatever the backoff (even one built in code, which no request could ask for) and
+    the jitter, a failed start waits at least MIN_RESTART_DELAY, and the delay shown is no
+    smaller, even with start_seconds 0."""
+    opts = options(backoff=backoff, start_seconds=0.0)
+    decision = decide(opts, UNCLEAN, 0.001, 0, 0.0, jitter=jitter)
+    assert decision.action is R
+    assert decision.wait >= MIN_RESTART_DELAY == 0.1
+    assert decision.delay >= decision.wait
+
+
+def test_the_floor_leaves_longer_delays_and_their_jitter_alone() -> None:
+    """Above the floor the series and its jitter are as before."""
+    decision = decide(options(backoff=Backoff(0.4, 4.0)), UNCLEAN, QUICK, 0, 0.0, jitter=1.0)
+    assert decision.delay == 0.4
+    assert decision.wait == pytest.approx(0.3)
+
+
+def test_a_run_as_long_as_the_shortest_start_is_restarted_at_once() -> None:
+    """A run of MIN_START_SECONDS (0.1 s) with start_seconds 0 is a success: no wait, so
+    a loop of such runs still starts at most ten times a second."""
+    decision = decide(options(start_seconds=0.0), UNCLEAN, MIN_START_SECONDS, 0, 0.0)
+    assert (decision.action, decision.delay, decision.wait) == (R, 0.0, 0.0)
+    assert MIN_START_SECONDS >= MIN_RESTART_DELAY
+
+
+def test_a_spawn_that_failed_for_want_of_resources_waits_the_floor_too() -> None:
+    """A transient spawn failure is retried after at least MIN_RESTART_DELAY."""
+    assert Restarts().after_spawn_failure(Backoff(0.001, 0.001)) == MIN_RESTART_DELAY
+    assert Restarts().after_spawn_failure(Backoff(0.3, 1.0)) == 0.3

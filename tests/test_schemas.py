@@ -9,7 +9,13 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from smartmob_agent.errors import InvalidRequest
-from smartmob_agent.model import SIGNAL_NAMES, Backoff, Options, RestartPolicy
+from smartmob_agent.model import (
+    MIN_RESTART_DELAY,
+    SIGNAL_NAMES,
+    Backoff,
+    Options,
+    RestartPolicy,
+)
 from smartmob_agent.schemas import (
     CREATE_REQUEST,
     MAX_ENV_ENTRIES,
@@ -433,9 +439,36 @@ def test_integral_floats_become_integers() -> None:
 
 
 def test_backoff_max_alone_below_the_default_initial() -> None:
-    """Giving only a small max works: the default initial yields to it."""
+    """Giving only a small max works: the default initial yields to it, and both are then
+    raised to the floor of 0.1 s."""
     options = parse_options(create_request.validate({**VALID, "backoff": {"max": 0.05}}))
-    assert options.backoff == Backoff(0.05, 0.05)
+    assert options.backoff == Backoff(MIN_RESTART_DELAY, MIN_RESTART_DELAY) == Backoff(0.1, 0.1)
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ({"initial": 0.001, "max": 0.001}, Backoff(0.1, 0.1)),
+    ({"initial": 0.001}, Backoff(0.1, 30.0)),
+    ({"initial": 0.05, "max": 2}, Backoff(0.1, 2.0)),
+    ({"initial": 1e-9, "max": 0.09}, Backoff(0.1, 0.1)),
+    ({"initial": 0.1, "max": 0.1}, Backoff(0.1, 0.1)),
+    ({"initial": 0.25, "max": 0.5}, Backoff(0.25, 0.5)),
+])
+def test_a_backoff_under_the_floor_is_raised_to_it(
+    given: dict[str, float], expected: Backoff
+) -> None:
+    """Delays under 0.1 s are clamped to 0.1 s, not refused (old clients keep working);
+    delays above the floor are kept as asked."""
+    options = parse_options(create_request.validate({**VALID, "backoff": given}))
+    assert options.backoff == expected
+
+
+def test_initial_above_max_is_refused_before_the_floor_is_applied() -> None:
+    """The initial-not-above-max rule judges the values as given, even under the floor."""
+    with pytest.raises(InvalidRequest) as raised:
+        parse_options(create_request.validate(
+            {**VALID, "backoff": {"initial": 0.05, "max": 0.01}}))
+    assert raised.value.fields == {"backoff": (
+        "must have initial not above max (got initial 0.05 s, max 0.01 s)")}
 
 
 # -- the signal and bulk bodies ---------------------------------------------------------------

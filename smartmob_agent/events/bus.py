@@ -46,6 +46,8 @@ class _ProcessFields(TypedDict):
     pid: int | None
     #: the process's state when the event was published
     state: str
+    #: while it is ``failed``: why, as a name (``reason`` in the status document)
+    reason: str | None
     #: when, in ISO 8601, UTC, with milliseconds
     at: str
 
@@ -121,6 +123,7 @@ def make_event(
     process_type: str,
     pid: int | None,
     state: str,
+    reason: str | None = None,
     clock: Callable[[], float] = time.time,
     **extra: Any,
 ) -> ProcessEvent:
@@ -133,6 +136,7 @@ def make_event(
             ``process:state``, ``process:online`` and ``process:exception``, but still the
             state the child ran in (``running``, ``stopping``) for ``process:exit``, whose
             state change follows.
+        reason: the process's failure reason while it is ``failed``, else ``None``.
         clock: the wall clock (a seam for tests); not a field of the event.
         extra: the fields particular to the kind, all of them and no others
             (:data:`KIND_FIELDS`): ``previous`` for ``process:state``; ``code``,
@@ -153,7 +157,7 @@ def make_event(
     # the order of the keys is the order on the wire: keep it
     event = {
         "event": kind, "slug": slug, "app": app, "node": node,
-        "process_type": process_type, "pid": pid, "state": state,
+        "process_type": process_type, "pid": pid, "state": state, "reason": reason,
         "at": format_time(clock()), **extra,
     }
     # the kind and the names of its fields were checked just above

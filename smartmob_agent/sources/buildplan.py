@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from smartmob_agent.errors import ProcfileError
+from smartmob_agent.errors import UnknownProcessType
 from smartmob_agent.sources.procfile import ProcfileEntry
 
 #: The file whose presence at the root of a source asks for a virtual environment.
@@ -80,10 +80,10 @@ def check_process_type(process_type: str) -> None:
     scale it either); restarted "until deleted", a migration would run for ever.
 
     Raises:
-        ProcfileError: ``process_type`` is ``release``.
+        UnknownProcessType: ``process_type`` is ``release``.
     """
     if process_type == RELEASE:
-        raise ProcfileError(
+        raise UnknownProcessType(
             'the Procfile\'s "release" entry is the release phase: it runs once per new '
             "source, before the processes of the app start, and is not a process type "
             "that can be run"

@@ -50,7 +50,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smartmob_agent.errors import BuildError, SpawnError
+from smartmob_agent.errors import (
+    BuildError,
+    PipInstallError,
+    ReleaseError,
+    SpawnError,
+    VirtualEnvironmentError,
+)
 from smartmob_agent.model import RunAs
 from smartmob_agent.processes.reaper import Reaper
 from smartmob_agent.processes.spawn import Child, Sink
@@ -173,7 +179,9 @@ class Builds:
         ``env`` is the environment of pip; ``sink(stream, lines)`` receives the output.
 
         Raises:
-            BuildError: the build failed or timed out (every waiter gets the error).
+            VirtualEnvironmentError: the environment could not be made, in time;
+            PipInstallError: pip failed, or did not finish in time (every waiter gets
+                the error).
         """
         await self._join(
             ("build", key), lambda: self.is_built(key),
@@ -195,7 +203,8 @@ class Builds:
         succeeded before: ``/bin/sh -c command`` in ``cwd`` with exactly ``env``.
 
         Raises:
-            BuildError: it exited with another code than 0, or timed out.
+            ReleaseError: it could not start, exited with another code than 0, or timed
+                out.
         """
         await self._join(
             ("release", key, app), lambda: self.is_released(key, app),
@@ -270,13 +279,14 @@ class Builds:
                 flight, "creating the virtual environment",
                 shlex.join(build.venv_command(self._python, str(venv),
                                               with_pip=not self._agent_pip)),
-                root, env, deadline,
+                root, env, deadline, VirtualEnvironmentError,
             )
             runner = self._python if self._agent_pip else str(venv / "bin" / "python")
             target = str(venv / "bin" / "python") if self._agent_pip else None
             await self._step(
                 flight, f"pip install -r {build.REQUIREMENTS}",
                 shlex.join(build.pip_command(runner, target)), root, env, deadline,
+                PipInstallError,
             )
             await asyncio.to_thread(_write_mark, folder / BUILT_MARK, {
                 "interpreter": self._interpreter, "version": sys.version,
@@ -297,7 +307,9 @@ class Builds:
         # a source without requirements has no build folder yet: the mark needs one
         await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
         deadline = asyncio.get_running_loop().time() + self.timeout
-        await self._step(flight, "the release command", command, cwd, env, deadline)
+        await self._step(
+            flight, "the release command", command, cwd, env, deadline, ReleaseError
+        )
         await asyncio.to_thread(_write_mark, folder / build.released_mark(app), {
             "app": app, "command": command, "released_at": time.time(),
         })
@@ -310,15 +322,17 @@ class Builds:
         cwd: Path,
         env: Mapping[str, str],
         deadline: float,
+        failed: type[BuildError],
     ) -> None:
-        """Run ``/bin/sh -c command`` to its end; raise :class:`BuildError` unless it
-        exits with code 0 before ``deadline`` (of the event loop's clock)."""
+        """Run ``/bin/sh -c command`` to its end; raise ``failed`` (a :class:`BuildError`
+        that names the step) unless it exits with code 0 before ``deadline`` (of the
+        event loop's clock)."""
         flight.tail.clear()  # the error quotes this step's output, not an earlier one's
         try:
             child = Child.spawn(command, cwd=cwd, env=env, sink=flight.feed,
                                 reaper=self._reaper, run_as=self._run_as)
         except SpawnError as error:
-            raise BuildError(f"{step} could not start: {error}") from None
+            raise failed(f"{step} could not start: {error}") from None
         child.close_input()  # nobody can answer a question
         try:
             async with asyncio.timeout_at(deadline):
@@ -326,7 +340,7 @@ class Builds:
         except TimeoutError:
             await child.stop(signal.SIGTERM, self._stop_timeout)
             await _settle(child)
-            raise BuildError(build.failure(
+            raise failed(build.failure(
                 step, f"did not finish within {self.timeout:g} s (--build-timeout)",
                 flight.tail,
             )) from None
@@ -336,7 +350,7 @@ class Builds:
                 await child.stop(signal.SIGTERM, self._stop_timeout)
         await _settle(child)
         if exit.code != 0:
-            raise BuildError(build.failure(step, exit.describe(), flight.tail))
+            raise failed(build.failure(step, exit.describe(), flight.tail))
 
     def _touch(self, key: str) -> None:
         """Mark the build ``key`` used now (for :meth:`collect`)."""

@@ -56,6 +56,7 @@ import aiohttp
 
 from smartmob_agent.errors import (
     ArchiveError,
+    ChecksumMismatch,
     DownloadError,
     StorageError,
     TooLarge,
@@ -91,12 +92,12 @@ def cache_key(url: str, sha256: str | None) -> str:
 
 
 def verify_sha256(path: Path, expected: str) -> None:
-    """Raise :class:`DownloadError` unless the file has the SHA-256 ``expected``
-    (lowercase hex). Blocking: run it in a thread."""
+    """Raise :class:`.ChecksumMismatch` (a :class:`DownloadError`) unless the file has
+    the SHA-256 ``expected`` (lowercase hex). Blocking: run it in a thread."""
     with open(path, "rb") as file:
         actual = hashlib.file_digest(file, "sha256").hexdigest()
     if actual != expected:
-        raise DownloadError(
+        raise ChecksumMismatch(
             f"the downloaded archive does not match its checksum: its sha256 is {actual}, "
             f"the create request says {expected}; nothing was unpacked"
         )

@@ -21,7 +21,7 @@ from typing import Any
 
 import procfile as _rfc
 
-from smartmob_agent.errors import ProcfileError
+from smartmob_agent.errors import ProcfileError, UnknownProcessType
 from smartmob_agent.sources.decode import decode_text
 
 #: Names a process type may have (Heroku's rule, which the API's ``process_type`` follows).
@@ -267,11 +267,15 @@ def decode_procfile(data: bytes) -> str:
 
 
 def select(entries: Mapping[str, ProcfileEntry], process_type: str) -> ProcfileEntry:
-    """Return the entry for ``process_type``, or fail naming the types that do exist."""
+    """Return the entry for ``process_type``, or fail naming the types that do exist.
+
+    Raises:
+        UnknownProcessType: the Procfile has no such entry.
+    """
     try:
         return entries[process_type]
     except KeyError:
         known = ", ".join(f'"{name}"' for name in entries) or "none"
-        raise ProcfileError(
+        raise UnknownProcessType(
             f'the Procfile has no process type "{process_type}" (it has: {known})'
         ) from None

@@ -5,8 +5,9 @@ Knows nothing of processes, nor of where an archive came from (that is
 (plain, gzip, bzip2, xz) by their first bytes, whatever the server claimed; :func:`unpack`
 extracts into a fresh folder and refuses any member that could land outside it, and any
 archive that passes the :class:`UnpackLimits` (checked while reading, so a bomb costs
-little memory or time). Anything unsafe, too big, broken or cancelled raises
-:class:`~smartmob_agent.errors.ArchiveError` and leaves nothing behind.
+little memory or time). Anything unsafe or too big raises
+:class:`~smartmob_agent.errors.ArchiveRefused`, anything broken or cancelled
+:class:`~smartmob_agent.errors.ArchiveError`, and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from smartmob_agent.errors import ArchiveError
+from smartmob_agent.errors import ArchiveError, ArchiveRefused
 from smartmob_agent.sources.threads import run_cancellable
 
 if TYPE_CHECKING:
@@ -101,12 +102,13 @@ def unpack(
     set ``cancel`` to make it stop soon (between members, or between chunks read).
 
     Raises:
-        ArchiveError: unknown format, a corrupt or encrypted archive, an unsafe member
-            (absolute path, ``..``, a name given twice, a member inside a symbolic link,
-            a link out of the tree, a hard link to anything but an earlier file, a
-            device or fifo), an archive over one of the ``limits`` (its compression
-            ratio included), or ``cancel`` set;
-            ``dest`` is then removed, so nothing half-written is left.
+        ArchiveRefused: an unsafe member (absolute path, ``..``, a name given twice, a
+            member inside a symbolic link, a link out of the tree, a hard link to
+            anything but an earlier file, a device or fifo), or an archive over one of
+            the ``limits`` (its compression ratio included);
+        ArchiveError: unknown format, a corrupt or encrypted archive, a disk that cannot
+            take it, or ``cancel`` set;
+            either way ``dest`` is then removed, so nothing half-written is left.
     """
     with archive.open("rb") as file:
         kind = detect_format(file.read(512))
@@ -183,9 +185,9 @@ class _Tally:
         if self.cancel is not None and self.cancel.is_set():
             raise ArchiveError("unpacking was cancelled")
 
-    def too_many(self) -> ArchiveError:
+    def too_many(self) -> ArchiveRefused:
         """The error for an archive with more members than the limit."""
-        return ArchiveError(
+        return ArchiveRefused(
             f"the {self.kind} archive has more than {self.limits.max_members} members "
             "(the limit)"
         )
@@ -200,7 +202,7 @@ class _Tally:
             raise self.too_many()
         for what, path in (("member name", name), ("link target", link)):
             if len(path) > limits.max_path_length:
-                raise ArchiveError(
+                raise ArchiveRefused(
                     f"the {self.kind} archive has a {what} longer than "
                     f"{limits.max_path_length} characters (the limit): {_shown(path)}"
                 )
@@ -210,18 +212,18 @@ class _Tally:
         self.check_cancel()
         limits = self.limits
         if member_bytes > limits.max_member_bytes:
-            raise ArchiveError(
+            raise ArchiveRefused(
                 f"the {self.kind} archive has a member larger than "
                 f"{limits.max_member_bytes} bytes (the limit): {_shown(name)}"
             )
         self.total += new_bytes
         if self.total > limits.max_total_bytes:
-            raise ArchiveError(
+            raise ArchiveRefused(
                 f"the {self.kind} archive unpacks to more than {limits.max_total_bytes} "
                 "bytes (the limit)"
             )
         if self.total > limits.ratio_after and self.total > limits.max_ratio * self.size:
-            raise ArchiveError(
+            raise ArchiveRefused(
                 f"the {self.kind} archive unpacks to more than {limits.max_ratio:g} times "
                 f"its size of {self.size} bytes (the compression ratio limit, checked past "
                 f"{limits.ratio_after} bytes): a decompression bomb?"
@@ -233,12 +235,12 @@ class _Tally:
         self.header += size
         self.headers += size
         if self.header > _MAX_HEADER:
-            raise ArchiveError(
+            raise ArchiveRefused(
                 f"the {self.kind} archive has a member header larger than {_MAX_HEADER} "
                 "bytes (the limit)"
             )
         if self.headers > self.max_headers:
-            raise ArchiveError(
+            raise ArchiveRefused(
                 f"the {self.kind} archive has more than {self.max_headers} bytes of member "
                 "headers (the limit)"
             )
@@ -477,7 +479,7 @@ def _unpack_tar(archive: Path, dest: Path, tally: _Tally) -> None:
                 tar_stream.scanning = False
                 problem = _check_members([_tar_member(info) for info in infos])
                 if problem:
-                    raise ArchiveError(f"the {kind} archive is unsafe to unpack: {problem}")
+                    raise ArchiveRefused(f"the {kind} archive is unsafe to unpack: {problem}")
                 # the "data" filter is a second line of defence: it also refuses links
                 # leaving the tree, devices and fifos, and drops setuid/setgid bits
                 tar.extractall(dest, members=_checked(infos, tally), filter="data")
@@ -485,7 +487,7 @@ def _unpack_tar(archive: Path, dest: Path, tally: _Tally) -> None:
                 # compressed stream checks its CRC, which catches corrupted file contents
                 _read_to_end(tar_stream, tally)
     except tarfile.FilterError as error:
-        raise ArchiveError(f"the {kind} archive is unsafe to unpack: {error}") from None
+        raise ArchiveRefused(f"the {kind} archive is unsafe to unpack: {error}") from None
     except _READ_ERRORS as error:
         raise _corrupt(kind, error) from None
 
@@ -496,7 +498,7 @@ def _read_to_end(stream: _TarStream, tally: _Tally) -> None:
     while chunk := stream.read(_CHUNK):
         rest += len(chunk)
         if rest > _MAX_TRAILING:
-            raise ArchiveError(
+            raise ArchiveRefused(
                 f"the {tally.kind} archive has more than {_MAX_TRAILING} bytes after its "
                 "last member (the limit)"
             )
@@ -525,7 +527,7 @@ def _zip_member(zip_file: zipfile.ZipFile, info: zipfile.ZipInfo) -> _Member:
         return _Member(info.filename, "dir")
     if stat.S_ISLNK(mode):
         if info.file_size > _MAX_LINK:
-            raise ArchiveError(
+            raise ArchiveRefused(
                 f"the zip archive is unsafe to unpack: link {info.filename!r} is too long"
             )
         return _Member(info.filename, "symlink", zip_file.read(info).decode("utf-8", "replace"))
@@ -549,7 +551,7 @@ def _unpack_zip(archive: Path, dest: Path, tally: _Tally) -> None:
                 members.append(_zip_member(zip_file, info))
             problem = _check_members(members)
             if problem:
-                raise ArchiveError(f"the zip archive is unsafe to unpack: {problem}")
+                raise ArchiveRefused(f"the zip archive is unsafe to unpack: {problem}")
             # declared sizes may lie and entries may share their data: count what is written
             written = _Tally("zip", tally.limits, tally.cancel, tally.size)
             for info, member in zip(infos, members, strict=True):

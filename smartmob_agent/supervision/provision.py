@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from smartmob_agent.errors import AgentError, ProcfileError
+from smartmob_agent.errors import AgentError, NoProcfile, ProcfileError, WorkingDirError
 from smartmob_agent.model import DownloadProgress, ProcessState, RunAs, Spec
 from smartmob_agent.processes.spawn import Sink
 from smartmob_agent.processes.users import give_tree
@@ -123,7 +123,12 @@ class Provisioner:
 
     async def provision(self) -> Command:
         """Download and unpack the source, read its Procfile and ``.env``, build it and
-        run its release command if it has them (see :ref:`lifecycle-build`)."""
+        run its release command if it has them (see :ref:`lifecycle-build`).
+
+        Raises:
+            AgentError: a class of error for each way of failing, which names its
+                failure reason (see :data:`~smartmob_agent.supervision.failures.REASONS`).
+        """
         root = await self._fetch()
         entries, dotenv_env = await asyncio.to_thread(_read_source, root)
         entry = procfile.select(entries, self.spec.process_type)
@@ -304,9 +309,9 @@ def _working_dir(root: Path, relative: str | None) -> Path:
         return root
     target = (root / relative).resolve()
     if not target.is_relative_to(root.resolve()):
-        raise ProcfileError(f"working_dir {relative!r} leads outside the source")
+        raise WorkingDirError(f"working_dir {relative!r} leads outside the source")
     if not target.is_dir():
-        raise ProcfileError(f"working_dir {relative!r} is not a folder of the source")
+        raise WorkingDirError(f"working_dir {relative!r} is not a folder of the source")
     return target
 
 
@@ -321,7 +326,7 @@ def _read_procfile(root: Path) -> dict[str, procfile.ProcfileEntry]:
         with open(path, "rb") as file:
             data = file.read(procfile.MAX_PROCFILE_BYTES + 1)
     except FileNotFoundError:
-        raise ProcfileError(
+        raise NoProcfile(
             "the source has no Procfile at its root" + _nested_archive_hint(root)
         ) from None
     except (IsADirectoryError, PermissionError) as error:

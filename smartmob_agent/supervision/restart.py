@@ -4,9 +4,11 @@ The seed's rule is "restart until deleted"; the ``restart`` option narrows it
 (:class:`~smartmob_agent.model.RestartPolicy`). A run that ends quickly is a crash loop in
 the making, so the delay before the next start follows the process's
 :class:`~smartmob_agent.model.Backoff` series on each quick exit (doubling, from
-``backoff.initial`` up to ``backoff.maximum``); a run that lasted at least
+``backoff.initial`` up to ``backoff.maximum``), never under
+:data:`~smartmob_agent.model.MIN_RESTART_DELAY`; a run that lasted at least
 :func:`reset_after` seconds (``start_seconds``) clears it and is restarted at once.
-:func:`decide` puts the rules together.
+:func:`decide` puts the rules together, and :func:`failure` names what a process that it
+gave up on fails with.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import dataclasses
 import enum
 from dataclasses import dataclass
 
-from smartmob_agent.model import Backoff, Exit, Options, RestartPolicy
+from smartmob_agent.errors import AgentError, SpawnError, TooManyRestarts
+from smartmob_agent.model import MIN_RESTART_DELAY, Backoff, Exit, Options, RestartPolicy
 
 #: A run shorter than this is a failed start whatever ``start_seconds`` says, so that even
 #: with ``start_seconds: 0`` a crash loop backs off instead of spinning.
@@ -26,6 +29,8 @@ JITTER = 0.25
 
 #: ``/bin/sh`` exits with these when the command is not found (127) or not executable (126).
 SHELL_CANNOT_RUN = frozenset({126, 127})
+#: The :attr:`Decision.reason` of a command that cannot run (see :func:`cannot_run`).
+CANNOT_RUN = "cannot run"
 
 
 def reset_after(options: Options) -> float:
@@ -77,7 +82,9 @@ class Decision:
     Attributes:
         action: what to do.
         delay: the backoff delay to remember (the next quick exit doubles it).
-        wait: how long to wait before the restart: ``delay`` less some jitter.
+        wait: how long to wait before the restart: ``delay`` less some jitter, but
+            never under :data:`~smartmob_agent.model.MIN_RESTART_DELAY` after a failed
+            start.
         failed_starts: consecutive runs shorter than ``start_seconds``, this one included.
         reason: why, for :attr:`Action.FAIL` (a sentence for ``error``).
     """
@@ -112,7 +119,7 @@ def decide(
     failed = ran_for < healthy_after
     count = failed_starts + 1 if failed else 0
     if cannot_run(exit, ran_for, healthy_after):
-        return Decision(Action.FAIL, failed_starts=count, reason="cannot run")
+        return Decision(Action.FAIL, failed_starts=count, reason=CANNOT_RUN)
     if options.restart is RestartPolicy.NEVER or (
         options.restart is RestartPolicy.ON_FAILURE and options.is_clean(exit)
     ):
@@ -129,6 +136,8 @@ def decide(
         )
     delay = next_delay(options.backoff, previous_delay, ran_for, healthy_after)
     wait = delay * (1.0 - JITTER * min(max(jitter, 0.0), 1.0))
+    if failed:  # whatever the backoff says, a crash loop never spins (issue 13 item 8)
+        delay, wait = max(delay, MIN_RESTART_DELAY), max(wait, MIN_RESTART_DELAY)
     return Decision(Action.RESTART, delay=delay, wait=wait, failed_starts=count)
 
 
@@ -142,12 +151,22 @@ def failure_message(decision: Decision, exit: Exit, process_type: str, last_line
     >>> print(failure_message(gave_up, Exit(127), "web", "sh: 1: gunicorn: not found"))
     the command of process type 'web' cannot run: /bin/sh exited with code 127 (sh: 1: ...)
     """
-    if decision.reason != "cannot run":
+    if decision.reason != CANNOT_RUN:
         return decision.reason
     return (
         f"the command of process type {process_type!r} cannot run: /bin/sh {exit.describe()}"
         + (f" ({last_line})" if last_line else "")
     )
+
+
+def failure(decision: Decision, exit: Exit, process_type: str, last_line: str) -> AgentError:
+    """The error a process that :func:`decide` gave up on fails with, its message as
+    :func:`failure_message` says: a :class:`.SpawnError` for a command that cannot run,
+    else :class:`.TooManyRestarts`."""
+    message = failure_message(decision, exit, process_type, last_line)
+    if decision.reason == CANNOT_RUN:
+        return SpawnError(message)
+    return TooManyRestarts(message)
 
 
 @dataclass
@@ -185,8 +204,8 @@ class Restarts:
 
     def after_spawn_failure(self, backoff: Backoff) -> float:
         """The delay before trying again to spawn a child that could not be (for want of
-        resources), kept as the backoff delay."""
-        self.delay = backoff.after(self.delay)
+        resources), kept as the backoff delay (never under :data:`.MIN_RESTART_DELAY`)."""
+        self.delay = max(backoff.after(self.delay), MIN_RESTART_DELAY)
         return self.delay
 
     def reset(self) -> None:

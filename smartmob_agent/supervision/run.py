@@ -19,6 +19,7 @@ from typing import Any
 from smartmob_agent.model import Exit, ExitRecord, Options, Spec
 from smartmob_agent.output.hub import Hub
 from smartmob_agent.output.logs import ProcessLog
+from smartmob_agent.output.throttle import RepeatLimit
 from smartmob_agent.processes.spawn import Child
 from smartmob_agent.processes.stop import stop_marked
 from smartmob_agent.supervision.health import (
@@ -91,13 +92,17 @@ class Run:
         restarts: the process's restart count when it was spawned.
         runtime: the clocks (when it started) and the usage monitor (which measures it).
         output: the process's output, told of the spawn and of the exit.
+        agent_log: where the run's records go in the agent's log: the process's
+            :class:`.RepeatLimit`, which a crash loop's records do not flood.
     """
 
     def __init__(
-        self, child: Child, slug: str, restarts: int, *, runtime: Runtime, output: Output
+        self, child: Child, slug: str, restarts: int, *, runtime: Runtime, output: Output,
+        agent_log: RepeatLimit,
     ) -> None:
         self.child = child
         self.slug = slug
+        self.agent_log = agent_log
         self.restarts = restarts
         #: when it was spawned, on the monotonic clock (for how long it ran)
         self.started = runtime.clock()
@@ -120,10 +125,10 @@ class Run:
     @classmethod
     def start(
         cls, command: Command, spec: Spec, restarts: int, runtime: Runtime, *,
-        output: Output,
+        output: Output, agent_log: RepeatLimit,
     ) -> Run:
-        """Spawn a child of process ``spec`` that runs ``command``, its lines to ``output``;
-        announce it and have it measured.
+        """Spawn a child of process ``spec`` that runs ``command``, its lines to ``output``
+        (and its records to ``agent_log``); announce it and have it measured.
 
         Raises:
             SpawnError: it could not be started (see :meth:`.Child.spawn`).
@@ -134,7 +139,8 @@ class Run:
             reaper=runtime.reaper, umask=options.umask, run_as=runtime.run_as,
             rlimits=options.rlimits,
         )
-        run = cls(child, spec.slug, restarts, runtime=runtime, output=output)
+        run = cls(child, spec.slug, restarts, runtime=runtime, output=output,
+                  agent_log=agent_log)
         run.announce_spawn()
         if run._monitor is not None:
             run._monitor.track(child.pid)
@@ -178,7 +184,7 @@ class Run:
         slug = self.slug
 
         def on_unhealthy(reason: str) -> None:
-            log.warning("%s: %s; restarting it", slug, reason)
+            self.agent_log.warning("%s: %s; restarting it", slug, reason)
             task = asyncio.get_running_loop().create_task(
                 restart(reason), name=f"unhealthy {slug}"
             )
@@ -220,7 +226,9 @@ class Run:
         if ran_for is None:
             ran_for = max(0.0, now - self.started_at)
         self.exit_recorded = True
-        log.info("%s: process %d %s %s", self.slug, self.child.pid, exit.describe(), how)
+        self.agent_log.info(
+            "%s: process %d %s %s", self.slug, self.child.pid, exit.describe(), how
+        )
         return ExitRecord(exit, now, ran_for, reason)
 
     def _untrack(self) -> None:
@@ -275,7 +283,9 @@ class Run:
             pass
         killed = await stop_marked(marker, 0.0, signal.SIGKILL)
         if killed:
-            log.info("%s: killed %d leftover process(es) of the last run", self.slug, killed)
+            self.agent_log.info(
+                "%s: killed %d leftover process(es) of the last run", self.slug, killed
+            )
         await self.settle()
 
     async def settle(self, timeout: float = 1.0) -> None:

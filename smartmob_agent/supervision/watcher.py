@@ -7,7 +7,9 @@ A :class:`Watcher` owns one process resource: it has its source provisioned (see
 :func:`~smartmob_agent.supervision.restart.decide` says, until it is stopped. Every change
 of state goes through ``Watcher._enter``, which checks the transition table, tells the
 listeners and publishes a ``process:state`` event; each is driven by a real event: a
-step finishing, a child spawned, a child's exit, a control.
+step finishing, a child spawned, a child's exit, a control. A process that fails has an
+``error`` for people and a ``reason`` for programs (see
+:mod:`~smartmob_agent.supervision.failures`).
 
 The controls (:meth:`Watcher.request_start`, :meth:`~Watcher.request_stop`,
 :meth:`~Watcher.request_restart`, :meth:`~Watcher.request_signal`) run one at a time
@@ -36,15 +38,18 @@ from smartmob_agent.model import (
     TRANSITIONS,
     Exit,
     ExitRecord,
+    FailureReason,
     ProcessInfo,
     ProcessState,
     Spec,
     check_transition,
 )
+from smartmob_agent.output.throttle import RepeatLimit
 from smartmob_agent.processes.spawn import Child
+from smartmob_agent.supervision.failures import failure_reason
 from smartmob_agent.supervision.health import HealthCheck
 from smartmob_agent.supervision.provision import PROCESS_ID_VARIABLE, Command, Provisioner
-from smartmob_agent.supervision.restart import Action, Restarts, failure_message
+from smartmob_agent.supervision.restart import Action, Restarts, failure
 from smartmob_agent.supervision.run import Output, Run, health_probe
 from smartmob_agent.supervision.runtime import Listener, Runtime
 
@@ -119,6 +124,8 @@ class Watcher:
         self.spec = spec
         self.workdir = workdir
         self.port = port
+        # the records about this process in the agent's log, which a crash loop would flood
+        self._log = RepeatLimit(log, spec.slug)
         self._output = Output.open(spec.slug, runtime, resumed.seq_start if resumed else 0)
         self.hub = self._output.hub
         #: every output line, with its stream and time (refilled from its files)
@@ -141,6 +148,8 @@ class Watcher:
         self.state = S.STOPPED if stopped else S.PENDING
         #: why it failed, or what went wrong last (``error`` in the status document)
         self.error: str | None = None
+        #: why it failed, as a name, while it is failed (``reason``); else ``None``
+        self.reason: FailureReason | None = None
         self.exits: deque[ExitRecord] = deque(maxlen=EXIT_HISTORY)
         self.next_start_at: float | None = None
         self._restarts = Restarts(count=resumed.restarts if resumed else 0)
@@ -199,6 +208,7 @@ class Watcher:
             output_tail=self._output.tail(OUTPUT_TAIL) if crashed else (),
             stop_timeout=self._stop_timeout,
             download=self._source.download if state is S.DOWNLOADING else None,
+            reason=self.reason,
         )
 
     def add_listener(self, listener: Listener) -> None:
@@ -213,7 +223,8 @@ class Watcher:
 
     def _emit(self, kind: EventKind, **fields: Any) -> None:
         if self._runtime.emit is not None:
-            self._runtime.emit(self, kind, fields)
+            reason = None if self.reason is None else self.reason.value
+            self._runtime.emit(self, kind, {**fields, "reason": reason})
 
     # -- the state machine ---------------------------------------------------------------------
 
@@ -228,7 +239,9 @@ class Watcher:
         if not forced:
             check_transition(old, new)
         self.state = new
-        log.debug("%s: %s -> %s", self.spec.slug, old, new)
+        if new is not S.FAILED:  # a reason is that of the failure the process is in
+            self.reason = None
+        self._log.debug("%s: %s -> %s", self.spec.slug, old, new)
         for listener in list(self._listeners):
             try:  # the transition happened: a listener's failure must not undo half of it
                 listener(self, old, new)
@@ -238,14 +251,15 @@ class Watcher:
         if new is S.RUNNING:
             self._emit("process:online")
 
-    def _fail(self, reason: str) -> None:
-        self.error = reason
-        log.warning("%s failed: %s", self.spec.slug, reason)
+    def _fail(self, error: str, reason: FailureReason) -> None:
+        self.error = error
+        self.reason = reason
+        self._log.warning("%s failed (%s): %s", self.spec.slug, reason, error)
         legal = S.FAILED in TRANSITIONS[self.state]
         if not legal:  # only after a bug (see _main): failed it is, all the same
             log.error("%s: forced from %s to failed", self.spec.slug, self.state)
         self._enter(S.FAILED, forced=not legal)
-        self._emit("process:exception", error=reason)
+        self._emit("process:exception", error=error)
 
     # -- the run loop ----------------------------------------------------------------------------
 
@@ -268,7 +282,7 @@ class Watcher:
                 self._command = await self._source.provision()
             await self._supervise(self._command)
         except AgentError as error:
-            self._fail(str(error))
+            self._fail(str(error), failure_reason(error))
         except asyncio.CancelledError:
             raise
         except Exception as error:  # a bug (an illegal transition, say): the agent carries on
@@ -278,7 +292,8 @@ class Watcher:
             except Exception:
                 log.exception("%s: its child could not be stopped", self.spec.slug)
             self._current = None
-            self._fail(f"internal error of the agent: {type(error).__name__}: {error}")
+            self._fail(f"internal error of the agent: {type(error).__name__}: {error}",
+                       FailureReason.INTERNAL_ERROR)
 
     async def _supervise(self, command: Command) -> None:
         """Run the command, and again each time it exits, until the policy says no or a
@@ -288,13 +303,14 @@ class Watcher:
             if self.state is not S.STARTING:  # a start control may have entered it
                 self._enter(S.STARTING)  # PENDING/UNPACKING/BUILDING/RUNNING/BACKOFF -> STARTING
             try:
-                run = Run.start(command, self.spec, self.restarts, runtime, output=self._output)
+                run = Run.start(command, self.spec, self.restarts, runtime,
+                                output=self._output, agent_log=self._log)
             except SpawnError as error:
                 if not error.transient:
                     raise
                 # out of fds, memory or processes: that may pass, so try again later
                 self.error = str(error)
-                log.warning("%s: %s; trying again", self.spec.slug, error)
+                self._log.warning("%s: %s; trying again", self.spec.slug, error)
                 await self._back_off(self._restarts.after_spawn_failure(options.backoff))
                 continue
             self._current = run
@@ -318,7 +334,7 @@ class Watcher:
             await run.settle()
             run.announce_exit(exit)
             last = "".join(self._output.tail(1))
-            raise AgentError(failure_message(decision, exit, self.spec.process_type, last))
+            raise failure(decision, exit, self.spec.process_type, last)
         await run.finish(exit, self._marker)
         if decision.action is Action.EXIT:
             self._enter(S.EXITED)  # RUNNING -> EXITED
@@ -482,8 +498,10 @@ class Watcher:
                        lambda exit: self._record_exit(run, exit, reason))
 
     def close(self) -> None:
-        """End the output stream: attached clients are told the process is gone."""
+        """End the output stream: attached clients are told the process is gone; say in
+        the agent's log what records about it were held back."""
         self.hub.close()
+        self._log.flush()
 
     async def remove_files(self) -> None:
         """Delete the process's work folder and output logs (after :meth:`stop`)."""

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from smartmob_agent import __version__
-from smartmob_agent.model import SIGNAL_NAMES, ProcessState, RestartPolicy
+from smartmob_agent.model import SIGNAL_NAMES, FailureReason, ProcessState, RestartPolicy
 from smartmob_agent.representations import INDEX_RELATIONS, PROCESS_RELATIONS
 from smartmob_agent.schemas import (
     BULK_REQUEST,
@@ -105,6 +105,11 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
             "state": {"type": "string", "enum": [state.value for state in ProcessState]},
             "pid": _NULLABLE_INTEGER,
             "error": _NULLABLE_STRING,
+            "reason": {
+                "type": ["string", "null"],
+                "enum": [*(reason.value for reason in FailureReason), None],
+                "description": "while failed: why, as a name a client can switch on",
+            },
             "port": _NULLABLE_INTEGER,
             "started_at": _NULLABLE_STRING,
             "uptime": _NULLABLE_NUMBER,
