@@ -218,3 +218,37 @@ def test_a_file_endpoint_appends_and_is_private(tmp_path: Path) -> None:
     assert lines[1].endswith("WARNING tests.logging.file: a new line")
     with pytest.raises(FileNotFoundError):
         open_handlers("json", Endpoint("file", path=str(tmp_path / "no" / "such.log")))
+
+
+def test_state_records_of_a_crash_loop_are_limited_per_process_and_change() -> None:
+    """``process.state`` records: a failure has its reason and error; a process that
+    changes state many times logs each change a few times per window, and says how many
+    it held back when it is forgotten; another process is not held back by it."""
+    stream = io.StringIO()
+    states = logging.getLogger(records.STATES_LOGGER)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(records.formatter("json", utc=True))
+    states.addHandler(handler)
+    states.setLevel(logging.INFO)
+    try:
+        log_states = records.StateRecords()
+        log_states.changed("a.web.0", "downloading", "failed", "download failure", "no route")
+        for _ in range(25):
+            log_states.changed("a.web.0", "running", "exited")
+        log_states.changed("b.web.0", "running", "exited")
+        log_states.forget("a.web.0")
+    finally:
+        states.removeHandler(handler)
+        states.setLevel(logging.NOTSET)
+    found = [json.loads(line) for line in stream.getvalue().splitlines()]
+    failed = found[0]
+    assert (failed["event"], failed["slug"], failed["from"], failed["to"]) == (
+        "process.state", "a.web.0", "downloading", "failed")
+    assert (failed["reason"], failed["error"]) == ("download failure", "no route")
+    assert failed["message"] == "a.web.0: downloading -> failed (download failure: no route)"
+    exited = [r for r in found if r["event"] == "process.state" and r["to"] == "exited"]
+    assert [r["slug"] for r in exited].count("a.web.0") == 10
+    assert [r["slug"] for r in exited].count("b.web.0") == 1
+    assert exited[-1]["reason"] is None
+    assert found[-1]["event"] == "log"
+    assert found[-1]["message"].startswith("a.web.0: 15 similar record(s) held back")

@@ -215,7 +215,8 @@ async def test_an_agent_without_endpoint_writes_text_to_stderr_only(tmp_path: Pa
 async def test_the_records_of_a_process_carry_their_request_ids(tmp_path: Path) -> None:
     """``process.create``, ``process.attach`` and ``process.delete`` carry the id of the
     request that did it, as its ``http.access`` does; ``process.state`` tells each
-    change (with why it failed); the agent-log link serves the same records."""
+    change (with the failure's reason and error); the agent-log link serves the same
+    records."""
     agent = AgentProcess(tmp_path / "s", ["--log-format", "json"], env=_env())
     body = {"app": "shop", "node": "web.0", "process_type": "web",
             "source_url": "http://127.0.0.1:1/nothing-listens-here.tgz"}
@@ -247,7 +248,9 @@ async def test_the_records_of_a_process_carry_their_request_ids(tmp_path: Path) 
     _one(found, "process.delete", slug="shop.web.0", request="delete-1")
     _one(found, "process.state", slug="shop.web.0", **{"from": "pending", "to": "downloading"})
     failed = _one(found, "process.state", slug="shop.web.0", to="failed")
-    assert "nothing-listens-here.tgz" in failed["reason"]
+    assert failed["reason"] == "download failure"
+    assert "nothing-listens-here.tgz" in failed["error"]
+    assert _one(found, "process.state", slug="shop.web.0", to="downloading")["reason"] is None
     by_time = {(r["event"], r["@timestamp"]) for r in found + _json_lines(agent.stderr)}
     assert [r for r in kept if (r["event"], r["@timestamp"]) not in by_time] == []
     assert {"bind", "process.create", "process.state", "http.access"} <= {

@@ -34,6 +34,7 @@ from typing import Any
 import structlog
 
 from smartmob_agent.output.redact import redact
+from smartmob_agent.output.throttle import RepeatLimit
 
 #: The attributes of a :class:`logging.LogRecord` that make it a named event.
 EVENT_ATTR = "smartmob_event"
@@ -77,12 +78,37 @@ def event(
     logger.log(level, "%s", message, extra={EVENT_ATTR: name, FIELDS_ATTR: fields})
 
 
-def state_changed(slug: str, old: str, new: str, reason: str | None = None) -> None:
-    """Log the ``process.state`` record of process ``slug`` going from ``old`` to
-    ``new`` (``reason``: why, for a failure)."""
-    fields: dict[str, Any] = {"slug": slug, "from": old, "to": new, "reason": reason}
-    message = f"{slug}: {old} -> {new}" + (f" ({reason})" if reason else "")
-    event(logging.getLogger(STATES_LOGGER), "process.state", message, **fields)
+class StateRecords:
+    """The ``process.state`` records: ``slug``, ``from``, ``to``, and for a change to
+    ``failed`` its ``reason`` (the failure's name, such as ``download failure``) and
+    ``error`` (its sentence). A process in a crash loop changes state many times a
+    second: as its other records (:mod:`~smartmob_agent.output.throttle`), each change
+    of one process is logged :data:`~smartmob_agent.output.throttle.BURST` times per
+    window at most, the others summed up."""
+
+    def __init__(self) -> None:
+        self._limits: dict[str, RepeatLimit] = {}
+
+    def changed(
+        self, slug: str, old: str, new: str, reason: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Log process ``slug`` going from ``old`` to ``new``."""
+        limit = self._limits.get(slug)
+        if limit is None:
+            limit = self._limits[slug] = RepeatLimit(logging.getLogger(STATES_LOGGER), slug)
+        fields = {"slug": slug, "from": old, "to": new, "reason": reason, "error": error}
+        why = f" ({reason}: {error})" if reason or error else ""
+        # one template per change, so that each kind of change has its own window
+        limit.info(f"%s: {old} -> {new}%s", slug, why, extra={
+            EVENT_ATTR: "process.state", FIELDS_ATTR: {**fields, "message": f"{slug}: "
+                                                        f"{old} -> {new}{why}"}})
+
+    def forget(self, slug: str) -> None:
+        """Say what was held back of process ``slug``, and forget it (it is deleted)."""
+        limit = self._limits.pop(slug, None)
+        if limit is not None:
+            limit.flush()
 
 
 class _Scope:

@@ -126,6 +126,7 @@ class Agent:
         #: the agent's own log (what it writes to stderr), kept from start to close
         self.agent_log = ProcessLog(None, lines=settings.log_lines)
         self._log_handler: LogHandler | None = None
+        self._state_records = records.StateRecords()
 
     @property
     def processes_dir(self) -> Path:
@@ -302,8 +303,9 @@ class Agent:
         """Log each state change as a ``process.state`` record (with why it failed)."""
         if event["event"] == "process:state":
             watcher = self._watchers.get(event["slug"])
-            reason = watcher.error if watcher is not None and event["state"] == "failed" else None
-            records.state_changed(event["slug"], event["previous"], event["state"], reason)
+            error = watcher.error if watcher is not None and event["reason"] else None
+            self._state_records.changed(
+                event["slug"], event["previous"], event["state"], event["reason"], error)
 
     def _notify(self, event: ProcessEvent) -> None:
         """Hand an event to the webhooks: the agent's own and the process's ``notify``."""
@@ -455,6 +457,7 @@ class Agent:
                 del self._watchers[slug]
                 self.ports.release(slug)
                 records.event(log, "process.delete", f"{slug}: deleted", slug=slug)
+                self._state_records.forget(slug)
             self._collect_sources()
 
     def _collect_sources(self) -> None:
