@@ -26,14 +26,16 @@ from aiohttp import web
 from smartmob_agent import __version__
 from smartmob_agent.config import OPTIONS, Settings, check_settings, settings_from
 from smartmob_agent.errors import AgentError, InvalidRequest
-from smartmob_agent.output.logs import RedactKeys
+from smartmob_agent.output import records
+from smartmob_agent.output.endpoint import parse_endpoint
+from smartmob_agent.output.sinks import open_handlers
 from smartmob_agent.processes import guardian, privacy
 from smartmob_agent.processes.keeper import Keeper
 from smartmob_agent.processes.reaper import Reaper, become_subreaper
 from smartmob_agent.processes.users import resolve_run_as
 from smartmob_agent.supervision.agent import AGENT_ID_VARIABLE, Agent
 from smartmob_agent.web.guard import GuardedSite
-from smartmob_agent.web.server import make_app
+from smartmob_agent.web.server import AccessRecords, make_app
 
 log = logging.getLogger("smartmob_agent")
 
@@ -45,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Run an HTTP service with a REST API that lets clients start Procfile "
             "applications as children of this program. Stop with CTRL-C or SIGTERM: "
-            "every child is stopped first. Errors and warnings go to stderr."
+            "every child is stopped first. Its log goes to stderr (--log-format text), "
+            "or to stdout with warnings and errors on stderr (kv, json), or wherever "
+            "--logging-endpoint says."
         ),
         epilog="Each option can also be set by the environment variable in brackets; "
         "a flag wins over the variable.",
@@ -66,17 +70,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # one line per request is noise at the default level
-    access = logging.getLogger("aiohttp.access")
-    access.setLevel(logging.INFO if level == "debug" else logging.WARNING)
-    for handler in logging.getLogger().handlers:  # every line, whichever logger wrote it
-        handler.addFilter(RedactKeys())
+def _configure_logging(settings: Settings) -> None:
+    """Send every record (the warnings of :mod:`warnings` too) where the options say, in
+    their format (see :mod:`smartmob_agent.output.sinks`)."""
+    url = settings.logging_endpoint
+    endpoint = None if url is None else parse_endpoint(url)  # checked by check_settings
+    try:
+        handlers = open_handlers(settings.log_format, endpoint, utc=settings.utc)
+    except OSError as error:
+        raise OptionRefused(
+            f"smartmob-agent: cannot write the log to {url}: {error.strerror or error}"
+        ) from None
+    root = logging.getLogger()
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(settings.log_level.upper())
+    # a line per request or state change is noise for a person reading text lines (a
+    # FluentD endpoint gets records whatever the format)
+    read_as_text = settings.log_format == "text" and (endpoint is None or endpoint.scheme == "file")
+    quiet = read_as_text and settings.log_level != "debug"
+    for name in records.CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.NOTSET)
+    logging.captureWarnings(True)
+
+
+def _fatal(settings: Settings, message: str, status: int) -> int:
+    """Report why the agent cannot go on, and return its exit status: one line on
+    stderr in the ``text`` format without an endpoint (as always), else an ``exit``
+    record (level error) where the records go."""
+    if settings.log_format == "text" and settings.logging_endpoint is None:
+        print(message, file=sys.stderr)
+    else:
+        records.event(log, "exit", message, level=logging.ERROR, status=status)
+    return status
 
 
 def start_guardian(marker: str) -> subprocess.Popen[bytes]:
@@ -275,8 +301,12 @@ def _announce_ready(agent: Agent, runner: web.AppRunner, tls: bool) -> None:
     scheme = "https" if tls else "http"
     for host, port, *_ in runner.addresses:
         shown = f"[{host}]" if ":" in host else host
-        log.info("smartmob-agent %s listening on %s://%s:%d/ (pid %d)",
-                 __version__, scheme, shown, port, os.getpid())
+        url = f"{scheme}://{shown}:{port}/"
+        records.event(
+            log, "bind", f"smartmob-agent {__version__} listening on {url} (pid {os.getpid()})",
+            transport="tcp", host=host, port=port, url=url, pid=os.getpid(),
+            version=__version__,
+        )
 
 
 async def _shut_down(runner: web.AppRunner, agent: Agent, guardian: Keeper) -> None:
@@ -301,7 +331,10 @@ async def serve(settings: Settings) -> None:
     reaper = _prepare_process(loop)
     agent = _make_agent(settings, reaper)
     tls = _tls_context(settings)
-    runner = web.AppRunner(make_app(settings, agent), handle_signals=False)
+    runner = web.AppRunner(
+        make_app(settings, agent), handle_signals=False, access_log_class=AccessRecords,
+        access_log=logging.getLogger(records.ACCESS_LOGGER),
+    )
     await runner.setup()
     try:
         site = await _bind(runner, settings, tls)
@@ -310,8 +343,14 @@ async def serve(settings: Settings) -> None:
         raise
     guardian = _start_guardian(agent, reaper)
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    why: list[str] = []  # the stop event's reason: the first signal's
+
+    def told(reason: str) -> None:
+        why.append(reason)
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGINT, told, "ctrl-c")
+    loop.add_signal_handler(signal.SIGTERM, told, "sigterm")
     try:
         await _start_agent(agent, settings)
     except BaseException:  # nothing was served: release what was taken for it
@@ -323,10 +362,10 @@ async def serve(settings: Settings) -> None:
         await site.start()
         _announce_ready(agent, runner, tls is not None)
         await stop.wait()
-        log.info("stopping: shutting down every process")
+        records.event(log, "stop", "stopping: shutting down every process", reason=why[0])
     finally:
         await _shut_down(runner, agent, guardian)
-    log.info("stopped")
+    records.event(log, "exit", "stopped", status=0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -339,16 +378,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidRequest as error:
         print(f"smartmob-agent: {error}", file=sys.stderr)
         return 2
-    _configure_logging(settings.log_level)
+    try:
+        _configure_logging(settings)
+    except OptionRefused as error:  # nowhere to log it but stderr
+        print(error, file=sys.stderr)
+        return 2
     _warn_keys_in_argv(vars(args))
     try:
         asyncio.run(serve(settings))
     except OptionRefused as error:
-        print(error, file=sys.stderr)
-        return 2
+        return _fatal(settings, str(error), 2)
     except SystemExit as exit:
         if isinstance(exit.code, str):
-            print(exit.code, file=sys.stderr)
-            return 1
+            return _fatal(settings, exit.code, 1)
         raise
     return 0

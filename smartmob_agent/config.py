@@ -17,6 +17,7 @@ from typing import Any
 
 from smartmob_agent.errors import InvalidRequest
 from smartmob_agent.keys import check_key, split_app_key
+from smartmob_agent.output.endpoint import parse_endpoint
 from smartmob_agent.sources.fetchpolicy import parse_allow_entry
 
 
@@ -46,6 +47,9 @@ class Settings:
     source_allow: tuple[str, ...] = ()
     allow_file_sources: Path | None = None
     log_level: str = "info"
+    log_format: str = "text"
+    utc: bool = False
+    logging_endpoint: str | None = None
     webhook: tuple[str, ...] = ()
     webhook_secret: str | None = None
     monitor_interval: float = 2.0
@@ -178,6 +182,24 @@ def _level(text: str) -> str:
     return level
 
 
+#: The formats of the agent's log records (``--log-format``).
+LOG_FORMATS = ("text", "kv", "json")
+
+
+def _log_format(text: str) -> str:
+    name = text.strip().lower()
+    if name not in LOG_FORMATS:
+        raise ValueError("must be one of text, kv, json")
+    return name
+
+
+def _endpoint(text: str) -> str:
+    # checked whole by check_settings, which says it as the original agent did
+    if not text.strip():
+        raise ValueError("must be a URL, not empty")
+    return text.strip()
+
+
 def _host(text: str) -> str:
     # an empty host would make the server listen on every interface, unannounced
     host = text.strip()
@@ -290,7 +312,20 @@ OPTIONS: tuple[Option, ...] = (
            _absolute_folder, "DIR", "accept file:// source URLs of files under this "
            "absolute folder (default: none)"),
     Option("log_level", "--log-level", "SMARTMOB_LOG_LEVEL", _level, "LEVEL",
-           "least severe log level written to stderr (default: info)"),
+           "least severe level of the agent's log records written (default: info)"),
+    Option("log_format", "--log-format", "SMARTMOB_LOG_FORMAT", _log_format, "FORMAT",
+           "how log records are written: text, one line for a person (default); kv, "
+           "key=value pairs; json, one JSON object a line (kv and json have sorted keys, "
+           "an ISO 8601 @timestamp and an event name)"),
+    Option("utc", "--utc", "SMARTMOB_UTC", _switch, "",
+           "write the time of log records in UTC (+00:00) rather than local time",
+           switch=True),
+    Option("logging_endpoint", "--logging-endpoint", "SMARTMOB_LOGGING_ENDPOINT",
+           _endpoint, "URL", "write every log record there, and nothing to stdout or "
+           "stderr: file:///dev/stdout, file:///dev/stderr, file://./relative.log, "
+           "file:///absolute.log, or fluent://host:port/tag for a FluentD forward input "
+           "(default: text to stderr; kv and json to stdout, warnings and errors to "
+           "stderr)"),
     Option("webhook", "--webhook", "SMARTMOB_WEBHOOK", _webhook, "URL",
            "POST every process event as JSON to this URL; repeat for more URLs (the "
            "variable takes them separated by spaces)", repeat=True),
@@ -393,6 +428,11 @@ def check_settings(settings: Settings) -> None:
             "invalid configuration: --tls-cert and --tls-key go together: give both or "
             "neither", {"--tls-cert": "needs --tls-key", "--tls-key": "needs --tls-cert"},
         )
+    if settings.logging_endpoint is not None:
+        try:
+            parse_endpoint(settings.logging_endpoint)
+        except ValueError as error:  # the original agent's words, alone
+            raise InvalidRequest(str(error), {"--logging-endpoint": str(error)}) from None
     if settings.group is not None and settings.user is None:
         raise InvalidRequest(
             "invalid configuration: --group goes with --user: it chooses the group of the "

@@ -42,6 +42,7 @@ PURE = frozenset({
     "sources.buildplan",
     "output.lines",
     "output.redact",
+    "output.endpoint",
     "web.frames", "web.access", "web.openapi",
     "client.errors", "client.results", "client.ignore", "client.render", "client.formation",
 }) & frozenset(MODULES)

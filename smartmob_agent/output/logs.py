@@ -48,7 +48,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from smartmob_agent.model import LogLine, Stamp
-from smartmob_agent.output.redact import redact
+from smartmob_agent.output import records
+from smartmob_agent.output.records import RedactKeys
 
 log = logging.getLogger("smartmob_agent.logs")  # stable name: internals.rst
 
@@ -384,27 +385,8 @@ class ProcessLog:
         ], more
 
 
-#: How the agent's own log records become lines (the time is the line's ``at``).
-AGENT_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 #: Longest line kept of one record of the agent's own log.
 AGENT_LOG_MAX_LINE = 64 * 1024
-
-
-class RedactKeys(logging.Filter):
-    """Hides the value of every credential-like query parameter in log records (their
-    message and traceback), such as a key in the access log's request line: see
-    :func:`~smartmob_agent.output.redact.redact`."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        hidden = redact(message)
-        if hidden != message:
-            record.msg, record.args = hidden, None
-        if record.exc_info and not record.exc_text:  # formatted once, here, then kept
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = redact(record.exc_text)
-        return True
 
 
 class LogHandler(logging.Handler):
@@ -419,13 +401,16 @@ class LogHandler(logging.Handler):
     Args:
         target: the log to keep records in.
         loop: the event loop the log belongs to (default: the running one).
+        formatter: how a record becomes lines: the agent's ``--log-format``, so that the
+            ``agent-log`` link serves the records it writes (default: ``text``).
     """
 
     def __init__(
-        self, target: ProcessLog, loop: asyncio.AbstractEventLoop | None = None
+        self, target: ProcessLog, loop: asyncio.AbstractEventLoop | None = None,
+        formatter: logging.Formatter | None = None,
     ) -> None:
         super().__init__()
-        self.setFormatter(logging.Formatter(AGENT_LOG_FORMAT))
+        self.setFormatter(formatter or records.formatter("text", agent_log=True))
         # whoever reads the agent-log link must not learn a key from a logged URL
         self.addFilter(RedactKeys())
         self.target = target

@@ -21,11 +21,12 @@ from typing import Any
 import aiohttp
 
 from smartmob_agent.config import Settings
-from smartmob_agent.errors import AgentError, Conflict, InvalidRequest, NotFound, TooLarge
+from smartmob_agent.errors import AgentError, Conflict, InvalidRequest, NotFound
 from smartmob_agent.events.bus import EventBus, EventKind, ProcessEvent, make_event
 from smartmob_agent.events.webhooks import Webhooks
 from smartmob_agent.keys import Keyring, MintedKey
 from smartmob_agent.model import ProcessInfo, ProcessState, Spec
+from smartmob_agent.output import records
 from smartmob_agent.output.logs import LogHandler, ProcessLog
 from smartmob_agent.processes.monitor import Monitor
 from smartmob_agent.processes.ports import PortAllocator
@@ -48,10 +49,11 @@ from smartmob_agent.supervision.limits import (
 )
 from smartmob_agent.supervision.records import Records
 from smartmob_agent.supervision.runtime import Runtime
-
-# re-exported: the CLI and the tests name it from here
 from smartmob_agent.supervision.startup import AGENT_ID_VARIABLE as AGENT_ID_VARIABLE
 from smartmob_agent.supervision.startup import check_reachable, resumed, take_over
+
+# re-exported: the CLI and the tests name it from here
+from smartmob_agent.supervision.uploads import check_upload_size, collect_unused, find_upload
 from smartmob_agent.supervision.watcher import Watcher
 
 log = logging.getLogger("smartmob_agent.agent")  # stable name: internals.rst
@@ -126,6 +128,7 @@ class Agent:
         #: the agent's own log (what it writes to stderr), kept from start to close
         self.agent_log = ProcessLog(None, lines=settings.log_lines)
         self._log_handler: LogHandler | None = None
+        self._state_records = records.StateRecords()
 
     @property
     def processes_dir(self) -> Path:
@@ -183,6 +186,7 @@ class Agent:
             secret=None if secret is None else secret.encode(),
         )
         self.events.add_listener(self._notify)
+        self.events.add_listener(self._log_state)
         for key in self.store.load_keys():
             self.keyring.add_minted(key)
         self._open_agent_log(self.store)
@@ -263,7 +267,8 @@ class Agent:
             files=settings.log_files, first_seq=int(store.get_value(AGENT_LOG_SEQ_KEY) or 0),
             reserve=reserve,
         )
-        self._log_handler = LogHandler(self.agent_log)
+        self._log_handler = LogHandler(self.agent_log, formatter=records.formatter(
+            settings.log_format, utc=settings.utc, agent_log=True))
         logging.getLogger().addHandler(self._log_handler)
 
     def _close_agent_log(self) -> None:
@@ -304,6 +309,14 @@ class Agent:
             kind, slug=spec.slug, app=spec.app, node=spec.node,
             process_type=spec.process_type, pid=pid, state=watcher.state.value, **extra,
         ))
+
+    def _log_state(self, event: ProcessEvent) -> None:
+        """Log each state change as a ``process.state`` record (with why it failed)."""
+        if event["event"] == "process:state":
+            watcher = self._watchers.get(event["slug"])
+            error = watcher.error if watcher is not None and event["reason"] else None
+            self._state_records.changed(
+                event["slug"], event["previous"], event["state"], event["reason"], error)
 
     def _notify(self, event: ProcessEvent) -> None:
         """Hand an event to the webhooks: the agent's own and the process's ``notify``."""
@@ -350,7 +363,9 @@ class Agent:
             self.ports.release(slug)
             raise
         self._register(watcher, created=True)
-        log.info("%s: created (process type %r)", slug, spec.process_type)
+        records.event(log, "process.create", f"{slug}: created (process type "
+                      f"{spec.process_type!r})", slug=slug, app=spec.app, node=spec.node,
+                      process_type=spec.process_type)
         return watcher
 
     def _check_source(self, spec: Spec) -> None:
@@ -453,27 +468,15 @@ class Agent:
                 self._emit(watcher, "process:delete", {})  # still registered: notify gets it
                 del self._watchers[slug]
                 self.ports.release(slug)
-                log.info("%s: deleted", slug)
+                records.event(log, "process.delete", f"{slug}: deleted", slug=slug)
+                self._state_records.forget(slug)
             self._collect_sources()
 
     def _collect_sources(self) -> None:
-        """Remove the cached archives no process uses, but for the last few (rollbacks)."""
-        if self.sources is None:
-            return
-        in_use = {cache_key(w.spec.source_url, w.spec.sha256) for w in self._watchers.values()}
-        try:
-            self.sources.collect(in_use)
-        except OSError as error:  # a full or read-only disk must not fail a delete
-            log.warning("could not clean the source cache %s: %s", self.cache_dir, error)
-        if self.builds is None:
-            return
-        # a process whose source is not fetched yet has no key: it looks for its build
-        # only once it has one, and builds again if it is gone
-        used = {w.build_key for w in self._watchers.values()}
-        try:
-            self.builds.collect(key for key in used if key is not None)
-        except OSError as error:
-            log.warning("could not clean the builds %s: %s", self.builds_dir, error)
+        """Remove the cached archives and builds no process uses (see
+        :func:`~smartmob_agent.supervision.uploads.collect_unused`)."""
+        if self.sources is not None and self.builds is not None:
+            collect_unused(self.sources, self.builds, self._watchers.values())
 
     async def upload(self, chunks: AsyncIterable[bytes], length: int | None = None) -> Stored:
         """Keep an uploaded source archive in the source cache, under its SHA-256 (see
@@ -481,12 +484,8 @@ class Agent:
 
         The limit is ``--max-download``: an upload lands in the same cache and is
         unpacked the same way as a download, so one bound on what a source may weigh
-        serves both.
-
-        Args:
-            chunks: the body, as it arrives.
-            length: the size the client announced (``Content-Length``), if it did: over
-                the limit, nothing is read.
+        serves both. ``length`` is the size the client announced, if it did: over the
+        limit, nothing is read.
 
         Raises:
             TooLarge: over the limit.
@@ -494,13 +493,8 @@ class Agent:
             StorageError: the state folder cannot take it.
         """
         assert self.sources is not None, "Agent.start() first"
-        limit = self.settings.max_download
-        if length is not None and length > limit:
-            raise TooLarge(
-                f"the archive is {length} bytes, over the limit of {limit} bytes (the "
-                "agent's --max-download, which bounds uploads too)"
-            )
-        stored = await self.sources.put(chunks, max_bytes=limit)
+        check_upload_size(length, self.settings.max_download)
+        stored = await self.sources.put(chunks, max_bytes=self.settings.max_download)
         # the new upload is the most recently used entry: it is kept, an older one may go
         self._collect_sources()
         return stored
@@ -511,15 +505,7 @@ class Agent:
         Raises:
             NotFound: no upload has it (never uploaded, collected, or not a SHA-256).
         """
-        path = None
-        if len(sha256) == 64 and all(c in "0123456789abcdefABCDEF" for c in sha256):
-            path = None if self.sources is None else self.sources.uploaded(sha256.lower())
-        if path is None:
-            raise NotFound(
-                f"there is no uploaded archive with SHA-256 {sha256[:64]!r} (never "
-                "uploaded, or removed as unused by the source cache's collection)"
-            )
-        return path
+        return find_upload(self.sources, sha256)
 
     async def control(self, watcher: Watcher, action: str) -> None:
         """Record the process's desired state (``stop`` keeps it stopped across agent

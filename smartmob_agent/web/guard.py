@@ -392,8 +392,11 @@ class GuardedSite(web.BaseSite):
         assert server is not None, "set the runner up first"
         guard = self.guard
 
+        # the runner's options for connections (its access logger) hold here too
+        options: dict[str, Any] = dict(getattr(server, "_kwargs", {}))
+
         def protocol() -> GuardedRequestHandler:
-            return GuardedRequestHandler(server, guard, loop=loop)
+            return GuardedRequestHandler(server, guard, loop=loop, **options)
 
         self._bound = await loop.create_server(
             protocol, self._host, self._port, ssl=self._ssl_context,

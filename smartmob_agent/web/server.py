@@ -13,11 +13,14 @@ import weakref
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
 from smartmob_agent import errors
 from smartmob_agent.config import Settings
 from smartmob_agent.keys import ADMIN
+from smartmob_agent.output import records
+from smartmob_agent.output.redact import redact
 from smartmob_agent.processes.ports import PortsExhausted
 from smartmob_agent.representations import error_document
 from smartmob_agent.store import StoreError
@@ -93,13 +96,36 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
     request[REQUEST_ID_KEY] = request_id
     try:
-        response = await handler(request)
+        with records.request_scope(request_id):  # every record logged meanwhile has it
+            response = await handler(request)
     except web.HTTPException as error:
         error.headers["X-Request-Id"] = request_id
         raise
     if not response.prepared:
         response.headers["X-Request-Id"] = request_id
     return response
+
+
+class AccessRecords(AbstractAccessLogger):
+    """aiohttp's access logger: one ``http.access`` record per answered request, once
+    it is answered (a WebSocket once it is closed): ``method``, ``path`` (with its
+    query, every credential-like value hidden), ``outcome`` (the status), ``duration``
+    (seconds), ``remote`` (the client's address) and ``request`` (the request id; ``None``
+    for a request refused before it got one, e.g. an unreadable one)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        path = redact(request.raw_path)
+        records.event(
+            self.logger, "http.access", method=request.method, path=path,
+            outcome=response.status, duration=round(time, 6), remote=request.remote,
+            request=request.get(REQUEST_ID_KEY),
+            text=f'{request.remote} "{request.method} {path}" {response.status} {time:.6f}s',
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the records would be written (aiohttp skips the call if not)."""
+        return self.logger.isEnabledFor(logging.INFO)
 
 
 @web.middleware
