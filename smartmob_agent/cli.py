@@ -26,7 +26,7 @@ from aiohttp import web
 from smartmob_agent import __version__
 from smartmob_agent.config import OPTIONS, Settings, check_settings, settings_from
 from smartmob_agent.errors import AgentError, InvalidRequest
-from smartmob_agent.output import records
+from smartmob_agent.output import logrecords
 from smartmob_agent.output.endpoint import parse_endpoint
 from smartmob_agent.output.sinks import open_handlers
 from smartmob_agent.processes import guardian, privacy
@@ -89,7 +89,7 @@ def _configure_logging(settings: Settings) -> None:
     # FluentD endpoint gets records whatever the format)
     read_as_text = settings.log_format == "text" and (endpoint is None or endpoint.scheme == "file")
     quiet = read_as_text and settings.log_level != "debug"
-    for name in records.CHATTY_LOGGERS:
+    for name in logrecords.CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.NOTSET)
     logging.captureWarnings(True)
 
@@ -101,7 +101,7 @@ def _fatal(settings: Settings, message: str, status: int) -> int:
     if settings.log_format == "text" and settings.logging_endpoint is None:
         print(message, file=sys.stderr)
     else:
-        records.event(log, "exit", message, level=logging.ERROR, status=status)
+        logrecords.event(log, "exit", message, level=logging.ERROR, status=status)
     return status
 
 
@@ -302,7 +302,7 @@ def _announce_ready(agent: Agent, runner: web.AppRunner, tls: bool) -> None:
     for host, port, *_ in runner.addresses:
         shown = f"[{host}]" if ":" in host else host
         url = f"{scheme}://{shown}:{port}/"
-        records.event(
+        logrecords.event(
             log, "bind", f"smartmob-agent {__version__} listening on {url} (pid {os.getpid()})",
             transport="tcp", host=host, port=port, url=url, pid=os.getpid(),
             version=__version__,
@@ -333,7 +333,7 @@ async def serve(settings: Settings) -> None:
     tls = _tls_context(settings)
     runner = web.AppRunner(
         make_app(settings, agent), handle_signals=False, access_log_class=AccessRecords,
-        access_log=logging.getLogger(records.ACCESS_LOGGER),
+        access_log=logging.getLogger(logrecords.ACCESS_LOGGER),
     )
     await runner.setup()
     try:
@@ -362,10 +362,10 @@ async def serve(settings: Settings) -> None:
         await site.start()
         _announce_ready(agent, runner, tls is not None)
         await stop.wait()
-        records.event(log, "stop", "stopping: shutting down every process", reason=why[0])
+        logrecords.event(log, "stop", "stopping: shutting down every process", reason=why[0])
     finally:
         await _shut_down(runner, agent, guardian)
-    records.event(log, "exit", "stopped", status=0)
+    logrecords.event(log, "exit", "stopped", status=0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

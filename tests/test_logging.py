@@ -16,7 +16,7 @@ import pytest
 
 from smartmob_agent.config import check_settings, settings_from
 from smartmob_agent.errors import InvalidRequest
-from smartmob_agent.output import records
+from smartmob_agent.output import logrecords
 from smartmob_agent.output.endpoint import Endpoint, parse_endpoint
 from smartmob_agent.output.sinks import PrivateFileHandler, open_handlers
 
@@ -91,8 +91,8 @@ def _attach(
 ) -> None:
     log, stream, handlers = fixture
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(records.formatter(log_format, utc=utc))
-    handler.addFilter(records.RedactKeys())
+    handler.setFormatter(logrecords.formatter(log_format, utc=utc))
+    handler.addFilter(logrecords.RedactKeys())
     log.addHandler(handler)
     handlers.append(handler)
 
@@ -104,7 +104,7 @@ def test_json_records_have_sorted_keys_a_timestamp_and_an_event(
     keys are sorted; ``@timestamp`` is ISO 8601 in UTC (``+00:00``) with ``--utc``."""
     log, stream, _ = logger
     _attach(logger, "json")
-    records.event(log, "process.create", "shop.web.0: created", slug="shop.web.0")
+    logrecords.event(log, "process.create", "shop.web.0: created", slug="shop.web.0")
     log.warning("cannot do %s", "that")
     named, sentence = (json.loads(line) for line in stream.getvalue().splitlines())
     assert named == {
@@ -126,7 +126,7 @@ def test_kv_records_start_with_the_time_and_the_event_as_the_original(
 ) -> None:
     log, stream, _ = logger
     _attach(logger, "kv")
-    records.event(log, "http.access", method="GET", path="/", outcome=200, duration=0.5)
+    logrecords.event(log, "http.access", method="GET", path="/", outcome=200, duration=0.5)
     line = stream.getvalue().strip()
     keys = [pair.split("=", 1)[0] for pair in line.split(" ")]
     assert keys[:2] == ["@timestamp", "event"]
@@ -142,7 +142,7 @@ def test_no_format_shows_a_key_from_a_query_or_a_traceback(
     log, stream, _ = logger
     for log_format in ("text", "kv", "json"):
         _attach(logger, log_format)
-    records.event(log, "http.access", path=f"/events?app=a&token={KEY}")
+    logrecords.event(log, "http.access", path=f"/events?app=a&token={KEY}")
     try:
         raise ValueError(f"cannot fetch https://x.example/a.tgz?X-Amz-Signature={KEY}")
     except ValueError:
@@ -172,7 +172,7 @@ async def test_records_logged_while_a_request_is_answered_carry_its_id(
         await release.wait()
         log.info("after")
 
-    with records.request_scope("My very own request ID!"):
+    with logrecords.request_scope("My very own request ID!"):
         log.info("inside")
         task = asyncio.get_running_loop().create_task(background())
         await asyncio.sleep(0)
@@ -190,8 +190,8 @@ async def test_records_logged_while_a_request_is_answered_carry_its_id(
 
 
 def test_local_time_has_its_offset_and_utc_is_plus_zero() -> None:
-    assert records.timestamp(0.5, utc=True) == "1970-01-01T00:00:00.500000+00:00"
-    local = records.timestamp(0.5, utc=False)
+    assert logrecords.timestamp(0.5, utc=True) == "1970-01-01T00:00:00.500000+00:00"
+    local = logrecords.timestamp(0.5, utc=False)
     assert local[-6] in "+-"
     assert local[-3] == ":"
 
@@ -225,13 +225,13 @@ def test_state_records_of_a_crash_loop_are_limited_per_process_and_change() -> N
     changes state many times logs each change a few times per window, and says how many
     it held back when it is forgotten; another process is not held back by it."""
     stream = io.StringIO()
-    states = logging.getLogger(records.STATES_LOGGER)
+    states = logging.getLogger(logrecords.STATES_LOGGER)
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(records.formatter("json", utc=True))
+    handler.setFormatter(logrecords.formatter("json", utc=True))
     states.addHandler(handler)
     states.setLevel(logging.INFO)
     try:
-        log_states = records.StateRecords()
+        log_states = logrecords.StateRecords()
         log_states.changed("a.web.0", "downloading", "failed", "download failure", "no route")
         for _ in range(25):
             log_states.changed("a.web.0", "running", "exited")

@@ -47,7 +47,7 @@ import pytest
 from yarl import URL
 
 from smartmob_agent.output import logs, redact
-from smartmob_agent.output.records import RedactKeys
+from smartmob_agent.output.logrecords import RedactKeys
 from smartmob_agent.processes import guardian, privacy
 from smartmob_agent.store import prepare_state_dir
 from tests.agent_process import AgentProcess

@@ -48,8 +48,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from smartmob_agent.model import LogLine, Stamp
-from smartmob_agent.output import records
-from smartmob_agent.output.records import RedactKeys
+from smartmob_agent.output import logrecords
+from smartmob_agent.output.logrecords import RedactKeys
 
 log = logging.getLogger("smartmob_agent.logs")  # stable name: internals.rst
 
@@ -410,7 +410,7 @@ class LogHandler(logging.Handler):
         formatter: logging.Formatter | None = None,
     ) -> None:
         super().__init__()
-        self.setFormatter(formatter or records.formatter("text", agent_log=True))
+        self.setFormatter(formatter or logrecords.formatter("text", agent_log=True))
         # whoever reads the agent-log link must not learn a key from a logged URL
         self.addFilter(RedactKeys())
         self.target = target

@@ -9,7 +9,7 @@ there, and nothing else is written to stdout or stderr:
 * ``file://<path>``: appended to that file (relative to the agent's current folder),
   made ``0600`` if it is new, one record a line, written at once;
 * ``fluent://host:port/tag``: sent to FluentD's forward input by ``fluent-logger``, each
-  record (:func:`~smartmob_agent.output.records.structure`, time in UTC) tagged
+  record (:func:`~smartmob_agent.output.logrecords.structure`, time in UTC) tagged
   ``<tag>.<event>``. A thread sends them, so a slow or absent FluentD never blocks the
   agent: it keeps what could not be sent (up to 1 MiB) and sends it when FluentD is
   back, and drops the oldest records past :data:`FLUENT_QUEUE` waiting ones.
@@ -26,7 +26,7 @@ from typing import Any, TextIO
 from fluent import asyncsender
 
 from smartmob_agent.output.endpoint import STDERR, STDOUT, Endpoint
-from smartmob_agent.output.records import RedactKeys, formatter, structure
+from smartmob_agent.output.logrecords import RedactKeys, formatter, structure
 
 #: Records waiting for the FluentD sender at most; past it the oldest are dropped.
 FLUENT_QUEUE = 10_000

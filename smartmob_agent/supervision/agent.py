@@ -26,7 +26,7 @@ from smartmob_agent.events.bus import EventBus, EventKind, ProcessEvent, make_ev
 from smartmob_agent.events.webhooks import Webhooks
 from smartmob_agent.keys import Keyring, MintedKey
 from smartmob_agent.model import ProcessInfo, ProcessState, Spec
-from smartmob_agent.output import records
+from smartmob_agent.output import logrecords
 from smartmob_agent.output.logs import LogHandler, ProcessLog
 from smartmob_agent.processes.monitor import Monitor
 from smartmob_agent.processes.ports import PortAllocator
@@ -128,7 +128,7 @@ class Agent:
         #: the agent's own log (what it writes to stderr), kept from start to close
         self.agent_log = ProcessLog(None, lines=settings.log_lines)
         self._log_handler: LogHandler | None = None
-        self._state_records = records.StateRecords()
+        self._state_records = logrecords.StateRecords()
 
     @property
     def processes_dir(self) -> Path:
@@ -267,7 +267,7 @@ class Agent:
             files=settings.log_files, first_seq=int(store.get_value(AGENT_LOG_SEQ_KEY) or 0),
             reserve=reserve,
         )
-        self._log_handler = LogHandler(self.agent_log, formatter=records.formatter(
+        self._log_handler = LogHandler(self.agent_log, formatter=logrecords.formatter(
             settings.log_format, utc=settings.utc, agent_log=True))
         logging.getLogger().addHandler(self._log_handler)
 
@@ -363,7 +363,7 @@ class Agent:
             self.ports.release(slug)
             raise
         self._register(watcher, created=True)
-        records.event(log, "process.create", f"{slug}: created (process type "
+        logrecords.event(log, "process.create", f"{slug}: created (process type "
                       f"{spec.process_type!r})", slug=slug, app=spec.app, node=spec.node,
                       process_type=spec.process_type)
         return watcher
@@ -468,7 +468,7 @@ class Agent:
                 self._emit(watcher, "process:delete", {})  # still registered: notify gets it
                 del self._watchers[slug]
                 self.ports.release(slug)
-                records.event(log, "process.delete", f"{slug}: deleted", slug=slug)
+                logrecords.event(log, "process.delete", f"{slug}: deleted", slug=slug)
                 self._state_records.forget(slug)
             self._collect_sources()
 

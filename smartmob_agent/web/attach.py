@@ -32,7 +32,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from smartmob_agent.errors import InvalidRequest
 from smartmob_agent.model import LogLine, Stamp
-from smartmob_agent.output import records
+from smartmob_agent.output import logrecords
 from smartmob_agent.representations import format_time, line_document
 from smartmob_agent.schemas import parse_attach_query
 from smartmob_agent.supervision.watcher import Watcher
@@ -360,7 +360,7 @@ async def attach_console(request: web.Request) -> web.WebSocketResponse:
     # aiohttp refuses a frame as long as max_msg_size, so MAX_INPUT_FRAME itself needs +1
     ws = _AttachSocket(compress=False, max_msg_size=MAX_INPUT_FRAME + 1)
     await ws.prepare(request)
-    records.event(log, "process.attach", f"{watcher.spec.slug}: a client attached",
+    logrecords.event(log, "process.attach", f"{watcher.spec.slug}: a client attached",
                   slug=watcher.spec.slug)
     subscriber = WebSocketSubscriber(ws, request, json_frames=query.json)
     request.app[SOCKETS_KEY].add(subscriber)

@@ -19,7 +19,7 @@ from aiohttp.typedefs import Handler
 from smartmob_agent import errors
 from smartmob_agent.config import Settings
 from smartmob_agent.keys import ADMIN
-from smartmob_agent.output import records
+from smartmob_agent.output import logrecords
 from smartmob_agent.output.redact import redact
 from smartmob_agent.processes.ports import PortsExhausted
 from smartmob_agent.representations import error_document
@@ -96,7 +96,7 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
     request[REQUEST_ID_KEY] = request_id
     try:
-        with records.request_scope(request_id):  # every record logged meanwhile has it
+        with logrecords.request_scope(request_id):  # every record logged meanwhile has it
             response = await handler(request)
     except web.HTTPException as error:
         error.headers["X-Request-Id"] = request_id
@@ -115,7 +115,7 @@ class AccessRecords(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         path = redact(request.raw_path)
-        records.event(
+        logrecords.event(
             self.logger, "http.access", method=request.method, path=path,
             outcome=response.status, duration=round(time, 6), remote=request.remote,
             request=request.get(REQUEST_ID_KEY),

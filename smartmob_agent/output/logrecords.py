@@ -151,7 +151,7 @@ def timestamp(created: float, utc: bool) -> str:
     """``created`` (seconds since the epoch) in ISO 8601, in UTC (``+00:00``) or in local
     time with its offset.
 
-    >>> from smartmob_agent.output.records import timestamp
+    >>> from smartmob_agent.output.logrecords import timestamp
     >>> timestamp(1796148000.25, utc=True)
     '2026-12-01T18:00:00.250000+00:00'
     """
