@@ -514,6 +514,37 @@ async def aiohttp_ws_reader(ws: aiohttp.ClientWebSocketResponse, count: FrameCou
             done.set_result(None)
 
 
+async def plain_ws_reader(ws: aiohttp.ClientWebSocketResponse, count: FrameCount,
+                          target: int, done: asyncio.Future[None]) -> None:
+    """Count lines as the plainest aiohttp client does: ``async for msg in ws`` (the
+    issue's follower), notices (``[smartmob-agent] ...``) apart, until ``target`` lines."""
+    lines = 0
+    try:
+        async for msg in ws:
+            data = msg.data
+            if data.startswith("[smartmob-agent] "):
+                count.notices += 1
+                match = _DROPPED.match(data.encode())
+                if match:
+                    count.reported_dropped += int(match.group(1))
+                continue
+            lines += 1
+            if lines == 1:
+                count.first = time.perf_counter()
+            if lines >= target:
+                break
+            if not lines & 0x3FF:  # publish progress now and then, cheaply
+                count.lines = lines
+                count.last = time.perf_counter()
+        else:
+            count.closed = True
+    finally:
+        count.lines = lines
+        count.last = time.perf_counter()
+        if not done.done():
+            done.set_result(None)
+
+
 async def wait_lines(count: FrameCount, done: asyncio.Future[None], done_file: Path,
                      target: int, timeout: float = 120.0, idle: float = 2.0) -> str:
     """Wait until the client has ``target`` lines, or the flood ended and nothing came
@@ -575,11 +606,15 @@ async def bench_env(wrapper: Sequence[str] | None = None, args: Sequence[str] = 
                 await agent.stop()
 
 
+def load() -> str:
+    """The load average (1, 5, 15 minutes), as printed."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def header(title: str) -> None:
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"== {title}")
     print(f"   python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, "
-          f"{os.cpu_count()} CPU(s), load average {load}")
+          f"{os.cpu_count()} CPU(s), load average {load()}")
     print(f"   $ python {' '.join(map(shlex.quote, sys.argv))}")
     print(f"   code: {code_version()}")
 

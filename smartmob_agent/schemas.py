@@ -507,24 +507,30 @@ MAX_SEQ = 2**63 - 1
 @dataclass(frozen=True)
 class AttachQuery:
     """What an ``attach`` request asks for: replay the last ``tail`` lines (numbered
-    above ``after`` if given) before following live, as JSON frames or bare text."""
+    above ``after`` if given; ``None``: every line after it that the log keeps) before
+    following, as JSON frames or bare text; ``live``: drop what the client is too slow
+    for, instead of serving it from the log."""
 
-    tail: int = 0
+    tail: int | None = 0
     after: int | None = None
     json: bool = False
+    live: bool = False
 
 
 def parse_attach_query(query: Mapping[str, str]) -> AttachQuery:
-    """The ``tail``, ``after`` and ``format`` of an ``attach`` request's query, checked.
+    """The ``tail``, ``after``, ``format`` and ``live`` of an ``attach`` request's query,
+    checked.
 
-    Without ``tail``, nothing is replayed, unless ``after`` is given: then up to
-    ``MAX_TAIL`` (10000) lines are.
+    Without ``tail``, nothing is replayed, unless ``after`` is given: then every line
+    after it that the log keeps is (up to ``MAX_TAIL`` (10000) with ``live=1``).
 
     >>> from smartmob_agent.schemas import parse_attach_query
     >>> parse_attach_query({"tail": "5", "format": "json"})
-    AttachQuery(tail=5, after=None, json=True)
+    AttachQuery(tail=5, after=None, json=True, live=False)
     >>> parse_attach_query({"after": "41"})
-    AttachQuery(tail=10000, after=41, json=False)
+    AttachQuery(tail=None, after=41, json=False, live=False)
+    >>> parse_attach_query({"after": "41", "live": "1"})
+    AttachQuery(tail=10000, after=41, json=False, live=True)
 
     Raises:
         InvalidRequest: naming each bad parameter.
@@ -539,10 +545,18 @@ def parse_attach_query(query: Mapping[str, str]) -> AttachQuery:
     form = query.get("format", "text")
     if form not in ("text", "json"):
         problems["format"] = "must be text (one bare line per frame, the default) or json"
+    live = query.get("live", "0")
+    if live not in ("0", "1"):
+        problems["live"] = (
+            "must be 1 (drop the lines this client is too slow for) or 0 (the default: "
+            "send them from the log)"
+        )
     _check_query(problems)
-    if tail is None:
-        tail = 0 if after is None else MAX_TAIL
-    return AttachQuery(tail, after, form == "json")
+    if tail is None and after is None:
+        tail = 0
+    elif tail is None and live == "1":
+        tail = MAX_TAIL
+    return AttachQuery(tail, after, form == "json", live == "1")
 
 
 _TAIL_RULE = f"must be a whole number of lines from 0 to {MAX_TAIL}"

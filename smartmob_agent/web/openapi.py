@@ -284,6 +284,10 @@ OPERATIONS: dict[str, dict[str, Any]] = {
             {"name": "format", "in": "query", "required": False,
              "description": "text (bare lines, the default) or json frames",
              "schema": {"type": "string", "enum": ["text", "json"]}},
+            {"name": "live", "in": "query", "required": False,
+             "description": "1: drop what a slow client lags by, instead of sending it "
+                            "from the log (0, the default)",
+             "schema": {"type": "string", "enum": ["0", "1"]}},
             _WS_TOKEN,
         ],
         security=[{"bearer": []}, {"queryToken": []}],
