@@ -168,7 +168,9 @@ async def index(request: web.Request) -> web.Response:
 async def list_processes(request: web.Request) -> web.Response:
     """Every process's status document, in creation order."""
     links = RequestLinks(request)
-    processes = _agent(request).list(principal(request).app)
+    agent = _agent(request)
+    await agent.monitor.fresh()  # the CPU and memory figures, sampled if nobody looked
+    processes = agent.list(principal(request).app)
     return web.json_response(docs.listing_document(processes, links))
 
 
@@ -262,6 +264,7 @@ async def uploaded_source(request: web.Request) -> web.StreamResponse:
 async def process_status(request: web.Request) -> web.Response:
     """The status document of one process."""
     watcher = process_for(request)
+    await _agent(request).monitor.fresh()  # its CPU and memory, sampled if nobody looked
     return web.json_response(docs.process_document(watcher.info(), RequestLinks(request)))
 
 
