@@ -111,6 +111,7 @@ APP_FILES = {
         'flood: exec "$BENCH_PYTHON" flood.py'
         ' "$FLOOD_LINES" "$FLOOD_WIDTH" "$FLOOD_GO" "$FLOOD_RATE"\n'
         "web: exec sleep 1000\n"
+        "idle: exec sleep 3600\n"
         "crash: exit 1\n"
     ),
     "flood.py": FLOOD_PY,
@@ -514,6 +515,37 @@ async def aiohttp_ws_reader(ws: aiohttp.ClientWebSocketResponse, count: FrameCou
             done.set_result(None)
 
 
+async def plain_ws_reader(ws: aiohttp.ClientWebSocketResponse, count: FrameCount,
+                          target: int, done: asyncio.Future[None]) -> None:
+    """Count lines as the plainest aiohttp client does: ``async for msg in ws`` (the
+    issue's follower), notices (``[smartmob-agent] ...``) apart, until ``target`` lines."""
+    lines = 0
+    try:
+        async for msg in ws:
+            data = msg.data
+            if data.startswith("[smartmob-agent] "):
+                count.notices += 1
+                match = _DROPPED.match(data.encode())
+                if match:
+                    count.reported_dropped += int(match.group(1))
+                continue
+            lines += 1
+            if lines == 1:
+                count.first = time.perf_counter()
+            if lines >= target:
+                break
+            if not lines & 0x3FF:  # publish progress now and then, cheaply
+                count.lines = lines
+                count.last = time.perf_counter()
+        else:
+            count.closed = True
+    finally:
+        count.lines = lines
+        count.last = time.perf_counter()
+        if not done.done():
+            done.set_result(None)
+
+
 async def wait_lines(count: FrameCount, done: asyncio.Future[None], done_file: Path,
                      target: int, timeout: float = 120.0, idle: float = 2.0) -> str:
     """Wait until the client has ``target`` lines, or the flood ended and nothing came
@@ -575,11 +607,15 @@ async def bench_env(wrapper: Sequence[str] | None = None, args: Sequence[str] = 
                 await agent.stop()
 
 
+def load() -> str:
+    """The load average (1, 5, 15 minutes), as printed."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def header(title: str) -> None:
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"== {title}")
     print(f"   python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, "
-          f"{os.cpu_count()} CPU(s), load average {load}")
+          f"{os.cpu_count()} CPU(s), load average {load()}")
     print(f"   $ python {' '.join(map(shlex.quote, sys.argv))}")
     print(f"   code: {code_version()}")
 
@@ -637,6 +673,19 @@ async def wait_file(path: Path, timeout: float = 30.0, period: float = 0.002) ->
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path} did not appear within {timeout:g} s")
         await asyncio.sleep(period)
+
+
+def precise_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` with nanosecond resolution: the sum of its threads'
+    ``/proc/PID/task/TID/schedstat`` (time on a CPU). psutil's CPU times tick every 10 ms,
+    too coarse for an idle process; this misses only threads that already exited."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with (contextlib.suppress(OSError, ValueError, IndexError),
+                  open(f"/proc/{pid}/task/{tid}/schedstat") as file):
+                total += int(file.read().split()[0])
+    return total / 1e9
 
 
 def own_cpu() -> float:

@@ -8,14 +8,19 @@ WebSocket client is attached and reads nothing:
 * ``aiohttp``: ``session.ws_connect()`` and never ``receive()`` (aiohttp stops reading
   the socket once ~128 KiB of messages are queued, so it does not drain it either).
 
+each attached in the default lossless mode (it falls behind, and would be served from
+the log files once it reads) and with ``?live=1`` (what it lags by is dropped).
+
 Printed for each: the agent's RSS before, at its peak (sampled every 10 ms) and after the
 flood, how long the child took to write everything (a stuck client must not slow it),
 ``GET /`` latency sampled every 10 ms during the flood (is the agent responsive?), and
-how many lines the agent says it dropped for that client.
+how many lines the agent says it dropped for that client (none in lossless mode: the
+log keeps them).
 
 Target (from the issue): RSS growth < 50 MB.
 
-Run: ``python benchmarks/memory_slow_client.py [--lines N] [--runs K] [--client both]``.
+Run: ``python benchmarks/memory_slow_client.py [--lines N] [--runs K] [--client both]
+[--mode both]``.
 """
 
 from __future__ import annotations
@@ -90,14 +95,16 @@ async def settle_cpu(agent: b.AgentRunner, quiet: float = 0.3, timeout: float = 
 
 
 async def one_flood(tmpdir: Path, server: b.ArchiveServer, agent: b.AgentRunner,
-                    api: b.Api, lines: int, width: int, client: str, run: int) -> dict:
-    node = f"flood.stuck.{client}.{run}"
+                    api: b.Api, lines: int, width: int, client: str, run: int,
+                    mode: str = "lossless") -> dict:
+    node = f"flood.stuck.{client}.{mode.replace('=', '')}.{run}"
     slug = f"bench.{node}"
-    go = tmpdir / f"go-stuck-{client}-{run}"
+    go = tmpdir / f"go-{node}"
     done_file = Path(f"{go}.done")
     await api.create("bench", node, "flood", server.url("app.tar.gz"),
                      b.flood_env(lines, width, go))
     document = await api.wait_state(slug, ["running"])
+    attach = document["attach"] + ("?live=1" if mode == "live=1" else "")
     await b.wait_file(Path(f"{go}.ready"))
     session = None
     ws = None
@@ -105,10 +112,10 @@ async def one_flood(tmpdir: Path, server: b.ArchiveServer, agent: b.AgentRunner,
     missed = agent.expect_log(rf"{slug}: an attached client missed (\d+) line")
     try:
         if client == "raw":
-            sock = await asyncio.to_thread(raw_stuck_client, document["attach"])
+            sock = await asyncio.to_thread(raw_stuck_client, attach)
         else:
             session = aiohttp.ClientSession()
-            ws = await session.ws_connect(document["attach"])  # and never receive()
+            ws = await session.ws_connect(attach)  # and never receive()
         await asyncio.sleep(0.05)  # let the attach reach the hub
         await settle_cpu(agent)
         before = agent.rss()
@@ -146,9 +153,9 @@ async def one_flood(tmpdir: Path, server: b.ArchiveServer, agent: b.AgentRunner,
                     await ws.close()
         if session is not None:
             await session.close()
-    dropped = None
+    dropped = 0  # the agent logs nothing when the client missed nothing
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(5 if mode == "live=1" else 0.5):
             text = await missed
             dropped = int(text.rsplit("missed ", 1)[1].split()[0])
     await api.delete(slug)
@@ -165,22 +172,24 @@ async def main() -> int:
     parser.add_argument("--width", type=int, default=100)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--client", choices=("raw", "aiohttp", "both"), default="both")
+    parser.add_argument("--mode", choices=("lossless", "live=1", "both"), default="both")
     args = parser.parse_args()
     b.header("memory with a client that never reads")
     print(f"   {args.lines:,} lines of {args.width} bytes per flood")
     clients = ("raw", "aiohttp") if args.client == "both" else (args.client,)
+    modes = ("lossless", "live=1") if args.mode == "both" else (args.mode,)
     worst = 0
     async with b.bench_env() as (tmpdir, server, agent, api):
         await api.index_latency()
         idle = agent.rss()
         print(f"   agent pid {agent.pid}, idle RSS {b.fmt_mb(idle)}")
         for run in range(args.runs):
-            for client in clients:
+            for client, mode in ((c, m) for c in clients for m in modes):
                 r = await one_flood(tmpdir, server, agent, api, args.lines, args.width,
-                                    client, run)
+                                    client, run, mode)
                 growth = r["after"] - r["before"]
                 worst = max(worst, growth, r["peak"] - r["before"])
-                print(f"   run {run + 1} {client:7} stuck client: RSS before "
+                print(f"   run {run + 1} {client:7} stuck client, {mode}: RSS before "
                       f"{b.fmt_mb(r['before'])}, peak {b.fmt_mb(r['peak'])}, after "
                       f"{b.fmt_mb(r['after'])} (growth {b.fmt_mb(growth)}, peak growth "
                       f"{b.fmt_mb(r['peak'] - r['before'])}), after delete "

@@ -24,8 +24,8 @@ from smartmob_agent.model import LogLine, Stamp
 from smartmob_agent.model import ProcessState as S
 from smartmob_agent.output.logs import LOG_NAME
 from smartmob_agent.supervision.agent import Agent
-from smartmob_agent.web.attach import WebSocketSubscriber
 from smartmob_agent.web.server import make_app
+from smartmob_agent.web.subscriber import WebSocketSubscriber
 from tests.conftest import ArchiveServer
 from tests.helpers import app_archive, eventually, wait_for_state
 from tests.puppet import PuppetServer
@@ -292,12 +292,13 @@ def parse_frames(data: bytearray) -> list[str]:
 async def test_a_stuck_json_client_gets_dropped_frames_that_add_up(
     client: Client, agent: Agent, archive_server: ArchiveServer, puppets: PuppetServer
 ) -> None:
-    """A JSON client that stops reading loses lines; once it reads again, each
-    ``{"event": "dropped", "count"}`` frame accounts for the gap in the numbers exactly."""
+    """A live-only JSON client (``?live=1``) that stops reading loses lines; once it
+    reads again, each ``{"event": "dropped", "count"}`` frame accounts for the gap in the
+    numbers exactly."""
     process, puppet = await start_puppet(client, agent, archive_server, puppets)
     server = client.server
     stuck = await open_stuck_client(str(server.host), int(server.port or 0),
-                                    f"/attach-console/{process['slug']}?format=json")
+                                    f"/attach-console/{process['slug']}?format=json&live=1")
     hub = agent.get(process["slug"]).hub
     await eventually(lambda: hub.subscriber_count == 1, what="the client attached")
     [subscriber] = socket_subscribers(hub)
@@ -341,6 +342,7 @@ async def test_a_stuck_json_client_gets_dropped_frames_that_add_up(
     ("after=", "after"), ("after=-3", "after"), ("after=1e3", "after"),
     ("after=99999999999999999999", "after"), ("after=5000", "after"),
     ("format=xml", "format"), ("format=", "format"),
+    ("live=2", "live"), ("live=yes", "live"),
 ])
 async def test_bad_attach_options_are_400_before_the_upgrade(
     client: Client, agent: Agent, archive_server: ArchiveServer, puppets: PuppetServer,

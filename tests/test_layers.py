@@ -36,7 +36,7 @@ SUBPACKAGES = frozenset(
 
 #: Parsing, policy and documents: pure functions and data, no I/O of their own.
 PURE = frozenset({
-    "__init__", "errors", "model", "keys", "schemas", "representations", "config",
+    "__init__", "errors", "model", "keys", "schemas", "queries", "representations", "config",
     "supervision.restart", "supervision.failures",
     "sources.procfile", "sources.dotenv", "sources.decode", "sources.fetchpolicy",
     "sources.buildplan",

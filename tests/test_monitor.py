@@ -330,6 +330,7 @@ async def test_close_stops_the_sampling() -> None:
     monitor = Monitor(interval=0.01, sample=counting)
     monitor.track(1)
     monitor.start()
+    monitor.look()  # someone reads the figures: it samples
     await eventually(lambda: calls[0] >= 2, timeout=5.0, what="two samples")
 
     await monitor.close()
@@ -337,3 +338,50 @@ async def test_close_stops_the_sampling() -> None:
     running = [task for task in asyncio.all_tasks()
                if getattr(task.get_coro(), "__qualname__", None) == "Monitor.run"]
     assert running == []
+
+
+async def test_it_samples_only_while_someone_looks() -> None:
+    """Nobody reads the figures: no sample. A read starts the sampling, which goes on
+    every interval until nobody has read them for ``linger`` seconds, then stops."""
+    calls = [0]
+
+    def counting(roots: Collection[int]) -> dict[int, tuple[float, int]]:
+        calls[0] += 1
+        return {root: (0.0, 4096) for root in roots}
+
+    monitor = Monitor(interval=0.01, sample=counting, linger=0.1)
+    monitor.track(1)
+    monitor.start()
+    try:
+        # long enough for ten samples of a monitor that sampled regardless
+        await asyncio.sleep(0.1)
+        assert calls[0] == 0
+        assert monitor.usage(1) is None  # a read: sampling starts
+        await eventually(lambda: calls[0] >= 3, timeout=5.0, what="samples once read")
+        await eventually(lambda: not monitor._wanted.is_set(), timeout=5.0,
+                         what="the monitor to stop once nobody reads")
+        stopped = calls[0]
+        await asyncio.sleep(0.1)  # ten intervals: none sampled
+        assert calls[0] == stopped
+        assert current(monitor, 1).memory_rss == 4096  # (kept, as of the last sample)
+    finally:
+        await monitor.close()
+
+
+async def test_fresh_samples_now_after_a_quiet_time(spawn: Spawn) -> None:
+    """After nobody looked for a while, ``fresh()`` takes a sample before the read (once,
+    however many readers wait); right after one, it takes none."""
+    calls = [0]
+
+    def counting(roots: Collection[int]) -> dict[int, tuple[float, int]]:
+        calls[0] += 1
+        return sample_trees(roots)
+
+    tree = await spawn("sleep 1000")
+    monitor = Monitor(interval=60.0, sample=counting)
+    monitor.track(tree.pid)
+    await asyncio.gather(*(monitor.fresh() for _ in range(5)))
+    assert calls[0] == 1
+    assert current(monitor, tree.pid).memory_rss > 0
+    await monitor.fresh()
+    assert calls[0] == 1

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from smartmob_agent.model import ProcessState as S
 from smartmob_agent.output.hub import Hub
 from smartmob_agent.supervision.agent import Agent
-from smartmob_agent.web.attach import MAX_BUFFER, WebSocketSubscriber
+from smartmob_agent.web.subscriber import MAX_BUFFER, WebSocketSubscriber
 from tests.conftest import ArchiveServer
 from tests.helpers import app_archive, eventually, wait_for_state
 from tests.puppet import PUPPET_SCRIPT, Puppet, PuppetServer
@@ -157,13 +157,14 @@ async def open_stuck_client(host: str, port: int, path: str) -> socket.socket:
 async def test_stuck_client_neither_blocks_nor_grows(
     client: Client, agent: Agent, archive_server: ArchiveServer, puppets: PuppetServer
 ) -> None:
-    """A client that never reads loses lines (counted, then announced) while the child
-    and a reading client go on, and what is queued for it stays bounded."""
+    """A live-only client (``?live=1``) that never reads loses lines (counted, then
+    announced) while the child and a reading client go on, and what is queued for it
+    stays bounded."""
     process, puppet = await start_puppet(client, agent, archive_server, puppets)
     server = client.server
     stuck = await open_stuck_client(str(server.host), int(server.port or 0),
-                                    f"/attach-console/{process['slug']}")
-    reader = await client.session.ws_connect(process["attach"])
+                                    f"/attach-console/{process['slug']}?live=1")
+    reader = await client.session.ws_connect(process["attach"] + "?live=1")
     hub = agent.get(process["slug"]).hub
     await eventually(lambda: hub.subscriber_count == 2, what="both clients attached")
     count, line = 100_000, "y" * 100
@@ -207,11 +208,12 @@ async def test_stuck_client_neither_blocks_nor_grows(
 async def test_stuck_client_does_not_hang_delete(
     client: Client, agent: Agent, archive_server: ArchiveServer, puppets: PuppetServer
 ) -> None:
-    """Deleting a process whose client stopped reading ends promptly, cutting it off."""
+    """Deleting a process whose live-only client stopped reading ends promptly, cutting
+    it off."""
     process, puppet = await start_puppet(client, agent, archive_server, puppets)
     server = client.server
     stuck = await open_stuck_client(str(server.host), int(server.port or 0),
-                                    f"/attach-console/{process['slug']}")
+                                    f"/attach-console/{process['slug']}?live=1")
     hub = agent.get(process["slug"]).hub
     await eventually(lambda: hub.subscriber_count == 1, what="the client attached")
     [subscriber] = socket_subscribers(hub)

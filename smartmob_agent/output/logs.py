@@ -43,12 +43,13 @@ import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 from smartmob_agent.model import LogLine, Stamp
 from smartmob_agent.output import logrecords
+from smartmob_agent.output.logfiles import NO_RUN, Batch, Raw, Run, open_all, read_files
 from smartmob_agent.output.logrecords import RedactKeys
 
 log = logging.getLogger("smartmob_agent.logs")  # stable name: internals.rst
@@ -59,21 +60,9 @@ LOG_NAME = "output.log"
 FLUSH_DELAY = 0.2
 #: Size of the write buffer (one write system call per this many bytes, at most).
 WRITE_BUFFER = 64 * 1024
-#: Bytes read at a time when a file is read from its end.
-_READ_BLOCK = 64 * 1024
 #: Sequence numbers reserved at a time: one write of the mark per this many lines.
 SEQ_BLOCK = 100_000
 _CODE = {"stdout": b"o", "stderr": b"e"}
-_STREAM = {b"o": "stdout", b"e": "stderr"}
-
-#: The run a line came from: (pid of the child, restart count), ``None`` when unknown.
-_Run = tuple[int | None, int | None]
-_NO_RUN: _Run = (None, None)
-#: One line read back: (seq, at, stream, line as bytes, run).
-_Raw = tuple[int, float, str, bytes, _Run]
-#: What the ring buffer keeps, a batch at a time (nothing to do per line):
-#: (seq of its first line, at, stream, lines as bytes, run).
-_Batch = tuple[int, float, str, list[bytes], _Run]
 
 
 class ProcessLog:
@@ -112,15 +101,18 @@ class ProcessLog:
         self._files = files
         self._clock = clock
         self._size = max(1, lines)
-        self._ring: deque[_Batch] = deque()
+        self._ring: deque[Batch] = deque()
         self._ring_lines = 0  # lines in the ring buffer (at most self._size)
         #: whether the ring buffer holds every line the files hold
         self._complete = True
         self._file: BinaryIO | None = None
         self._written = 0  # bytes in the current file
+        #: rotations so far: the current file is generation ``rotations``, and
+        #: ``output.log.N`` generation ``rotations - N`` (see :meth:`mark`)
+        self.rotations = 0
         self._flush_handle: asyncio.TimerHandle | None = None
         self.closed = False
-        self._run: _Run = _NO_RUN
+        self._run: Run = NO_RUN
         #: what follows a record's number, by stream: b" o <pid> <restarts> "
         self._after_seq = {stream: b" %s - - " % code for stream, code in _CODE.items()}
         self._reserve = reserve
@@ -147,7 +139,7 @@ class ProcessLog:
     def _refill(self) -> None:
         """Fill the ring buffer with the last lines of the files an earlier agent wrote."""
         want = self._size
-        raws, _ = _read_files(_open_all(self._paths()), want + 1)
+        raws, _ = read_files(open_all(self._paths()), want + 1)
         if len(raws) > want:
             self._complete = False
             raws = raws[1:]
@@ -215,7 +207,7 @@ class ProcessLog:
                 excess = 0
         self._ring_lines = self._size
 
-    def _memory(self) -> list[_Raw]:
+    def _memory(self) -> list[Raw]:
         """Every line of the ring buffer, oldest first."""
         return [
             (seq, at, stream, line, run)
@@ -289,6 +281,7 @@ class ProcessLog:
         """``output.log`` becomes ``output.log.1``, ``.1`` becomes ``.2``, ...; the
         oldest beyond ``files`` goes."""
         self._drop_file()
+        self.rotations += 1
         paths = self._paths()
         if self._files == 0:
             with contextlib.suppress(FileNotFoundError):
@@ -333,6 +326,44 @@ class ProcessLog:
         if self._home is not None:
             await asyncio.to_thread(shutil.rmtree, self._home, True)
 
+    # -- following (see output.follow) ----------------------------------------------------
+
+    def mark(self) -> tuple[int, int] | None:
+        """Where the next line will start in the files: its file's generation (see
+        :attr:`rotations`) and offset; ``None`` without files."""
+        return None if self.folder is None else (self.rotations, self._written)
+
+    def open_files(self, generation: int | None = None) -> list[tuple[BinaryIO, int]]:
+        """Each log file, open to read, newest first, with its generation; or only the
+        file of ``generation``, if it is still kept."""
+        if self.folder is None:
+            return []
+        opened = []
+        for index, path in enumerate(self._paths()):
+            if generation is not None and index != self.rotations - generation:
+                continue
+            for file, _ in open_all([path]):
+                opened.append((file, self.rotations - index))
+        return opened
+
+    def ring_from(self, seq: int, limit: int) -> list[Batch]:
+        """The batches of the ring buffer from the line numbered ``seq`` on (or from its
+        first line, if it begins after it), about ``limit`` bytes of lines (at least one
+        batch); ``[]`` if the ring holds nothing from ``seq`` on."""
+        found: list[Batch] = []
+        size = 0
+        for first, at, stream, lines, run in self._ring:
+            end = first + len(lines)
+            if end <= seq:
+                continue
+            if first < seq:
+                lines, first = lines[seq - first:], seq
+            found.append((first, at, stream, lines, run))
+            size += sum(map(len, lines))
+            if size >= limit:
+                break
+        return found
+
     # -- reading -----------------------------------------------------------------------------
 
     async def read(self, tail: int, since: float | None = None) -> list[LogLine]:
@@ -375,9 +406,9 @@ class ProcessLog:
             more = len(matching) - len(raws) if after is not None else 0
         else:
             self.flush()
-            opened = _open_all(self._paths())  # now: a rotation must not move them
+            opened = open_all(self._paths())  # now: a rotation must not move them
             raws, more = await asyncio.to_thread(
-                _read_files, opened, tail, since, after, before
+                read_files, opened, tail, since, after, before
             )
         return [
             LogLine(at, stream, line.decode(errors="replace"), seq, run[0], run[1])
@@ -462,124 +493,3 @@ def _ends_with_newline(path: Path) -> bool:
     with open(path, "rb") as file:
         file.seek(-1, os.SEEK_END)
         return file.read(1) == b"\n"
-
-
-def _open_all(paths: list[Path]) -> list[tuple[BinaryIO, int]]:
-    """Open the files that exist, newest first, with their size now."""
-    opened: list[tuple[BinaryIO, int]] = []
-    for path in paths:
-        try:
-            file = open(path, "rb")  # noqa: SIM115 - closed by _read_files
-        except FileNotFoundError:
-            continue
-        except OSError as error:
-            log.warning("cannot read the output log %s: %s", path, error)
-            continue
-        opened.append((file, os.fstat(file.fileno()).st_size))
-    return opened
-
-
-def _read_files(
-    opened: list[tuple[BinaryIO, int]], tail: int, since: float | None = None,
-    after: int | None = None, before: int | None = None,
-) -> tuple[list[_Raw], int]:
-    """The last ``tail`` lines at or after ``since``, numbered above ``after`` and below
-    ``before``, of ``opened`` (newest first), read from their ends; closes the files.
-    Oldest first, with (when ``after`` is given) how many older ones also matched."""
-    found: list[_Raw] = []
-    more = 0
-    try:
-        for raw in _numbered(opened):
-            if before is not None and raw[0] >= before:
-                continue
-            if (since is not None and raw[1] < since) or (after is not None and raw[0] <= after):
-                break
-            if len(found) < tail:
-                found.append(raw)
-            elif after is None:
-                break
-            else:
-                more += 1
-    except OSError as error:
-        log.warning("cannot read the output log: %s", error)
-    finally:
-        for file, _ in opened:
-            file.close()
-    return found[::-1], more
-
-
-def _numbered(opened: list[tuple[BinaryIO, int]]) -> Iterator[_Raw]:
-    """The lines of ``opened`` (newest file first), last first, each with its sequence
-    number: a batch's records carry its first number, so a batch is read whole before
-    its lines are numbered."""
-    batch: list[_Raw] = []  # records of one batch, last first, with the batch's number
-    for file, size in opened:
-        for record in _backwards(file, size):
-            raw = _parse(record)
-            if raw is None:
-                continue
-            if batch and (raw[0] != batch[0][0] or raw[0] == 0):
-                yield from _number(batch)
-                batch = []
-            batch.append(raw)
-    yield from _number(batch)
-
-
-def _number(batch: list[_Raw]) -> Iterator[_Raw]:
-    """The records of one batch (last first, each with the batch's first number), each
-    with its own number; lines of the older format (number 0) keep 0."""
-    if not batch:
-        return
-    first = batch[0][0]
-    if first == 0:
-        yield from batch
-        return
-    last = first + len(batch) - 1
-    for i, (_, at, stream, line, run) in enumerate(batch):
-        yield last - i, at, stream, line, run
-
-
-def _backwards(file: BinaryIO, end: int) -> Iterator[bytes]:
-    """The lines of the first ``end`` bytes of ``file``, last first, without newlines."""
-    position = end
-    rest = b""
-    while position > 0:
-        size = min(_READ_BLOCK, position)
-        position -= size
-        file.seek(position)
-        parts = (file.read(size) + rest).split(b"\n")
-        rest = parts[0]
-        for part in reversed(parts[1:]):
-            if part:
-                yield part
-    if rest:
-        yield rest
-
-
-def _parse(record: bytes) -> _Raw | None:
-    """``b"<at> <seq> <o|e> <pid> <restarts> <line>"`` as ``(seq, at, stream, line,
-    (pid, restarts))``, where ``seq`` is the number of the first line of the record's
-    batch; the older ``b"<at> <o|e> <line>"`` with ``seq`` 0 and no run. ``None`` if
-    malformed (e.g. the cut-off end of a file an agent was killed while writing)."""
-    at, _, rest = record.partition(b" ")
-    code, space, rest = rest.partition(b" ")
-    if not space:
-        return None
-    try:
-        stream = _STREAM.get(code)
-        if stream is not None:  # the older format
-            return 0, float(at), stream, rest, _NO_RUN
-        parts = rest.split(b" ", 3)
-        if len(parts) != 4 or not code.isdigit():
-            return None
-        stream = _STREAM.get(parts[0])
-        if stream is None:
-            return None
-        run = (_number_or_none(parts[1]), _number_or_none(parts[2]))
-        return int(code), float(at), stream, parts[3], run
-    except ValueError:
-        return None
-
-
-def _number_or_none(field: bytes) -> int | None:
-    return None if field == b"-" else int(field)

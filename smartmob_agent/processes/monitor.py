@@ -5,7 +5,9 @@ child *and all its descendants*: a shell running a server, or a master and its w
 is one process to the user. Computing that on each request would cost a scan of the
 process table per request, so a :class:`Monitor` samples every tracked tree every
 ``interval`` seconds in a worker thread, and the API reads the cached :class:`Usage`
-(a dict lookup).
+(a dict lookup). It samples only while someone looks at the figures (reads them, see
+:meth:`Monitor.usage`), and for :data:`LINGER` seconds after: an agent nobody asks
+anything costs no CPU for its idle children.
 
 One sample is one pass over ``/proc/[pid]/stat`` of every process of the machine (one
 small read each: the parent of each process and its CPU times), then one read of
@@ -18,7 +20,9 @@ each, ~70 ms with psutil (see ``benchmarks/monitor_500.py``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Collection
@@ -35,6 +39,11 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 # them from 1 with the pid; the state, field 3, is index 0 here)
 _STATE, _PPID, _UTIME, _STIME, _CUTIME, _CSTIME, _RSS = 0, 1, 11, 12, 13, 14, 21
 _DEAD = (b"Z", b"X")
+#: Seconds (at least; 2.5 intervals if longer) the monitor goes on sampling after the
+#: figures were last read.
+LINGER = 10.0
+#: Longest wait of :meth:`Monitor.fresh` for a sample.
+FRESH_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True)
@@ -160,16 +169,25 @@ def _read(path: str) -> bytes:
 
 
 class Monitor:
-    """Keeps the :class:`Usage` of tracked process trees fresh, off the event loop.
+    """Keeps the :class:`Usage` of tracked process trees fresh, off the event loop, while
+    someone looks at them.
 
     The owner calls :meth:`track` when a child is spawned and :meth:`untrack` when it
-    has exited, reads :meth:`usage` whenever it likes, and either calls :meth:`start`
-    then ``await`` :meth:`close`, or runs :meth:`run` in a task of its own and cancels it.
+    has exited, reads :meth:`usage` whenever it likes (or awaits :meth:`fresh` first, to
+    have current figures), and either calls :meth:`start` then ``await`` :meth:`close`,
+    or runs :meth:`run` in a task of its own and cancels it.
+
+    Sampling costs CPU in proportion to the trees, however idle they are, so the
+    monitor samples only while the figures are read: from a read (:meth:`look`) on,
+    every ``interval`` seconds, until nobody has read them for ``linger`` seconds; then
+    it waits, at no cost, for the next read.
 
     Args:
         interval: seconds between the end of a sample and the start of the next.
         clock: monotonic seconds; ``cpu_percent`` divides by its differences.
         sample: the function that measures the trees (a seam for the tests).
+        linger: how long sampling goes on after the last read (default :data:`LINGER`,
+            or 2.5 intervals if that is longer: a rate needs two samples).
     """
 
     def __init__(
@@ -177,8 +195,10 @@ class Monitor:
         interval: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         sample: Sampler = sample_trees,
+        linger: float | None = None,
     ) -> None:
         self.interval = interval
+        self.linger = max(LINGER, 2.5 * interval) if linger is None else linger
         self._clock = clock
         self._sample = sample
         # pid -> a token new at each track(): a sample taken before an untrack() and a
@@ -189,6 +209,9 @@ class Monitor:
         self._lock = asyncio.Lock()  # one sample at a time: run() and refresh() may meet
         self._task: asyncio.Task[None] | None = None
         self._failing = False
+        self._looked_at = -math.inf  # when the figures were last read (clock)
+        self._sampled_at = -math.inf  # when the last sample was taken (clock)
+        self._wanted = asyncio.Event()  # set while someone looks: run() samples
 
     def track(self, pid: int) -> None:
         """Measure the tree of ``pid`` from the next sample on."""
@@ -203,8 +226,28 @@ class Monitor:
         self._previous.pop(pid, None)
 
     def usage(self, pid: int) -> Usage | None:
-        """The latest figures of the tree of ``pid``; ``None`` if not sampled (yet)."""
+        """The latest figures of the tree of ``pid``; ``None`` if not sampled (yet).
+        A read: sampling goes on (or starts again) for ``linger`` seconds."""
+        self.look()
         return self._usage.get(pid)
+
+    def look(self) -> None:
+        """Someone reads the figures: sample while they do (see the class)."""
+        self._looked_at = self._clock()
+        self._wanted.set()
+
+    async def fresh(self) -> None:
+        """Someone is about to read the figures: if no sample was taken for an
+        ``interval`` (nobody looked for a while), take one now, waiting for it at most
+        :data:`FRESH_TIMEOUT`. ``cpu_percent`` then covers the time since the sample
+        before, however long ago."""
+        self.look()
+        if self._clock() - self._sampled_at <= self.interval:
+            return
+        with contextlib.suppress(Exception):  # the figures stay; run() logs a failure
+            async with asyncio.timeout(FRESH_TIMEOUT), self._lock:
+                if self._clock() - self._sampled_at > self.interval:  # not done meanwhile
+                    await self._refresh()
 
     async def refresh(self) -> None:
         """Sample every tracked tree now and update the figures.
@@ -212,28 +255,32 @@ class Monitor:
         Raises whatever the sample function raised; the figures are then unchanged.
         """
         async with self._lock:
-            tracked = dict(self._tracked)
-            if not tracked:
-                return
-            # the scan is blocking file I/O and ~25 ms of CPU for 1000 processes: a thread
-            samples, now = await asyncio.to_thread(self._measure, tracked.keys())
-            for pid, token in tracked.items():
-                if self._tracked.get(pid) is not token:
-                    continue  # untracked (maybe tracked again) while the sample ran
-                sample = samples.get(pid)
-                if sample is None:  # the root is gone: it has no usage any more
-                    self._usage.pop(pid, None)
-                    self._previous.pop(pid, None)
-                    continue
-                cpu, rss = sample
-                percent = None
-                previous = self._previous.get(pid)
-                if previous is not None and now > previous[1]:
-                    # a member that left the tree (adopted by a subreaper) takes its CPU
-                    # time away with it: never report a negative rate
-                    percent = max(0.0, cpu - previous[0]) / (now - previous[1]) * 100
-                self._previous[pid] = (cpu, now)
-                self._usage[pid] = Usage(percent, rss, now)
+            await self._refresh()
+
+    async def _refresh(self) -> None:
+        tracked = dict(self._tracked)
+        if not tracked:
+            return
+        # the scan is blocking file I/O and ~25 ms of CPU for 1000 processes: a thread
+        samples, now = await asyncio.to_thread(self._measure, tracked.keys())
+        self._sampled_at = now
+        for pid, token in tracked.items():
+            if self._tracked.get(pid) is not token:
+                continue  # untracked (maybe tracked again) while the sample ran
+            sample = samples.get(pid)
+            if sample is None:  # the root is gone: it has no usage any more
+                self._usage.pop(pid, None)
+                self._previous.pop(pid, None)
+                continue
+            cpu, rss = sample
+            percent = None
+            previous = self._previous.get(pid)
+            if previous is not None and now > previous[1]:
+                # a member that left the tree (adopted by a subreaper) takes its CPU
+                # time away with it: never report a negative rate
+                percent = max(0.0, cpu - previous[0]) / (now - previous[1]) * 100
+            self._previous[pid] = (cpu, now)
+            self._usage[pid] = Usage(percent, rss, now)
 
     def _measure(self, roots: Collection[int]) -> tuple[dict[int, tuple[float, int]], float]:
         """Sample, and read the clock at once (in the thread: the event loop, busy,
@@ -242,24 +289,31 @@ class Monitor:
         return samples, self._clock()
 
     async def run(self) -> None:
-        """Refresh every ``interval`` seconds until cancelled; a failed sample is logged
-        and the next one tried as usual."""
+        """Refresh every ``interval`` seconds while someone looks at the figures, until
+        cancelled; a failed sample is logged and the next one tried as usual."""
         while True:
-            try:
-                await self.refresh()
-            except Exception:
-                # a failure that repeats at every sample would flood the log: its
-                # traceback once, then one line per failure at debug level
-                if self._failing:
-                    log.debug("sampling process usage failed again", exc_info=True)
-                else:
-                    log.exception("sampling process usage failed; will retry")
-                    self._failing = True
-            else:
-                if self._failing:
-                    log.info("sampling process usage works again")
-                    self._failing = False
+            await self._wanted.wait()
+            if self._clock() - self._sampled_at >= self.interval / 2:  # not just fresh()
+                await self._logged_refresh()
             await asyncio.sleep(self.interval)
+            if self._clock() - self._looked_at > self.linger:
+                self._wanted.clear()  # nobody looks: wait for someone to, at no cost
+
+    async def _logged_refresh(self) -> None:
+        try:
+            await self.refresh()
+        except Exception:
+            # a failure that repeats at every sample would flood the log: its
+            # traceback once, then one line per failure at debug level
+            if self._failing:
+                log.debug("sampling process usage failed again", exc_info=True)
+            else:
+                log.exception("sampling process usage failed; will retry")
+                self._failing = True
+        else:
+            if self._failing:
+                log.info("sampling process usage works again")
+                self._failing = False
 
     def start(self) -> None:
         """Run :meth:`run` in a task of the running loop, until :meth:`close`."""

@@ -20,11 +20,11 @@ from smartmob_agent import representations as docs
 from smartmob_agent.errors import Forbidden, InvalidRequest, NotFound
 from smartmob_agent.keys import Principal
 from smartmob_agent.model import Spec
+from smartmob_agent.queries import parse_log_query
 from smartmob_agent.schemas import (
     bulk_request,
     create_request,
     parse_bulk,
-    parse_log_query,
     signal_request,
     spec_from_request,
 )
@@ -168,7 +168,9 @@ async def index(request: web.Request) -> web.Response:
 async def list_processes(request: web.Request) -> web.Response:
     """Every process's status document, in creation order."""
     links = RequestLinks(request)
-    processes = _agent(request).list(principal(request).app)
+    agent = _agent(request)
+    await agent.monitor.fresh()  # the CPU and memory figures, sampled if nobody looked
+    processes = agent.list(principal(request).app)
     return web.json_response(docs.listing_document(processes, links))
 
 
@@ -262,6 +264,7 @@ async def uploaded_source(request: web.Request) -> web.StreamResponse:
 async def process_status(request: web.Request) -> web.Response:
     """The status document of one process."""
     watcher = process_for(request)
+    await _agent(request).monitor.fresh()  # its CPU and memory, sampled if nobody looked
     return web.json_response(docs.process_document(watcher.info(), RequestLinks(request)))
 
 

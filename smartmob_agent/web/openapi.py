@@ -20,12 +20,11 @@ from typing import Any
 
 from smartmob_agent import __version__
 from smartmob_agent.model import SIGNAL_NAMES, FailureReason, ProcessState, RestartPolicy
+from smartmob_agent.queries import MAX_SEQ, MAX_TAIL
 from smartmob_agent.representations import INDEX_RELATIONS, PROCESS_RELATIONS
 from smartmob_agent.schemas import (
     BULK_REQUEST,
     CREATE_REQUEST,
-    MAX_SEQ,
-    MAX_TAIL,
     NAME_PATTERN,
     SIGNAL_REQUEST,
 )
@@ -289,6 +288,10 @@ OPERATIONS: dict[str, dict[str, Any]] = {
             {"name": "format", "in": "query", "required": False,
              "description": "text (bare lines, the default) or json frames",
              "schema": {"type": "string", "enum": ["text", "json"]}},
+            {"name": "live", "in": "query", "required": False,
+             "description": "1: drop what a slow client lags by, instead of sending it "
+                            "from the log (0, the default)",
+             "schema": {"type": "string", "enum": ["0", "1"]}},
             _WS_TOKEN,
         ],
         security=[{"bearer": []}, {"queryToken": []}],
