@@ -23,10 +23,16 @@ from tests.puppet import PuppetServer
 def pytest_configure(config: pytest.Config) -> None:
     """Run the in-process agents' children as ``smartmob-agent`` runs them: if pytest was
     started with SIGHUP or SIGQUIT ignored (under ``nohup``), handle them instead, so
-    that children get the default action back at exec (see cli._handle_inherited_ignores)."""
+    that children get the default action back at exec (see cli._handle_inherited_ignores).
+
+    Likewise SIGINT, which a shell ignores for a command it starts in the background: the
+    tests CTRL-C the ``smartmob`` command they start (``logs -f``, ``attach``, ``top``),
+    and a Python program that starts with SIGINT ignored keeps ignoring it."""
     for number in (signal.SIGHUP, signal.SIGQUIT):
         if signal.getsignal(number) == signal.SIG_IGN:
             signal.signal(number, lambda *_: None)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @dataclass
