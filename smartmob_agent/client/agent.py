@@ -474,6 +474,10 @@ def is_healthy(process: Process) -> bool:
     return check is None or process.healthy is True
 
 
+#: How soon to look again at a ``running`` process whose child exited a moment ago.
+EXIT_BEING_RECORDED = 0.05
+
+
 def unsteady_for(process: Process) -> float:
     """How many more seconds a running process must run to count as started (its
     ``start_seconds`` option, 1 by default, minus its ``uptime``); 0 if it has, or if
@@ -483,9 +487,17 @@ def unsteady_for(process: Process) -> float:
     >>> unsteady_for(Process.from_document({"slug": "a.b", "uptime": 0.25,
     ...                                     "options": {"start_seconds": 1.0}}))
     0.75
+
+    A ``running`` process whose ``uptime`` is ``null`` has a child that just exited, and
+    the agent is still recording the exit: it is not steady, look again shortly.
+
+    >>> unsteady_for(Process.from_document({"slug": "a.b", "state": "running",
+    ...                                     "pid": None, "uptime": None}))
+    0.05
     """
     if process.uptime is None:
-        return 0.0
+        exiting = process.state == "running" and "uptime" in process.document
+        return EXIT_BEING_RECORDED if exiting else 0.0
     wanted = process.options.get("start_seconds", 1.0) if process.options else 1.0
     if not isinstance(wanted, (int, float)):
         return 0.0
