@@ -19,6 +19,7 @@ from yarl import URL
 from smartmob_agent.config import Settings, settings_from
 from smartmob_agent.errors import InvalidRequest
 from smartmob_agent.keys import Keyring, MintedKey, Principal, digest
+from smartmob_agent.store import Store, StoreError
 from smartmob_agent.supervision.agent import Agent
 from smartmob_agent.web import api
 from smartmob_agent.web import events as eventsocket
@@ -216,6 +217,41 @@ async def test_a_minted_key_is_shown_once_scoped_to_its_app_and_revocable(
     assert (await client.get("/", headers=bearer(key))).status == 401
     response = await client.post(revoke, headers=bearer(ADMIN))
     assert response.status == 404
+
+
+async def test_a_create_whose_key_cannot_be_written_is_not_done(
+    client: Client, archive_server: ArchiveServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A create with ``issue_token`` whose key cannot be recorded is a 503 that leaves no
+    process behind, so sending it again works (the create is whole or not done)."""
+    original = Store.add_key
+
+    def full_disk(store: Store, *args: Any, **kwargs: Any) -> None:
+        raise StoreError(f"the state database {store.path} cannot be written: disk full")
+
+    monkeypatch.setattr(Store, "add_key", full_disk)
+    body = create_body(archive_server, "shop", issue_token=True)
+    response = await client.post("/create-process", json=body, headers=bearer(ADMIN))
+    assert response.status == 503, await response.text()
+    assert "disk full" in (await response.json())["error"]
+    status = await client.get("/process-status/shop.web.0", headers=bearer(ADMIN))
+    assert status.status == 404
+    monkeypatch.setattr(Store, "add_key", original)
+    created = await create(client, body)
+    assert created["token"]["app"] == "shop"
+
+
+async def test_a_create_that_is_refused_keeps_no_key(
+    client: Client, archive_server: ArchiveServer
+) -> None:
+    """A create with ``issue_token`` that is refused (the slug exists) mints no key that
+    would outlive it."""
+    await create(client, create_body(archive_server, "shop", issue_token=True))
+    body = create_body(archive_server, "shop", issue_token=True)
+    response = await client.post("/create-process", json=body, headers=bearer(ADMIN))
+    assert response.status == 409
+    tokens = await (await client.get("/list-tokens", headers=bearer(ADMIN))).json()
+    assert len(tokens["tokens"]) == 1
 
 
 async def test_minted_keys_survive_an_agent_restart_as_digests_only(

@@ -8,6 +8,7 @@ and turned into JSON responses by the middleware in :mod:`smartmob_agent.web.ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import weakref
@@ -17,7 +18,7 @@ from aiohttp import WSCloseCode, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from smartmob_agent import representations as docs
-from smartmob_agent.errors import Forbidden, InvalidRequest, NotFound
+from smartmob_agent.errors import AgentError, Forbidden, InvalidRequest, NotFound
 from smartmob_agent.keys import Principal
 from smartmob_agent.model import Spec
 from smartmob_agent.queries import parse_log_query
@@ -181,13 +182,23 @@ async def create_process(request: web.Request) -> web.Response:
     spec = _from_upload(request, spec_from_request(data))
     require_app(request, spec.app)
     agent = _agent(request)
+    minted = None
     if data.get("issue_token"):
         _check_may_mint(request, agent)
-    watcher = agent.create(spec, request_id=request.get(REQUEST_ID_KEY))
+        # the key first: a create must be whole or not done, and a key is easier to take
+        # back than a process that already runs
+        minted = agent.mint_key(spec.app)
+    try:
+        watcher = agent.create(spec, request_id=request.get(REQUEST_ID_KEY))
+    except BaseException:
+        if minted is not None:
+            with contextlib.suppress(AgentError):  # unusable, since never shown
+                agent.revoke_key(minted[0].id)
+        raise
     links = RequestLinks(request)
     document = docs.process_document(watcher.info(), links)
-    if data.get("issue_token"):
-        key, secret = agent.mint_key(spec.app)
+    if minted is not None:
+        key, secret = minted
         # shown this once: the agent keeps only its digest
         document["token"] = {"id": key.id, "app": key.app, "key": secret}
     return web.json_response(
