@@ -564,6 +564,24 @@ async def test_restart_kills_an_escaped_descendant_holding_the_pipes(
     await gone(first)
 
 
+async def test_giving_up_kills_an_escaped_descendant_holding_the_pipes(
+    agent: Agent, archive_server: ArchiveServer
+) -> None:
+    """A setsid descendant of the run after which the process fails is killed too: a
+    later start must not find the old run's processes (and perhaps its port) alive."""
+    escape = (
+        "web: rm -f esc.pid; (setsid sh -c 'echo $$ > esc.pid; exec sleep 1001' &);"
+        " until [ -s esc.pid ]; do sleep 0.01; done; echo escaped $(cat esc.pid); exit 3\n"
+    )
+    url = serve(archive_server, escape)
+    watcher = agent.create(dataclasses.replace(spec(url), options=Options(max_restarts=0)))
+    output = attach(watcher)
+    escaped = int((await output.nth(b"escaped", 1)).split()[1])
+    await wait_for_state(watcher, S.FAILED)
+    assert not pid_alive(escaped)
+    assert "exited with code 3" in (watcher.error or "")
+
+
 async def test_delete_kills_daemons_that_left_group_and_parent(
     agent: Agent, archive_server: ArchiveServer
 ) -> None:

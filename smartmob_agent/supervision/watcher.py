@@ -316,8 +316,8 @@ class Watcher:
             on_purpose=run.restart_reason is not None,
         )
         if decision.action is Action.FAIL:
-            await run.settle()
-            run.announce_exit(exit)
+            # what escaped the run's group goes too: a later start must not find it
+            await run.finish(exit, self._marker)
             last = "".join(self._output.tail(1))
             raise failure(decision, exit, self.spec.process_type, last)
         await run.finish(exit, self._marker)
