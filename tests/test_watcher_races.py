@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from smartmob_agent.errors import Conflict
 from smartmob_agent.events.bus import ExitEvent, ProcessEvent
 from smartmob_agent.model import Options, Spec
 from smartmob_agent.model import ProcessState as S
@@ -304,6 +305,12 @@ async def test_health_restart_gives_the_old_descendants_their_stop_timeout(
     watcher.add_listener(on_state)
 
     (test_dir / "make-unhealthy").touch()
+    # while the grandchild takes its time, the process is running with no child: a
+    # control then is refused with a sentence that says why
+    await eventually(lambda: watcher.state is S.RUNNING and watcher.pid is None,
+                     timeout=DEADLINE, what="the old child's exit")
+    with pytest.raises(Conflict, match="its child has just exited: the agent is handling"):
+        await watcher.request_signal("HUP")
     await eventually(lambda: not pid_alive(grandchild), timeout=DEADLINE,
                      what=f"the exit of the old grandchild {grandchild}")
 

@@ -374,8 +374,8 @@ class Watcher:
         state = self.state
         if state is not S.BACKOFF and state not in RESTING_STATES:
             raise Conflict(
-                f"process {self.spec.slug!r} is {state}: start applies to a stopped, "
-                "exited, failed or backoff process"
+                self._exiting() or f"process {self.spec.slug!r} is {state}: start applies to "
+                "a stopped, exited, failed or backoff process"
             )
         self._restarts.reset()
         if state is S.BACKOFF:
@@ -422,8 +422,8 @@ class Watcher:
         child = self._live_child()
         if self.state is not S.RUNNING or child is None:
             raise Conflict(
-                f"process {self.spec.slug!r} is {self.state}: only a running process "
-                "can be signalled"
+                self._exiting() or f"process {self.spec.slug!r} is {self.state}: only a "
+                "running process can be signalled"
             )
         child.send_signal(signal.Signals[f"SIG{name}"])
 
@@ -435,6 +435,14 @@ class Watcher:
         """
         child = self._live_child()
         return child is not None and child.write_input(text.encode() + b"\n")
+
+    def _exiting(self) -> str | None:
+        """Why a control cannot act now on a ``running`` process whose child has exited
+        (the moment the agent takes to record the exit and apply the policy), or ``None``."""
+        if self.state is not S.RUNNING or self.pid is not None:
+            return None
+        return (f"process {self.spec.slug!r} is running but its child has just exited: the "
+                "agent is handling the exit; try again in a moment")
 
     def _live_child(self) -> Child | None:
         run = self._current
