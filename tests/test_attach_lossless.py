@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +22,7 @@ from aiohttp.test_utils import TestClient
 
 from smartmob_agent.config import Settings
 from smartmob_agent.model import ProcessState as S
+from smartmob_agent.output.follow import Follower
 from smartmob_agent.supervision.agent import Agent
 from smartmob_agent.web.lossless import LosslessSubscriber
 from smartmob_agent.web.server import make_app
@@ -416,3 +418,30 @@ async def test_across_an_agent_restart(
     newest = [f for f in lines_of(after) if f["line"].startswith("m ")]
     check_in_order(newest, tag="m")
     assert len(newest) == FLOOD
+
+
+async def test_a_log_that_cannot_be_read_back_closes_the_socket_with_a_reason(
+    client: Client, agent: Agent, archive_server: ArchiveServer, puppets: PuppetServer,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """When reading the log back fails (an I/O error of the disk), the client is told with
+    a 1011 close and a reason, and the agent logs it, instead of a socket that stays open
+    and silent for ever; the process and the agent go on."""
+    process, puppet = await start_puppet(client, agent, archive_server, puppets)
+    await puppet.run("print('seen')")
+
+    async def broken(self: Follower) -> Any:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Follower, "read", broken)
+    ws = await client.session.ws_connect(process["attach"] + "?format=json&after=0")
+    async with asyncio.timeout(10):
+        message = await ws.receive()
+    assert message.type is aiohttp.WSMsgType.CLOSE
+    assert ws.close_code == 1011
+    assert message.extra == "the agent could not read the process's log"
+    assert any("reading the log back" in r.getMessage() for r in caplog.records)
+    monkeypatch.undo()
+    await puppet.run("print('still here')")
+    response = await client.get(f"/process-logs/{process['slug']}?tail=1")
+    assert [line["line"] for line in await response.json()] == ["still here"]

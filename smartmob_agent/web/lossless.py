@@ -21,11 +21,12 @@ subscribed, without the two frames: the client asked for it.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 from aiohttp.abc import AbstractStreamWriter
 
 from smartmob_agent.model import LogLine, Stamp
@@ -39,6 +40,8 @@ from smartmob_agent.web.subscriber import (
     json_frame,
     marker_document,
 )
+
+log = logging.getLogger("smartmob_agent.ws")  # stable name: the attach socket's records
 
 #: Markers and notices held, at most, for a client that is behind; later ones are counted.
 MAX_HELD_MARKERS = 1000
@@ -192,6 +195,10 @@ class LosslessSubscriber(WebSocketSubscriber):
                     self._write_replayed(batches, missing)
         except ConnectionError:  # the client went away
             return
+        except Exception:  # the log cannot be read: say so and end, never hang silent
+            log.exception("reading the log back for an attached client failed")
+            await self._ws.close(code=WSCloseCode.INTERNAL_ERROR,
+                                 message=b"the agent could not read the process's log")
         finally:
             follower.close()
 
