@@ -67,19 +67,28 @@ async def take_over(
 
     Raises:
         StoreError: the database cannot be read or written.
+        AgentError: what the earlier agent left running would not end.
     """
     records = store.load()
     previous = store.get_value("agent_id")
+    try:
+        if previous is not None:
+            # everything the earlier agent started carries its id, wherever it went
+            left = await stop_marked(f"{AGENT_ID_VARIABLE}={previous}", stop_timeout)
+            if left:
+                log.warning("stopped %d process(es) left running by the previous agent",
+                            left)
+        survivors = await asyncio.gather(*(
+            stop_survivor(r.pid, r.pid_started, stop_timeout)
+            for r in records if r.pid is not None and r.pid_started is not None
+        ))
+    except TimeoutError:
+        raise AgentError(
+            "processes left running by the previous agent did not end even after "
+            "SIGKILL (stuck in the kernel?): not starting, so that no process runs twice"
+        ) from None
+    # only now: an agent that dies during the stops leaves the next one the same work
     store.set_value("agent_id", agent_id)
-    if previous is not None:
-        # everything the earlier agent started carries its id, wherever it went
-        left = await stop_marked(f"{AGENT_ID_VARIABLE}={previous}", stop_timeout)
-        if left:
-            log.warning("stopped %d process(es) left running by the previous agent", left)
-    survivors = await asyncio.gather(*(
-        stop_survivor(r.pid, r.pid_started, stop_timeout)
-        for r in records if r.pid is not None and r.pid_started is not None
-    ))
     if any(survivors):
         log.warning("stopped %d child(ren) of the previous agent found by pid and "
                     "start time", sum(survivors))
