@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import doctest
 import hashlib
 import hmac
 import json
@@ -17,6 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from smartmob_agent.events import webhooks
 from smartmob_agent.events.bus import ProcessEvent, make_event
 from smartmob_agent.events.webhooks import Webhooks, shown, sign
 from smartmob_agent.model import Backoff
@@ -344,6 +346,16 @@ async def test_a_refusal_is_not_retried_but_too_many_requests_is(
     assert hooks.stats()[receiver.url("/busy")]["delivered"] == 1
 
 
-def test_logged_urls_hide_credentials_and_query() -> None:
-    """Webhook URLs in logs lose user, password and query, where tokens live."""
-    assert shown("https://bot:s3cret@hooks.example/x?token=abc#f") == "https://hooks.example/x"
+def test_logged_urls_hide_credentials_query_and_path() -> None:
+    """Webhook URLs in logs lose user, password, query and path, where tokens live; a
+    short digest tells two webhooks of one host apart."""
+    one = shown("https://bot:s3cret@hooks.example/x?token=abc#f")
+    assert one.startswith("https://hooks.example/… (#")
+    for secret in ("bot", "s3cret", "token", "abc", "/x"):
+        assert secret not in one
+    other = shown("https://hooks.example/services/T0/B0/s3cret")
+    assert other.startswith("https://hooks.example/… (#")
+    assert other != one
+    assert "s3cret" not in other
+    assert shown("http://127.0.0.1:8080/") == "http://127.0.0.1:8080"
+    assert doctest.testmod(webhooks).failed == 0

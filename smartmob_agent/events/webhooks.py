@@ -49,11 +49,22 @@ RETRIED_CLIENT_ERRORS = frozenset({408, 429})
 
 
 def shown(url: str) -> str:
-    """``url`` without user, password or query (where tokens live), for logs."""
+    """``url`` as logs show it: its scheme, host and port only, since tokens live in the
+    user, password, query and often the path (``/services/T/B/<secret>``); a path is
+    replaced by ``…`` and a short digest of the whole URL tells webhooks apart.
+
+    >>> shown("https://hooks.example/services/T0/B0/s3cret")
+    'https://hooks.example/… (#980ee8)'
+    """
     try:
-        return str(URL(url).with_user(None).with_query(None).with_fragment(None))
+        parsed = URL(url)
+        origin = str(parsed.origin())
     except (ValueError, TypeError):
         return "(an unusable URL)"
+    if parsed.path in ("", "/") and not parsed.query_string:
+        return origin
+    tag = hashlib.sha256(url.encode()).hexdigest()[:6]
+    return f"{origin}/… (#{tag})"
 
 
 def sign(secret: bytes, body: bytes) -> str:
@@ -163,7 +174,7 @@ class Webhooks:
         if target.task is None:
             # the task lives while the URL has work, so an idle URL costs no task
             target.task = asyncio.get_running_loop().create_task(
-                self._run(target), name=f"webhook {url}"
+                self._run(target), name=f"webhook {shown(url)}"
             )
 
     async def _run(self, target: _Target) -> None:
@@ -173,7 +184,7 @@ class Webhooks:
                 try:
                     delivered = await self._deliver(target.url, delivery)
                 except Exception:  # a bug must not silence the URL for good
-                    log.exception("webhook %s: failed to send a %s event", target.url,
+                    log.exception("webhook %s: failed to send a %s event", shown(target.url),
                                   delivery.kind)
                     delivered = False
                 if delivered:
