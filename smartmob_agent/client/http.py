@@ -135,15 +135,15 @@ class Transport:
                     return await self._answer(response, what)
             except aiohttp.ClientConnectorError as error:  # never reached the agent
                 failure = error
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
-                    aiohttp.ClientPayloadError) as error:
-                if not idempotent:
-                    raise self._unreachable(error) from None
-                failure = error
             except TimeoutError:
                 raise Unreachable(
                     f"agent {self.name}: no answer to {what} within {self.timeout:g} s",
                     agent=self.name) from None
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as error:
+                # every broken connection (a reset kept-alive one is not a ClientOSError)
+                if not idempotent:
+                    raise self._unreachable(error) from None
+                failure = error
             except (aiohttp.InvalidURL, ValueError) as error:
                 raise Unreachable(f"agent {self.name}: {url} is not a usable URL ({error})",
                                   agent=self.name) from None
