@@ -53,6 +53,7 @@ def shown(url: str) -> str:
     user, password, query and often the path (``/services/T/B/<secret>``); a path is
     replaced by ``…`` and a short digest of the whole URL tells webhooks apart.
 
+    >>> from smartmob_agent.events.webhooks import shown
     >>> shown("https://hooks.example/services/T0/B0/s3cret")
     'https://hooks.example/… (#980ee8)'
     """
