@@ -100,13 +100,15 @@ def test_one_arena_keeps_threads_off_arenas_of_their_own() -> None:
 
 
 def test_a_bare_agent_loads_only_what_it_uses() -> None:
-    """Importing the command loads neither psutil, package metadata nor the OpenAPI
-    tables, and compiles no request schema: each costs memory an agent that does not use
-    it should not hold (they come with the first stop, build, description or request)."""
+    """Importing the command loads neither psutil, package metadata, the OpenAPI
+    tables, structlog (and the rich it imports where installed) nor fluent-logger, and
+    compiles no request schema: each costs memory an agent that does not use it should
+    not hold (they come with the first build, description, kv or json log format,
+    FluentD endpoint or request)."""
     code = (
         "import sys; import smartmob_agent.cli; from smartmob_agent import schemas; "
-        "print(sorted(m for m in ('psutil', 'importlib.metadata', "
-        "'smartmob_agent.web.openapi') if m in sys.modules)); "
+        "print(sorted(m for m in ('psutil', 'importlib.metadata', 'structlog', 'rich', "
+        "'fluent', 'smartmob_agent.web.openapi') if m in sys.modules)); "
         "print(schemas.create_request._compiled_whole is None)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
