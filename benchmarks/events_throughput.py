@@ -26,9 +26,14 @@ Servers, in the same run:
   events, one call each, from a list (no bus): what aiohttp alone does per event.
 
 Printed: events/s (first to last frame at the client), events received and dropped, and
-the server's CPU (user+sys) per 100,000 events.
+the server's CPU (user+sys) per 100,000 events. First as fast as the client takes them
+(the server then outruns the client, and asyncio's transport buffers what the socket
+does not take: writes coalesce by themselves), then paced (``--rate``, 20,000 events/s in
+bursts of 20, to the raw client: ``--paced-events`` of them), where the client keeps up
+and every write reaches the socket: the CPU figure there is what batching saves.
 
-Run: ``python benchmarks/events_throughput.py [--events 200000] [--runs K] [--before DIR]``.
+Run: ``python benchmarks/events_throughput.py [--events 200000] [--rate 20000]
+[--paced-events 100000] [--runs K] [--before DIR]``.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import asyncio
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,7 +54,8 @@ SERVER_PY = r'''
 import asyncio, json, sys
 from aiohttp import web
 
-mode, total = sys.argv[1], int(sys.argv[2])
+mode, total, rate = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+CHUNK = 100 if rate == 0 else 20
 
 def make(n):
     from smartmob_agent.events.bus import make_event
@@ -58,8 +65,10 @@ def make(n):
 async def floor(request):
     ws = web.WebSocketResponse(compress=False)
     await ws.prepare(request)
-    for text in TEXTS:
-        await ws.send_str(text)
+    for start in range(0, total, CHUNK):
+        for text in TEXTS[start:start + CHUNK]:
+            await ws.send_str(text)
+        await asyncio.sleep(CHUNK / rate if rate else 0)
     await ws.receive()
     return ws
 
@@ -67,12 +76,12 @@ async def publish(bus, events):
     while bus.subscriber_count < 1:
         await asyncio.sleep(0.01)
     queue = bus._queues[0]
-    for start in range(0, total, 100):
+    for start in range(0, total, CHUNK):
         while len(queue) > queue.maxsize // 2:  # the client's pace, without spinning
             await asyncio.sleep(0.001)
-        for event in events[start:start + 100]:
+        for event in events[start:start + CHUNK]:
             bus.publish(event)
-        await asyncio.sleep(0)
+        await asyncio.sleep(CHUNK / rate if rate else 0)
     print("dropped", queue.dropped, flush=True)
 
 async def main():
@@ -139,13 +148,14 @@ async def raw_client(url: str, total: int) -> tuple[int, float]:
     return client.count.lines, client.count.last - client.count.first
 
 
-async def measure(mode: str, code: Path | None, client: str, total: int) -> str:
+async def measure(mode: str, code: Path | None, client: str, total: int, rate: float) -> str:
     """One server, one client: the printed line."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(code or b.agent_code_dir()), env.get("PYTHONPATH")) if p)
     server = await asyncio.create_subprocess_exec(
-        b.PYTHON, "-c", SERVER_PY, mode, str(total), env=env,
+        # cwd: not the repository, whose package ``python -c`` would find before PYTHONPATH
+        b.PYTHON, "-c", SERVER_PY, mode, str(total), str(rate), env=env, cwd=tempfile.gettempdir(),
         stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
     try:
         assert server.stdout is not None
@@ -176,15 +186,24 @@ async def run(args: argparse.Namespace) -> None:
         servers.insert(1, ("before", Path(args.before)))
     for run_number in range(1, args.runs + 1):
         print(f"-- run {run_number} (load average {b.load()})")
+        print("   as fast as the client takes them:")
         for client in ("plain", "raw"):
             for mode, code in servers:
-                print(await measure(mode, code, client, args.events), flush=True)
+                print(await measure(mode, code, client, args.events, 0), flush=True)
+        if args.rate:
+            print(f"   paced: bursts of 20 events, {args.rate:,.0f} events/s at most:")
+            for mode, code in servers:
+                print(await measure(mode, code, "raw", args.paced_events, args.rate),
+                      flush=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--rate", type=float, default=20_000,
+                        help="events/s of the paced measurement (0: skip it)")
+    parser.add_argument("--paced-events", type=int, default=100_000)
     parser.add_argument("--before", help="a snapshot folder holding another smartmob_agent")
     args = parser.parse_args()
     b.header("events WebSocket: events per second to one subscriber")
