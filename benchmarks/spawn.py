@@ -192,6 +192,26 @@ async def stop_floor(children: int) -> float:
     return time.perf_counter() - started
 
 
+async def timed_shutdown(agent: b.AgentRunner) -> tuple[float, int]:
+    """SIGINT the agent and time it until it exits, which it does once every child is
+    gone (it waits for them, and reaps them); also how many of them are still there then.
+    Only this is timed: the harness's checks after it (leftovers) are not part of it."""
+    assert agent.proc is not None
+    assert agent.pid is not None
+    children = [p for p in agent.descendants() if p.pid != getattr(agent.guardian(), "pid", 0)]
+    started = time.perf_counter()
+    os.kill(agent.pid, signal.SIGINT)
+    async with asyncio.timeout(120):
+        await agent.proc.wait()
+    seconds = time.perf_counter() - started
+    left = 0
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            if child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
+                left += 1
+    return seconds, left
+
+
 def children_running(agent: b.AgentRunner, name: str) -> int:
     count = 0
     for process in agent.descendants():
@@ -274,8 +294,9 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
             result["rss_steady"] = agent.rss()
             print(f"     {args.keepalive_wait:g} s later (download keep-alive expired): agent "
                   f"RSS {b.fmt_mb(result['rss_steady'])}, USS {b.fmt_mb(agent.uss())}")
-        stop0 = time.perf_counter()
-    result["stop_seconds"] = time.perf_counter() - stop0
+        result["stop_seconds"], left = await timed_shutdown(agent)
+    if left:
+        print(f"  ! {left} of the agent's children outlived it")
     result["stop_floor"] = await stop_floor(args.total)
     print(f"     SIGINT -> agent and {args.total} children gone: {result['stop_seconds']:.2f} s "
           f"(floor: a bare asyncio program terminating as many, {result['stop_floor']:.2f} s)")
