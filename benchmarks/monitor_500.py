@@ -4,9 +4,11 @@ Spawns 500 trees shaped like the agent's children (``/bin/sh -c 'sleep 1000; tru
 their own session: the shell stays, so 1000 processes; ``--bare`` runs ``sleep 1000``
 alone, 500 processes), in batches of 50, then measures one sample of all 500 trees:
 
-* ``sample_trees``: what the monitor runs, one pass over ``/proc/[pid]/stat``, then
-  ``/proc/[pid]/statm`` of each tree member (exact RSS); and with ``exact_rss=False``
-  (the RSS of ``stat``, no second read);
+* ``sample_trees``: what the monitor runs, each tree walked from its root through the
+  kernel's lists of children (``/proc/[pid]/task/[tid]/children``), ``stat`` and
+  ``statm`` (exact RSS) of each member; with ``exact_rss=False`` (the RSS of ``stat``,
+  no second read); and with ``walk=False``: one pass over ``/proc/[pid]/stat`` of the
+  whole machine (what kernels without those lists get), then ``statm`` of each member;
 * psutil one pass: the same algorithm on ``psutil.process_iter(["ppid", "cpu_times",
   "memory_info"])``, to show what reading ``/proc`` directly saves;
 * naive: per root, ``psutil.Process(pid).children(recursive=True)`` plus ``cpu_times()``
@@ -233,8 +235,11 @@ def main() -> int:
         total = sum(1 for name in os.listdir("/proc") if name.isdigit())
         print(f"   {count} trees ({tree_members(popens)} processes) started in "
               f"{time.perf_counter() - started:.1f} s; {total} processes on the machine")
-        _, cpus = measure("sample_trees (/proc)", sample_trees, roots, samples, 30.0)
+        _, cpus = measure("sample_trees (walking the trees)", sample_trees, roots,
+                          samples, 30.0)
         measure("  exact_rss=False", functools.partial(sample_trees, exact_rss=False),
+                roots, samples, 30.0)
+        measure("sample_trees, whole table", functools.partial(sample_trees, walk=False),
                 roots, samples, 30.0)
         measure("psutil one pass", psutil_one_pass, roots, samples, 30.0)
         measure("naive per root", naive, roots, min(args.naive_samples, 20), 60.0)

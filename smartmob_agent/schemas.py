@@ -2,7 +2,7 @@
 
 The schemas are plain JSON Schema (the subset shared by draft-07 and 2020-12), so the
 same documents can later be published in an OpenAPI 3.1 description. ``fastjsonschema``
-compiles each into Python code once, at import; it is small and fast, but stops at the
+compiles each into Python code once, on first use; it is small and fast, but stops at the
 first error, so each field is checked with its own compiled validator to report them all.
 Each property's ``description`` doubles as the error sentence shown to users.
 """
@@ -262,17 +262,46 @@ def _compile(schema: Mapping[str, Any]) -> Validator:
 
 
 class RequestSchema:
-    """A compiled object schema that reports every bad field at once."""
+    """A compiled object schema that reports every bad field at once.
+
+    Compiled on first use, and the validators of each field only once a request fails
+    the whole: compiled code is several MB, which an agent that never sees this kind of
+    request (or a bad one) need not hold.
+    """
 
     def __init__(self, schema: Mapping[str, Any]) -> None:
         self.schema = schema
-        self._whole = _compile(schema)
-        self._fields = {name: _compile(sub) for name, sub in schema["properties"].items()}
-        self._names = {
-            name: _compile(sub["propertyNames"])
-            for name, sub in schema["properties"].items()
-            if "propertyNames" in sub
-        }
+        self._compiled_whole: Validator | None = None
+        self._compiled_fields: dict[str, Validator] | None = None
+        self._compiled_names: dict[str, Validator] | None = None
+
+    def compile(self) -> None:
+        """Compile the validator of a whole request now (else on first use)."""
+        if self._compiled_whole is None:
+            self._compiled_whole = _compile(self.schema)
+
+    @property
+    def _whole(self) -> Validator:
+        self.compile()
+        assert self._compiled_whole is not None
+        return self._compiled_whole
+
+    @property
+    def _fields(self) -> dict[str, Validator]:
+        if self._compiled_fields is None:
+            properties = self.schema["properties"]
+            self._compiled_fields = {name: _compile(sub) for name, sub in properties.items()}
+        return self._compiled_fields
+
+    @property
+    def _names(self) -> dict[str, Validator]:
+        if self._compiled_names is None:
+            self._compiled_names = {
+                name: _compile(sub["propertyNames"])
+                for name, sub in self.schema["properties"].items()
+                if "propertyNames" in sub
+            }
+        return self._compiled_names
 
     def validate(self, data: Any) -> dict[str, Any]:
         """Return ``data`` if it matches the schema.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,7 @@ from smartmob_agent.events.bus import (
 )
 from smartmob_agent.keys import ADMIN
 from smartmob_agent.representations import format_time
+from smartmob_agent.web import events as events_socket_module
 from smartmob_agent.web.api import PRINCIPAL_KEY
 from smartmob_agent.web.events import CLOSE_TIMEOUT, EVENT_BUS_KEY, EVENT_CLIENTS_KEY, add_routes
 from smartmob_agent.web.server import error_middleware
@@ -501,3 +503,56 @@ async def test_a_stuck_client_neither_grows_nor_holds_up_others_or_shutdown(
     assert time.monotonic() - started < CLOSE_TIMEOUT + 2
     assert bus.subscriber_count == 0
     stuck.close()
+
+
+# --- batched frames -------------------------------------------------------------------
+
+
+async def test_get_nowait_takes_what_is_ready_and_leaves_a_drop_notice_to_get() -> None:
+    """``get_nowait`` returns the queued events, then ``None``; with a drop pending it
+    returns ``None`` so that ``get`` says the drop first; once closed it raises."""
+    bus = EventBus()
+    queue = bus.subscribe(maxsize=2)
+    assert queue.get_nowait() is None
+    bus.publish(event(1))
+    first = queue.get_nowait()
+    assert first is not None
+    assert pid(first) == 1
+    for n in range(2, 5):
+        bus.publish(event(n))
+    assert queue.get_nowait() is None  # 2 dropped: the notice comes first, from get
+    notice = await queue.get()
+    assert notice["event"] == DROPPED
+    assert notice["count"] == 1
+    assert [pid(e) for e in (queue.get_nowait(), queue.get_nowait()) if e] == [3, 4]
+    queue.close()
+    with pytest.raises(EventQueueClosed):
+        queue.get_nowait()
+
+
+def test_a_batch_takes_the_ready_events_up_to_its_size() -> None:
+    """The sender's batch is the first event and those ready after it, as JSON, and
+    stops once it holds BATCH_BYTES: the rest waits for the next write."""
+    bus = EventBus()
+    queue = bus.subscribe()
+    padding = "p" * 10_000
+    for n in range(1, 11):
+        bus.publish(event(n, previous=padding))
+    payloads = events_socket_module._batch(event(0, previous=padding), queue)
+    size = len(payloads[0])
+    assert len(payloads) == -(-events_socket_module.BATCH_BYTES // size)
+    assert [json.loads(p)["pid"] for p in payloads] == list(range(len(payloads)))
+    assert len(queue) == 11 - len(payloads)
+
+
+async def test_a_burst_arrives_intact_and_uncompressed(client: Client, bus: EventBus) -> None:
+    """Events of every frame length (short, 16-bit and 64-bit lengths) published in one
+    burst arrive whole and in order, as separate text frames; a client that offers
+    compression gets none (the frames are written pre-encoded)."""
+    async with client.ws_connect("/events", compress=15) as ws:
+        assert ws.compress == 0
+        sizes = [0, 50, 200, 70_000, 10, 3_000] * 20
+        events = [event(n, previous="p" * size) for n, size in enumerate(sizes)]
+        for each in events:
+            bus.publish(each)
+        assert await receive_events(ws, len(events)) == events

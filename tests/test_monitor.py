@@ -413,3 +413,20 @@ async def test_fresh_samples_now_after_a_quiet_time(spawn: Spawn) -> None:
     assert current(monitor, tree.pid).memory_rss > 0
     await monitor.fresh()
     assert calls[0] == 1
+
+
+async def test_walking_the_trees_finds_what_reading_the_table_finds(spawn: Spawn) -> None:
+    """The kernel's lists of children lead to the same members as the whole table: a
+    shell, its background children and a grandchild in a session of its own."""
+    tree = await spawn("sleep 1000 & setsid sh -c 'sleep 1000 & wait' & sleep 1000 & wait")
+    root = psutil.Process(tree.pid)
+    await eventually(lambda: len(root.children(recursive=True)) == 4, what="the tree")
+    members = root.children(recursive=True)
+    try:
+        walked = sample_trees([tree.pid], walk=True)
+        read = sample_trees([tree.pid], walk=False)
+    finally:  # the session of its own is out of the reach of the fixture's group kill
+        for member in members:
+            member.kill()
+    assert walked == read  # idle sleeps: the same CPU ticks and resident pages
+    assert walked[tree.pid][1] > 4 * 100_000

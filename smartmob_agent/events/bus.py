@@ -267,6 +267,20 @@ class EventQueue:
             raise EventQueueClosed()  # the bus is closed and everything has been read
         return self._events.popleft()
 
+    def get_nowait(self) -> Event | None:
+        """The next event if one is ready (a pending drop notice first), else ``None``:
+        for a reader that takes what has gathered in one go after :meth:`get`.
+
+        Raises:
+            EventQueueClosed: once the queue is closed.
+        """
+        if self.closed:
+            raise EventQueueClosed()
+        if self._pending_drops or not self._events:
+            # a drop notice is built by get(), which returns at once when one is pending
+            return None
+        return self._events.popleft()
+
     def __aiter__(self) -> EventQueue:
         return self
 

@@ -29,12 +29,13 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
-from typing import Any
-
-import structlog
+from typing import TYPE_CHECKING, Any
 
 from smartmob_agent.output.redact import redact
 from smartmob_agent.output.throttle import RepeatLimit
+
+if TYPE_CHECKING:
+    import structlog
 
 #: The attributes of a :class:`logging.LogRecord` that make it a named event.
 EVENT_ATTR = "smartmob_event"
@@ -226,6 +227,10 @@ def formatter(log_format: str, *, utc: bool = False, agent_log: bool = False) ->
     """
     if log_format == "text":
         return TextFormatter(AGENT_LOG_FORMAT if agent_log else TEXT_FORMAT, utc=utc)
+    # here: the default text format does without structlog, which imports rich (and
+    # pygments) where they are installed: 1 to 5 MB of memory
+    import structlog
+
     renderer: structlog.types.Processor
     if log_format == "kv":  # the original agent's order: the time and the event first
         renderer = structlog.processors.KeyValueRenderer(

@@ -138,6 +138,9 @@ class ProcessLog:
 
     def _refill(self) -> None:
         """Fill the ring buffer with the last lines of the files an earlier agent wrote."""
+        assert self.folder is not None
+        if not self.folder.is_dir():  # a new process: nothing to read (one stat, not five)
+            return
         want = self._size
         raws, _ = read_files(open_all(self._paths()), want + 1)
         if len(raws) > want:

@@ -9,12 +9,14 @@ process table per request, so a :class:`Monitor` samples every tracked tree ever
 :meth:`Monitor.usage`), and for :data:`LINGER` seconds after: an agent nobody asks
 anything costs no CPU for its idle children.
 
-One sample is one pass over ``/proc/[pid]/stat`` of every process of the machine (one
-small read each: the parent of each process and its CPU times), then one read of
-``/proc/[pid]/statm`` per member of a tracked tree (its resident set). That is the data
-``psutil.process_iter(["ppid", "cpu_times", "memory_info"])`` gathers too, but read
-directly it costs about a third as much: ~25 ms of CPU for 500 trees of 2 processes
-each, ~70 ms with psutil (see ``benchmarks/monitor_500.py``).
+One sample walks each tracked tree from its root through the kernel's lists of
+children (``/proc/[pid]/task/[tid]/children``), reading ``/proc/[pid]/stat`` (CPU times)
+and ``/proc/[pid]/statm`` (resident set) of each member: its cost grows with the agent's
+trees, not with the machine's processes (~22 ms of CPU for 500 trees of 2 processes on a
+machine running 3800). Where the kernel has no such lists, it is one pass over
+``/proc/[pid]/stat`` of every process of the machine instead (~50 ms there), the data
+``psutil.process_iter(["ppid", "cpu_times", "memory_info"])`` gathers too, at a quarter
+of its cost (see ``benchmarks/monitor_500.py``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 # fields of /proc/[pid]/stat after the ")" that ends the command name (proc(5) numbers
 # them from 1 with the pid; the state, field 3, is index 0 here)
-_STATE, _PPID, _UTIME, _STIME, _CUTIME, _CSTIME, _RSS = 0, 1, 11, 12, 13, 14, 21
+_STATE, _PPID, _UTIME, _STIME, _CUTIME, _CSTIME, _THREADS, _RSS = 0, 1, 11, 12, 13, 14, 17, 21
 _DEAD = (b"Z", b"X")
 #: Seconds (at least; 2.5 intervals if longer) the monitor goes on sampling after the
 #: figures were last read.
@@ -66,11 +68,15 @@ class Usage:
 
 
 def sample_trees(
-    roots: Collection[int], proc: str = "/proc", *, exact_rss: bool = True
+    roots: Collection[int], proc: str = "/proc", *, exact_rss: bool = True,
+    walk: bool | None = None,
 ) -> dict[int, tuple[float, int]]:
     """CPU seconds and resident bytes of the process tree of each pid of ``roots``.
 
-    Reads the process table once, whatever the number of roots. The tree of a root is
+    Walks each tree from its root through the kernel's lists of children
+    (``/proc/<pid>/task/<tid>/children``), so a sample costs a few reads per member of
+    the trees, however many processes the machine runs; where the kernel has no such
+    lists, reads the whole process table once instead. The tree of a root is
     the root and all its descendants. Its CPU seconds are user + system time of each of
     them *including the reaped children they waited for* (``cutime``/``cstime``):
     otherwise the work of short-lived commands (a shell script running one tool after
@@ -90,11 +96,19 @@ def sample_trees(
             about 40 % of the cost of a sample, but is the kernel's quick read of
             per-CPU counters: small processes look up to ~150 KB smaller on 2 CPUs, and
             the gap grows with the number of CPUs.
+        walk: walk the trees (``True``) or read the whole table (``False``); by
+            default, walk where the kernel lists children.
     """
     if not roots:
         return {}
-    own, children = _scan(proc)
     result: dict[int, tuple[float, int]] = {}
+    if _children_files(proc) if walk is None else walk:  # the trees only, not the table
+        for root in roots:
+            usage = _walk_usage(root, proc, exact_rss)
+            if usage is not None:
+                result[root] = usage
+        return result
+    own, children = _scan(proc)
     for root in roots:
         if root in own:
             result[root] = _tree_usage(root, own, children, proc, exact_rss)
@@ -151,6 +165,57 @@ def _tree_usage(
                 seen.add(child)
                 pending.append(child)
     return ticks / _TICKS, pages * _PAGE
+
+
+_has_children_files: dict[str, bool] = {}
+
+
+def _children_files(proc: str) -> bool:
+    """Whether the kernel lists each thread's children (``CONFIG_PROC_CHILDREN``)."""
+    found = _has_children_files.get(proc)
+    if found is None:
+        me = os.getpid()
+        found = _has_children_files[proc] = os.path.exists(f"{proc}/{me}/task/{me}/children")
+    return found
+
+
+def _walk_usage(root: int, proc: str, exact_rss: bool) -> tuple[float, int] | None:
+    """CPU seconds and resident bytes of the tree of ``root``, walked through the
+    kernel's lists of children; ``None`` if the root is gone (or a zombie). A member
+    created or gone during the walk may be missed: the next sample sees it."""
+    ticks = pages = 0
+    pending = [root]
+    seen = {root}  # a pid reused during the walk could in theory close a loop
+    while pending:
+        pid = pending.pop()
+        data = _read(f"{proc}/{pid}/stat")
+        try:
+            fields = data[data.rindex(b")") + 2:].split(None, _RSS + 1)
+            if fields[_STATE] in _DEAD:
+                raise ValueError("dead")
+            ticks += (int(fields[_UTIME]) + int(fields[_STIME]) + int(fields[_CUTIME])
+                      + int(fields[_CSTIME]))
+            threads, stat_pages = int(fields[_THREADS]), int(fields[_RSS])
+        except (ValueError, IndexError):  # gone, torn, or dead: not a member
+            if pid == root:
+                return None
+            continue
+        statm = _read(f"{proc}/{pid}/statm").split(None, 2) if exact_rss else []
+        pages += int(statm[1]) if len(statm) > 1 else stat_pages
+        tids = [str(pid)] if threads == 1 else _list(f"{proc}/{pid}/task")
+        for tid in tids:
+            for child in _read(f"{proc}/{pid}/task/{tid}/children").split():
+                if int(child) not in seen:
+                    seen.add(int(child))
+                    pending.append(int(child))
+    return ticks / _TICKS, pages * _PAGE
+
+
+def _list(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
 
 
 def _read(path: str) -> bytes:

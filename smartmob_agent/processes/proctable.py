@@ -11,7 +11,9 @@ markers), so that stopping many processes costs one pass over ``/proc``, not one
 process (see :func:`smartmob_agent.processes.stop.one_scan`). It is blocking file I/O:
 callers on an event loop run it in a thread.
 
-Standard library only: the guardian, a separate small program, uses it too.
+Standard library only: the guardian, a separate small program, uses it too; and the
+agent reads the few fields it needs itself (descendants, start times, zombies) rather
+than import ``psutil``, about a megabyte of memory for three numbers.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ MARKER_PREFIX = b"SMARTMOB_"
 # them from 1 with the pid; the state, field 3, is index 0 here)
 _STATE, _PPID, _PGRP, _STARTTIME = 0, 1, 2, 19
 _DEAD = (b"Z", b"X")
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def marked_processes(marker: bytes, proc: str = "/proc") -> list[int]:
@@ -142,3 +145,61 @@ def started(pid: int, proc: str = "/proc") -> int | None:
     if fields is None or fields[_STATE] in _DEAD:
         return None
     return int(fields[_STARTTIME])
+
+
+def is_zombie(pid: int, proc: str = "/proc") -> bool:
+    """Whether ``pid`` is a zombie (dead, waiting to be reaped)."""
+    fields = _fields(str(pid), proc)
+    return fields is not None and fields[_STATE] == b"Z"
+
+
+_boot_times: dict[str, float] = {}  # by proc folder: it does not change
+
+
+def _boot_time(proc: str) -> float:
+    """When the machine booted (seconds since the epoch), from ``/proc/stat``, read once:
+    a start time is read for every child spawned."""
+    found = _boot_times.get(proc)
+    if found is not None:
+        return found
+    with open(f"{proc}/stat", "rb") as file:
+        for line in file:
+            if line.startswith(b"btime "):
+                found = _boot_times[proc] = float(line.split()[1])
+                return found
+    raise OSError(f"no btime in {proc}/stat")
+
+
+def start_time(pid: int, proc: str = "/proc") -> float | None:
+    """When ``pid`` started (seconds since the epoch, as ``psutil``'s ``create_time``
+    reads it: boot time plus the start in clock ticks), or ``None`` if it is gone."""
+    fields = _fields(str(pid), proc)
+    if fields is None:
+        return None
+    try:
+        return _boot_time(proc) + int(fields[_STARTTIME]) / _TICKS
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def descendants(pid: int, proc: str = "/proc") -> list[int]:
+    """The pids below ``pid`` in the process tree (zombies included), wherever their
+    group: one pass over ``/proc/*/stat`` (not the environments a :func:`scan` reads).
+    ``[]`` if it is gone. Blocking, as :func:`scan`."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir(proc):
+        if not name.isdigit():
+            continue
+        fields = _fields(name, proc)
+        if fields is not None and len(fields) > _PPID:
+            children.setdefault(int(fields[_PPID]), []).append(int(name))
+    found: list[int] = []
+    pending = [pid]
+    seen = {pid}
+    while pending:
+        for child in children.get(pending.pop(), ()):
+            if child not in seen:  # a pid reused during the scan could close a loop
+                seen.add(child)
+                found.append(child)
+                pending.append(child)
+    return found

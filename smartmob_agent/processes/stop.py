@@ -26,8 +26,6 @@ import signal
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import psutil
-
 from smartmob_agent.processes import proctable
 
 log = logging.getLogger("smartmob_agent.child")  # stable name: internals.rst
@@ -41,10 +39,7 @@ _START_TIME_SLACK = 0.05
 def descendants(pid: int) -> list[int]:
     """The pids below ``pid`` in the process tree, wherever their group; ``[]`` if it
     is gone."""
-    try:
-        return [process.pid for process in psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
-        return []
+    return proctable.descendants(pid)
 
 
 def open_pidfds(pids: Iterable[int]) -> dict[int, int]:
@@ -282,10 +277,7 @@ def start_time(pid: int) -> float | None:
     With the pid, it names one process for good: a pid is reused, a (pid, start time)
     pair is not.
     """
-    try:
-        return float(psutil.Process(pid).create_time())
-    except psutil.Error:
-        return None
+    return proctable.start_time(pid)
 
 
 async def stop_survivor(pid: int, started: float, timeout: float) -> bool:
@@ -294,17 +286,20 @@ async def stop_survivor(pid: int, started: float, timeout: float) -> bool:
     Sends SIGTERM to its process group and its descendants, waits up to ``timeout``
     seconds, then SIGKILLs what is left. Returns whether it was found.
     """
+    own = open_pidfds([pid])  # first: a start time read after names what the pidfd does
     found = start_time(pid)
-    if found is None or abs(found - started) > _START_TIME_SLACK:
-        return False  # gone, or the pid now names another process
-    with contextlib.suppress(psutil.Error):
-        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-            return False  # already dead, waiting to be reaped
-    try:
-        members = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
+    if not own or found is None or abs(found - started) > _START_TIME_SLACK \
+            or proctable.is_zombie(pid):  # gone, another process now, or already dead
+        _close_all(own)
         return False
-    await _stop_all(open_pidfds(p.pid for p in members), signal.SIGTERM, timeout, group=pid)
+    try:
+        # its descendants from the shared scan of one_scan: an agent taking over many
+        # survivors reads /proc once
+        fds = await _descendants(pid)
+    except BaseException:
+        _close_all(own)
+        raise
+    await _stop_all(own | fds, signal.SIGTERM, timeout, group=pid)
     return True
 
 

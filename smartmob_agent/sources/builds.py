@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import importlib.metadata
 import json
 import logging
 import os
@@ -82,6 +81,8 @@ def agent_pip_usable() -> bool:
     """Whether the agent's interpreter has a pip that can install into another
     environment (``--python``): then environments are made without pip, in a tenth of a
     second, instead of seconds of ``ensurepip`` each."""
+    import importlib.metadata  # here: only builds need it, and it is ~0.7 MB of memory
+
     try:
         version = importlib.metadata.version("pip")
     except importlib.metadata.PackageNotFoundError:
@@ -144,7 +145,7 @@ class Builds:
         # the interpreter the environments are made from, for the key: a path alone may
         # be upgraded in place, so its version too
         self._interpreter = os.path.realpath(sys.executable)
-        self._agent_pip = agent_pip_usable()
+        self._agent_pip_usable: bool | None = None  # looked up at the first build
         self._flights: dict[tuple[str, ...], _Flight] = {}
         #: builds and release runs started (a figure for tests and benchmarks)
         self.builds_run = 0
@@ -153,6 +154,14 @@ class Builds:
         for path in folder.iterdir():
             if path.name.startswith(_TRASH):
                 shutil.rmtree(path, ignore_errors=True)
+
+    @property
+    def _agent_pip(self) -> bool:
+        """Whether the agent's pip can install into an environment, looked up once, at
+        the first build (an agent that builds nothing need not load package metadata)."""
+        if self._agent_pip_usable is None:
+            self._agent_pip_usable = agent_pip_usable()
+        return self._agent_pip_usable
 
     def key(self, archive_sha256: str) -> str:
         """The build key of the source whose archive has this SHA-256."""
@@ -275,14 +284,15 @@ class Builds:
             # a folder without its mark is a build cut short: start afresh
             await asyncio.to_thread(_reset, folder, venv, self._run_as)
             deadline = asyncio.get_running_loop().time() + self.timeout
+            agent_pip = self._agent_pip
             await self._step(
                 flight, "creating the virtual environment",
                 shlex.join(build.venv_command(self._python, str(venv),
-                                              with_pip=not self._agent_pip)),
+                                              with_pip=not agent_pip)),
                 root, env, deadline, VirtualEnvironmentError,
             )
-            runner = self._python if self._agent_pip else str(venv / "bin" / "python")
-            target = str(venv / "bin" / "python") if self._agent_pip else None
+            runner = self._python if agent_pip else str(venv / "bin" / "python")
+            target = str(venv / "bin" / "python") if agent_pip else None
             await self._step(
                 flight, f"pip install -r {build.REQUIREMENTS}",
                 shlex.join(build.pip_command(runner, target)), root, env, deadline,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from smartmob_agent.errors import AgentError
 from smartmob_agent.model import RunAs, Spec
-from smartmob_agent.processes.stop import stop_marked, stop_survivor
+from smartmob_agent.processes.stop import one_scan, stop_marked, stop_survivor
 from smartmob_agent.processes.users import blocked_folder
 from smartmob_agent.schemas import create_request, spec_from_request
 from smartmob_agent.store import Record, Store, StoreError
@@ -78,10 +78,11 @@ async def take_over(
             if left:
                 log.warning("stopped %d process(es) left running by the previous agent",
                             left)
-        survivors = await asyncio.gather(*(
-            stop_survivor(r.pid, r.pid_started, stop_timeout)
-            for r in records if r.pid is not None and r.pid_started is not None
-        ))
+        with one_scan():  # the descendants of every survivor from one pass over /proc
+            survivors = await asyncio.gather(*(
+                stop_survivor(r.pid, r.pid_started, stop_timeout)
+                for r in records if r.pid is not None and r.pid_started is not None
+            ))
     except TimeoutError:
         raise AgentError(
             "processes left running by the previous agent did not end even after "

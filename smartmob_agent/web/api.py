@@ -32,7 +32,6 @@ from smartmob_agent.schemas import (
 from smartmob_agent.supervision.agent import Agent
 from smartmob_agent.supervision.watcher import Watcher
 from smartmob_agent.web.links import SOURCE_ROUTE, RequestLinks
-from smartmob_agent.web.openapi import openapi_document
 
 routes = web.RouteTableDef()
 
@@ -430,6 +429,9 @@ async def health(request: web.Request) -> web.Response:
 @routes.get("/openapi.json", name="openapi")
 async def openapi(request: web.Request) -> web.Response:
     """The OpenAPI 3.1 document of every route this agent serves, for this host."""
+    # here: an agent nobody asks for its description need not hold the module's tables
+    from smartmob_agent.web.openapi import openapi_document
+
     server = RequestLinks(request).index("index").removesuffix("/")
     served = (
         (route.name, route.method, route.resource.canonical)
