@@ -338,6 +338,24 @@ OPERATIONS: dict[str, dict[str, Any]] = {
         "security": [],
         "responses": {"200": _json("Health", "the agent serves"), "5XX": _SERVER_ERROR},
     },
+    "dashboard": {
+        "summary": "The dashboard, a web page (open: it asks for keys itself)",
+        "security": [],
+        "responses": {"200": {"description": "the page", "content": {"text/html": {}}},
+                      "5XX": _SERVER_ERROR},
+    },
+    "dashboard_file": {
+        "summary": "A file of the dashboard (script, style, image), by name",
+        "security": [],
+        "responses": {
+            "200": {"description": "the file", "content": {
+                kind: {} for kind in ("text/javascript", "text/css", "image/svg+xml",
+                                      "image/png", "text/html")
+            }},
+            "404": _error(404),
+            "5XX": _SERVER_ERROR,
+        },
+    },
 }
 
 #: The pattern of each path parameter (by its name in the route's template).
@@ -348,6 +366,8 @@ PATH_PARAMETERS: dict[str, dict[str, Any]] = {
                "description": "the SHA-256 of the uploaded archive"},
     "key_id": {"type": "string", "pattern": "^[0-9a-f]{16}$",
                "description": "the id of a minted key (16 hexadecimal digits)"},
+    "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]+$",
+             "description": "the name of a file of the dashboard"},
 }
 
 

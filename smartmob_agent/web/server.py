@@ -25,7 +25,7 @@ from smartmob_agent.processes.ports import PortsExhausted
 from smartmob_agent.representations import error_document
 from smartmob_agent.store import StoreError
 from smartmob_agent.supervision.agent import Agent
-from smartmob_agent.web import api, attach
+from smartmob_agent.web import api, attach, dashboard
 from smartmob_agent.web import events as eventsocket
 from smartmob_agent.web.access import FailureLimiter, bearer_key, browser_problem, query_key
 from smartmob_agent.web.api import AGENT_KEY, KEY_SOCKETS_KEY, PRINCIPAL_KEY, REQUEST_ID_KEY
@@ -152,8 +152,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
 
 
-#: Routes open without a key: a load balancer's health check carries none.
-OPEN_ROUTES = frozenset({"health"})
+#: Routes open without a key: a load balancer's health check carries none; the
+#: dashboard's files hold no secret (the page asks the user for each agent's key).
+OPEN_ROUTES = frozenset({"health", "dashboard", "dashboard_file"})
 #: Routes only an admin key opens: they concern every app, or the agent itself.
 ADMIN_ROUTES = frozenset({"tokens", "revoke_token", "agent_log"})
 LIMITER_KEY = web.AppKey("failure_limiter", FailureLimiter)
@@ -248,6 +249,8 @@ def make_app(settings: Settings, agent: Agent | None = None) -> web.Application:
     app[eventsocket.EVENT_BUS_KEY] = app[AGENT_KEY].events
     app.add_routes(api.routes)
     app.add_routes(attach.routes)
+    app[dashboard.FILES_KEY] = dashboard.served_files()
+    app.add_routes(dashboard.routes)
     eventsocket.add_routes(app)
     app.on_shutdown.append(close_all)
     if owned:
