@@ -268,8 +268,8 @@ def row(page: Page, slug: str) -> Any:
 
 
 def test_a_process_turns_running_and_restart_changes_its_pid(page: Page, agents: Agents) -> None:
-    """The table shows the process ``running`` with its pid; Restart asks first, then the
-    row shows the new child's pid."""
+    """The table shows the process ``running`` with its pid; Stop and Restart ask first
+    (a refusal does nothing); a confirmed restart shows the new child's pid."""
     from playwright.sync_api import expect
 
     web = row(page, "shop.web.0")
@@ -278,6 +278,11 @@ def test_a_process_turns_running_and_restart_changes_its_pid(page: Page, agents:
     expect(page.locator(".tab[data-status='connected']")).to_have_count(1)
     before = web.locator(".pid").inner_text()
     shot(page, agents, "1-running")
+    web.locator("button.stop").click()
+    page.locator("dialog#confirm button[value=no]").click()  # asked, and refused: no stop
+    expect(page.locator("dialog#confirm")).to_be_hidden()
+    expect(web.locator(".state")).to_have_text("running")
+    expect(web.locator(".pid")).to_have_text(before)
     web.locator("button.restart").click()
     dialog = page.locator("dialog#confirm")
     expect(dialog).to_be_visible()
@@ -302,6 +307,17 @@ def test_a_crash_loop_shows_its_diagnosis_without_a_click(page: Page, agents: Ag
     expect(diagnosis.locator(".retry")).to_contain_text("next retry")
     expect(row(page, "shop.crash.0").locator(".state")).to_have_text("backoff")
     shot(page, agents, "4-crash-loop")
+
+
+def test_figures_are_formatted_for_a_person(page: Page) -> None:
+    """The page's pure formatting module, run in the browser: bytes, durations, exits."""
+    result = page.evaluate("""async () => {
+        const f = await import("./format.js");
+        return [f.bytes(0), f.bytes(11431936), f.duration(59.9), f.duration(3725),
+                f.duration(90061), f.exitText({code: 3, signal: null}),
+                f.exitText({code: -9, signal: "SIGKILL"}), f.percent(null)];
+    }""")
+    assert result == ["0 B", "10.9 MiB", "59s", "1h 02m", "1d 1h", "exit 3", "SIGKILL", ""]
 
 
 def test_live_lines_appear_and_a_line_reaches_stdin(page: Page, agents: Agents) -> None:

@@ -122,7 +122,7 @@ export class AgentView {
     }
     const wait = this.retry;
     this.retry = Math.min(MAX_RETRY_SECONDS, this.retry * 2);
-    this.setStatus("disconnected", `${error.message} Reconnecting in ${wait} s…`);
+    this.setStatus("disconnected", `Disconnected. ${error.message} Reconnecting in ${wait} s…`);
     this.later(wait, () => this.connect());
   }
 

@@ -7,8 +7,9 @@ import { el } from "./dom.js";
 const STORAGE = "smartmob-dashboard.agents";
 const ACTIVE = "smartmob-dashboard.active";
 
-/** The agent that served this page: its index is the page's `/`. */
-const HOME = new URL("/", window.location.href).toString();
+/** The agent that served this page: its index is one level above the page (`/ui/`), so
+ * the page works behind a proxy that serves the agent under a path of its own. */
+const HOME = new URL("../", window.location.href).toString();
 
 /** An agent's URL as typed, made the URL of its index (`http://host:port/`). */
 export function normalise(text) {
