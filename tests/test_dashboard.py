@@ -412,3 +412,30 @@ def test_an_agent_that_goes_away_shows_disconnected_and_comes_back(
         context.close()
         _stop(loop, agent)
         loop.close()
+
+
+def test_the_page_works_behind_tls(browser: Browser, agents: Agents, tmp_path: Path) -> None:
+    """Served over https, the page connects over https and wss (the agent's own links)."""
+    import trustme
+    from playwright.sync_api import expect
+
+    certificate = trustme.CA().issue_cert("127.0.0.1")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    certificate.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    certificate.private_key_pem.write_to_path(str(key_file))
+    loop = Loop()
+    agent = _start(loop, tmp_path / "state", KEY, "--tls-cert", str(cert_file),
+                   "--tls-key", str(key_file))
+    context = browser.new_context(viewport={"width": 1400, "height": 400},
+                                  ignore_https_errors=True)
+    try:
+        assert agent.url.startswith("https://")
+        context.add_init_script(_keys_script({agent.url: KEY}))
+        page = context.new_page()
+        page.goto(agent.url + "/ui/")
+        expect(page.locator(".tab").first).to_have_attribute("data-status", "connected")
+        expect(page.locator("tr.empty")).to_contain_text("No process")
+    finally:
+        context.close()
+        _stop(loop, agent)
+        loop.close()
