@@ -247,11 +247,14 @@ def page(browser: Browser, agents: Agents) -> Iterator[Page]:
     context.add_init_script(_keys_script({agents.home.url: KEY}))
     page = context.new_page()
     page.set_default_timeout(15_000)
+    failures: list[str] = []  # the page's uncaught JavaScript errors: bugs of the page
+    page.on("pageerror", lambda error: failures.append(str(error)))
     try:
         page.goto(agents.home.url + "/ui/")
         yield page
     finally:
         context.close()
+    assert not failures, failures
 
 
 def shot(page: Page, agents: Agents, name: str) -> Path:
