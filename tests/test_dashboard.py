@@ -312,6 +312,25 @@ def test_a_crash_loop_shows_its_diagnosis_without_a_click(page: Page, agents: Ag
     shot(page, agents, "4-crash-loop")
 
 
+def test_host_charts_update_at_the_interval_chosen(page: Page, agents: Agents) -> None:
+    """The host-stats WebSocket feeds the charts (CPU per core, memory, swap, load); the
+    interval picked is the one the agent then says is in force, and snapshots keep
+    coming."""
+    from playwright.sync_api import expect
+
+    stats = page.locator("section.agent:visible .host-stats")
+    cpu = stats.locator("figure.chart.cpu")
+    expect(cpu).to_have_attribute("data-samples", "1", timeout=20_000)
+    stats.locator("select.interval").select_option("0.5")
+    expect(stats).to_have_attribute("data-interval", "0.5")
+    expect(cpu).to_have_attribute("data-samples", "4")
+    for name in ("memory", "swap", "load"):
+        assert int(stats.locator(f"figure.chart.{name}").get_attribute("data-samples") or 0) >= 3
+    expect(cpu.locator(".legend")).to_contain_text("core 0")
+    expect(stats.locator(".host")).to_contain_text("up ")
+    shot(page, agents, "8-charts")
+
+
 def test_figures_are_formatted_for_a_person(page: Page) -> None:
     """The page's pure formatting module, run in the browser: bytes, durations, exits."""
     result = page.evaluate("""async () => {

@@ -25,7 +25,7 @@ from smartmob_agent.processes.ports import PortsExhausted
 from smartmob_agent.representations import error_document
 from smartmob_agent.store import StoreError
 from smartmob_agent.supervision.agent import Agent
-from smartmob_agent.web import api, attach, dashboard
+from smartmob_agent.web import api, attach, dashboard, hoststats
 from smartmob_agent.web import events as eventsocket
 from smartmob_agent.web.access import FailureLimiter, bearer_key, browser_problem, query_key
 from smartmob_agent.web.api import AGENT_KEY, KEY_SOCKETS_KEY, PRINCIPAL_KEY, REQUEST_ID_KEY
@@ -162,7 +162,7 @@ LIMITER_KEY = web.AppKey("failure_limiter", FailureLimiter)
 
 #: The WebSocket routes, where a key may come in the query (browsers cannot set headers
 #: on a WebSocket).
-SOCKET_ROUTES = frozenset({"attach", "events"})
+SOCKET_ROUTES = frozenset({"attach", "events", "host_stats"})
 
 
 def _presented_key(request: web.Request) -> str | None:
@@ -252,6 +252,7 @@ def make_app(settings: Settings, agent: Agent | None = None) -> web.Application:
     app[dashboard.FILES_KEY] = dashboard.served_files()
     app.add_routes(dashboard.routes)
     eventsocket.add_routes(app)
+    hoststats.add_routes(app)
     app.on_shutdown.append(close_all)
     if owned:
         app.cleanup_ctx.append(_agent_lifecycle)

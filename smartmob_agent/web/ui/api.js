@@ -82,6 +82,9 @@ export class Api {
    * headers on a WebSocket), and the given query parameters. */
   socketUrl(link, params = {}) {
     const url = new URL(link);
+    // a link may be http(s):// for a WebSocket (host-stats): not every browser takes it
+    if (url.protocol === "http:") url.protocol = "ws:";
+    if (url.protocol === "https:") url.protocol = "wss:";
     for (const [name, value] of Object.entries(params)) url.searchParams.set(name, value);
     if (this.key) url.searchParams.set("token", this.key);
     return url.toString();

@@ -6,28 +6,28 @@ import * as fmt from "./format.js";
 
 /** Snapshots kept per chart (the x axis). */
 const HISTORY = 120;
+/** The fewest points the x axis is divided for. */
+const MIN_SPAN = 20;
+/** The most series a chart names one by one. */
+const MAX_LEGEND = 8;
 const INTERVALS = [0.5, 1, 2, 5, 10, 30, 60];
 const COLOURS = ["#2f7de1", "#e1762f", "#2fae5b", "#b13fd1", "#d1b13f", "#3fc6d1",
   "#d13f6b", "#6b8e23"];
 
-/** The figures of one snapshot the charts draw: pure, so a change of the snapshot's shape
- * is met here only. */
+/** The figures of one snapshot (see the docs' "Host statistics") the charts draw: pure. */
 export function figures(snapshot) {
   const cpu = snapshot.cpu || {};
   const memory = snapshot.memory || {};
   const swap = snapshot.swap || {};
-  const load = snapshot.load_average || snapshot.load || [];
-  const loads = Array.isArray(load) ? load : [load["1"] ?? load.one, load["5"] ?? load.five,
-    load["15"] ?? load.fifteen];
   const share = (part, whole) => (whole ? (100 * part) / whole : 0);
   return {
-    cores: cpu.per_core || cpu.percpu || cpu.cores || [],
-    cpuTotal: cpu.total ?? cpu.percent ?? null,
-    memory: share(memory.used ?? (memory.total - memory.available), memory.total),
+    cores: cpu.per_core || [], // null before the first window was measured
+    cpuTotal: cpu.percent ?? null,
+    memory: share(memory.used, memory.total),
     memoryText: `${fmt.bytes(memory.used)} of ${fmt.bytes(memory.total)}`,
     swap: share(swap.used, swap.total),
     swapText: swap.total ? `${fmt.bytes(swap.used)} of ${fmt.bytes(swap.total)}` : "no swap",
-    load: loads.map((value) => value ?? 0),
+    load: snapshot.load || [0, 0, 0],
   };
 }
 
@@ -50,18 +50,30 @@ export function drawLines(canvas, series, top) {
     context.lineTo(width, y);
     context.stroke();
   }
-  const step = width / (HISTORY - 1);
+  // the newest point at the right edge; a short history is spread over at least
+  // MIN_SPAN points, so the first snapshots draw lines, not a dot at the edge
+  const longest = Math.max(0, ...series.map(({ values }) => values.length));
+  const step = width / (Math.min(HISTORY, Math.max(longest, MIN_SPAN)) - 1);
   context.lineWidth = 1.5;
   for (const { values, colour } of series) {
-    context.strokeStyle = colour;
+    const points = values.map((value, index) => [
+      width - (values.length - 1 - index) * step,
+      height - (Math.min(value, top) / top) * (height - 2) - 1,
+    ]);
+    if (points.length === 0) continue;
     context.beginPath();
-    values.forEach((value, index) => {
-      const x = width - (values.length - 1 - index) * step;
-      const y = height - (Math.min(value, top) / top) * (height - 2) - 1;
-      if (index === 0) context.moveTo(x, y);
-      else context.lineTo(x, y);
-    });
+    points.forEach(([x, y], index) => (index === 0 ? context.moveTo(x, y) : context.lineTo(x, y)));
+    context.strokeStyle = colour;
     context.stroke();
+    if (series.length === 1) { // one series: fill under it, so a low figure still shows
+      context.lineTo(points[points.length - 1][0], height);
+      context.lineTo(points[0][0], height);
+      context.closePath();
+      context.globalAlpha = 0.18;
+      context.fillStyle = colour;
+      context.fill();
+      context.globalAlpha = 1;
+    }
   }
 }
 
@@ -86,8 +98,10 @@ class Chart {
     });
     this.samples += 1;
     this.root.dataset.samples = this.samples;
-    replace(this.legend, points.map((point, index) => el("span", { class: "key" },
-      el("i", { style: { background: COLOURS[index % COLOURS.length] } }), point.label)));
+    // a legend per series while it fits (a machine may have dozens of cores)
+    replace(this.legend, points.length > MAX_LEGEND ? `${points.length} series`
+      : points.map((point, index) => el("span", { class: "key" },
+        el("i", { style: { background: COLOURS[index % COLOURS.length] } }), point.label)));
     drawLines(this.canvas, this.series.slice(0, points.length),
       top ?? Math.max(1, ...this.series.flatMap((series) => series.values)) * 1.2);
   }
@@ -106,6 +120,7 @@ export class HostCharts {
     this.pause = el("button", { type: "button", class: "pause",
       onclick: () => this.togglePause() }, "Pause");
     this.host = el("span", { class: "host" });
+    this.problem = el("span", { class: "problem", role: "alert" });
     this.charts = {
       cpu: new Chart("cpu", "CPU per core (%)"),
       memory: new Chart("memory", "Memory (%)"),
@@ -113,8 +128,8 @@ export class HostCharts {
       load: new Chart("load", "Load average"),
     };
     this.root = el("div", { class: "host-stats" },
-      el("div", { class: "host-bar" }, el("h2", {}, "Host"), this.host, this.interval,
-        this.pause),
+      el("div", { class: "host-bar" }, el("h2", {}, "Host"), this.host, this.problem,
+        this.interval, this.pause),
       el("div", { class: "chart-grid" }, Object.values(this.charts).map((chart) => chart.root)));
   }
 
@@ -125,10 +140,12 @@ export class HostCharts {
     const socket = new WebSocket(this.api.socketUrl(link, { interval: this.interval.value }));
     this.socket = socket;
     socket.onmessage = (message) => {
-      const snapshot = JSON.parse(message.data);
-      if (snapshot.error) this.host.textContent = snapshot.error;
-      else this.draw(snapshot);
+      const frame = JSON.parse(message.data);
+      if (frame.type === "snapshot") this.draw(frame);
+      else if (frame.type === "settings") this.settings(frame);
+      else if (frame.type === "error") this.problem.textContent = frame.error;
     };
+    // a reconnection keeps the pause the user asked for
     socket.onopen = () => { if (this.paused) socket.send(JSON.stringify({ stop: true })); };
   }
 
@@ -151,9 +168,18 @@ export class HostCharts {
   }
 
   togglePause() {
-    this.paused = !this.paused;
-    this.send(this.paused ? { stop: true } : { start: true });
-    this.pause.textContent = this.paused ? "Resume" : "Pause";
+    this.send(this.paused ? { start: true } : { stop: true });
+  }
+
+  /** What the agent says is in force: the interval, and whether it is paused. */
+  settings(frame) {
+    this.problem.textContent = "";
+    this.paused = frame.paused;
+    this.pause.textContent = frame.paused ? "Resume" : "Pause";
+    this.root.dataset.interval = frame.interval;
+    const known = INTERVALS.map(String).includes(String(frame.interval));
+    if (!known) this.interval.append(el("option", { value: frame.interval }, `every ${frame.interval} s`));
+    this.interval.value = String(frame.interval);
   }
 
   draw(snapshot) {
