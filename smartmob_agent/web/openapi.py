@@ -355,6 +355,12 @@ OPERATIONS: dict[str, dict[str, Any]] = {
         ],
         security=[{"bearer": []}, {"queryToken": []}],
     ),
+    "metrics": _op(
+        "Every metric in Prometheus's text format (OpenMetrics if Accept asks for it)",
+        (200, {"description": "the metrics; an app key sees its app's processes only",
+               "content": {"text/plain": {"schema": {"type": "string"}},
+                           "application/openmetrics-text": {"schema": {"type": "string"}}}}),
+    ),
     "delete": _op("Stop a process, wait until it is gone, forget it",
                   (200, _json("Empty", "deleted")), (404, 409, 413), _NO_BODY),
     "start": _op("Start a process, or end its backoff now",

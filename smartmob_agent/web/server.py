@@ -25,7 +25,7 @@ from smartmob_agent.processes.ports import PortsExhausted
 from smartmob_agent.representations import error_document
 from smartmob_agent.store import StoreError
 from smartmob_agent.supervision.agent import Agent
-from smartmob_agent.web import api, attach, dashboard, hoststats
+from smartmob_agent.web import api, attach, cors, dashboard, hoststats, metrics
 from smartmob_agent.web import events as eventsocket
 from smartmob_agent.web.access import FailureLimiter, bearer_key, browser_problem, query_key
 from smartmob_agent.web.api import AGENT_KEY, KEY_SOCKETS_KEY, PRINCIPAL_KEY, REQUEST_ID_KEY
@@ -235,8 +235,8 @@ def make_app(settings: Settings, agent: Agent | None = None) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_body,
         middlewares=[
-            connection_middleware, request_id_middleware, error_middleware,
-            access_middleware,
+            connection_middleware, request_id_middleware, metrics.metrics_middleware,
+            cors.cors_middleware, error_middleware, access_middleware,
         ],
     )
     owned = agent is None
@@ -253,6 +253,8 @@ def make_app(settings: Settings, agent: Agent | None = None) -> web.Application:
     app.add_routes(dashboard.routes)
     eventsocket.add_routes(app)
     hoststats.add_routes(app)
+    metrics.add_routes(app)
+    cors.install(app, settings.allow_origin)
     app.on_shutdown.append(close_all)
     if owned:
         app.cleanup_ctx.append(_agent_lifecycle)
