@@ -191,7 +191,7 @@ def agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agents]:
     base = tmp_path_factory.mktemp("dashboard")
     loop = Loop()
     home = _start(loop, base / "home", KEY)
-    other = _start(loop, base / "other", OTHER_KEY)
+    other = _start(loop, base / "other", OTHER_KEY, "--allow-origin", home.url)
     try:
         archive = app_archive(PROCFILE, {"web.py": WEB_APP, "crash.py": CRASH_APP})
         index = http("GET", home.url + "/", KEY)
@@ -265,6 +265,16 @@ def shot(page: Page, agents: Agents, name: str) -> Path:
     return path
 
 
+def samples_reach(page: Page, chart: str, count: int) -> None:
+    """Wait until the visible agent's chart ``chart`` has drawn ``count`` snapshots."""
+    page.wait_for_function(
+        """([chart, count]) => {
+            const figure = document.querySelector(
+                `section.agent:not([hidden]) figure.chart.${chart}`);
+            return figure !== null && Number(figure.dataset.samples || 0) >= count;
+        }""", arg=[chart, count], timeout=20_000)
+
+
 def row(page: Page, slug: str) -> Any:
     """The table row of process ``slug`` on the visible agent."""
     return page.locator(f"section.agent:visible tr.process[data-slug='{slug}']")
@@ -320,10 +330,11 @@ def test_host_charts_update_at_the_interval_chosen(page: Page, agents: Agents) -
 
     stats = page.locator("section.agent:visible .host-stats")
     cpu = stats.locator("figure.chart.cpu")
-    expect(cpu).to_have_attribute("data-samples", "1", timeout=20_000)
+    samples_reach(page, "cpu", 1)
     stats.locator("select.interval").select_option("0.5")
     expect(stats).to_have_attribute("data-interval", "0.5")
-    expect(cpu).to_have_attribute("data-samples", "4")
+    drawn = int(cpu.get_attribute("data-samples") or 0)
+    samples_reach(page, "cpu", drawn + 2)
     for name in ("memory", "swap", "load"):
         assert int(stats.locator(f"figure.chart.{name}").get_attribute("data-samples") or 0) >= 3
     expect(cpu.locator(".legend")).to_contain_text("core 0")
@@ -380,6 +391,52 @@ def test_the_create_form_runs_a_new_process(page: Page, agents: Agents) -> None:
     row(page, "shop.web.1").locator("button.delete").click()
     page.locator("dialog#confirm button[value=yes]").click()
     expect(row(page, "shop.web.1")).to_have_count(0)
+
+
+def test_a_second_agent_is_added_by_url_and_key(page: Page, agents: Agents) -> None:
+    """Another agent (another origin, which allows this page's with ``--allow-origin``)
+    gets a tab of its own: its processes, its output, its host charts; the page keeps it
+    across a reload."""
+    from playwright.sync_api import expect
+
+    form = page.locator("#add-agent")
+    form.locator("input[name=url]").fill(agents.other.url)
+    form.locator("input[name=key]").fill(OTHER_KEY)
+    form.locator("button[type=submit]").click()
+    tab = page.locator(f".tab[data-url='{agents.other.url}/']")
+    expect(tab).to_have_attribute("data-status", "connected")
+    expect(tab).to_have_attribute("aria-selected", "true")
+    tools = row(page, "tools.web.0")
+    expect(tools.locator(".state")).to_have_text("running")
+    expect(row(page, "shop.web.0")).to_have_count(0)  # the first agent's, on its own tab
+    tools.locator("button.logs").click()
+    expect(page.locator("section.agent:visible .logs .lines")).to_contain_text("tick")
+    samples_reach(page, "cpu", 2)
+    shot(page, agents, "9-two-agents")
+    home = page.locator(".tab").first
+    home.click()  # each tab keeps its own connections: the first agent's table is there
+    expect(home).to_have_attribute("aria-selected", "true")
+    expect(row(page, "shop.web.0").locator(".state")).to_have_text("running")
+    row(page, "shop.web.0").locator("button.logs").click()
+    expect(page.locator("section.agent:visible .logs .lines")).to_contain_text("tick")
+    samples_reach(page, "cpu", 3)
+    shot(page, agents, "10-overview")
+    page.reload()  # the agents and their keys are kept in the browser
+    expect(page.locator(".tab")).to_have_count(2)
+    expect(page.locator(".tab[data-status='connected']")).to_have_count(2)
+
+
+def test_another_agent_refusing_the_key_says_so(page: Page, agents: Agents) -> None:
+    """A wrong key for another agent (another origin) is said as plainly as for the
+    page's own: its answers carry CORS headers, so the page reads the refusal."""
+    from playwright.sync_api import expect
+
+    form = page.locator("#add-agent")
+    form.locator("input[name=url]").fill(agents.other.url)
+    form.locator("input[name=key]").fill("not-the-key")
+    form.locator("button[type=submit]").click()
+    banner = page.locator("section.agent:visible .banner.refused")
+    expect(banner).to_contain_text(f"The agent at {agents.other.url} refused the key")
 
 
 def test_a_wrong_key_shows_a_clear_message(browser: Browser, agents: Agents) -> None:

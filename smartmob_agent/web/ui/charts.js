@@ -7,7 +7,7 @@ import * as fmt from "./format.js";
 /** Snapshots kept per chart (the x axis). */
 const HISTORY = 120;
 /** The fewest points the x axis is divided for. */
-const MIN_SPAN = 20;
+const MIN_SPAN = 12;
 /** The most series a chart names one by one. */
 const MAX_LEGEND = 8;
 const INTERVALS = [0.5, 1, 2, 5, 10, 30, 60];
