@@ -62,7 +62,7 @@ _EXTERNAL_MODULES = (
     "typing", "types", "enum", "os", "signal", "tarfile", "zipfile", "yarl", "weakref",
     "fastjsonschema", "procfile", "argparse", "logging", "http", "urllib", "threading",
     "multidict", "sqlite3", "hmac", "hashlib", "socket", "queue", "datetime",
-    "ipaddress", "re",
+    "ipaddress", "re", "prometheus_client",
     "_asyncio",  # where asyncio.Future is defined, as annotations name it
 )
 nitpick_ignore_regex = [

@@ -19,6 +19,7 @@ from smartmob_agent.errors import InvalidRequest
 from smartmob_agent.keys import check_key, split_app_key
 from smartmob_agent.output.endpoint import parse_endpoint
 from smartmob_agent.sources.fetchpolicy import parse_allow_entry
+from smartmob_agent.web.access import normal_origin
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Settings:
     app_tokens_file: Path | None = None
     insecure: bool = False
     allow_host: tuple[str, ...] = ()
+    allow_origin: tuple[str, ...] = ()
     tls_cert: Path | None = None
     tls_key: Path | None = None
     trusted_proxy: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
@@ -218,6 +220,16 @@ def _host_name(text: str) -> str:
     return name
 
 
+def _origin(text: str) -> str:
+    origin = normal_origin(text)
+    if origin is None:
+        raise ValueError(
+            "must be the origin of a web page: http:// or https://, a host and maybe a "
+            "port, nothing after (such as https://dashboard.example.org:8443)"
+        )
+    return origin
+
+
 def _folder(text: str) -> Path:
     # an empty value would silently mean the current folder
     if not text.strip():
@@ -363,6 +375,11 @@ OPTIONS: tuple[Option, ...] = (
            "otherwise answers only IP addresses, localhost and --host (a guard against DNS "
            "rebinding); repeat for more (the variable takes them separated by spaces)",
            repeat=True),
+    Option("allow_origin", "--allow-origin", "SMARTMOB_ALLOW_ORIGIN", _origin, "URL",
+           "answer cross-origin requests (CORS, preflights included) from the web pages "
+           "of this origin, such as another agent's dashboard; only with keys, which the "
+           "pages still send; repeat for more (the variable takes them separated by "
+           "spaces)", repeat=True),
     Option("tls_cert", "--tls-cert", "SMARTMOB_TLS_CERT", _folder, "FILE",
            "serve HTTPS with this certificate chain (PEM); needs --tls-key"),
     Option("tls_key", "--tls-key", "SMARTMOB_TLS_KEY", _folder, "FILE",
@@ -433,6 +450,14 @@ def check_settings(settings: Settings) -> None:
             parse_endpoint(settings.logging_endpoint)
         except ValueError as error:  # the original agent's words, alone
             raise InvalidRequest(str(error), {"--logging-endpoint": str(error)}) from None
+    keyed = settings.token or settings.token_file or settings.app_token or (
+        settings.app_tokens_file)
+    if settings.allow_origin and not keyed:
+        raise InvalidRequest(
+            "invalid configuration: --allow-origin needs keys (--token, --token-file, "
+            "--app-token or --app-tokens-file): an agent without keys answers no page of "
+            "another origin", {"--allow-origin": "needs keys"},
+        )
     if settings.group is not None and settings.user is None:
         raise InvalidRequest(
             "invalid configuration: --group goes with --user: it chooses the group of the "

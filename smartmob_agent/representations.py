@@ -39,7 +39,7 @@ class Linker(Protocol):
 INDEX_RELATIONS = (
     "list", "create", "upload", "events", "agent-log", "bulk_start", "bulk_stop", "bulk_restart",
     "bulk_delete",
-    "tokens", "openapi",
+    "tokens", "openapi", "host-stats", "metrics", "dashboard",
 )
 #: Relations of a process status document. ``status`` is ``details`` under the name the
 #: seed's reference table uses; both are served.

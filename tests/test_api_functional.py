@@ -71,6 +71,8 @@ async def test_walkthrough_of_the_seed(client: Client, agent: Agent, web_app: st
         "events": f"{ws_base}/events",
         "upload": f"{base}/upload-source", "agent-log": f"{base}/agent-log",
         "tokens": f"{base}/list-tokens", "openapi": f"{base}/openapi.json",
+        "host-stats": f"{base}/host-stats", "metrics": f"{base}/metrics",
+        "dashboard": f"{base}/ui/",
         "bulk_start": f"{base}/start-processes", "bulk_stop": f"{base}/stop-processes",
         "bulk_restart": f"{base}/restart-processes", "bulk_delete": f"{base}/delete-processes",
     }

@@ -44,6 +44,7 @@ PURE = frozenset({
     "output.redact",
     "output.endpoint",
     "web.frames", "web.access", "web.openapi",
+    "host.control", "host.shape", "host.sections",
     "client.errors", "client.results", "client.ignore", "client.render", "client.formation",
 }) & frozenset(MODULES)
 #: What each part of the tree may import, besides the pure modules and itself. The
@@ -53,12 +54,16 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "store": frozenset(),
     "output": frozenset(),
     "events": frozenset(),
+    # the machine's figures (psutil); plugins get process snapshots, pure data
+    "host": frozenset(),
     # a child's output is split into lines as it is read
     "processes": frozenset({"output"}),
     # a build's pip and release commands are children, reaped as such
     "sources": frozenset({"processes"}),
     "supervision": frozenset({"processes", "sources", "output", "events", "store"}),
-    "web": frozenset({"supervision", "processes", "sources", "output", "events", "store"}),
+    "web": frozenset({
+        "supervision", "processes", "sources", "output", "events", "store", "host",
+    }),
     "cli": frozenset({"supervision", "processes", "output", "web", "store"}),
     # the client speaks HTTP only: it imports none of the agent's internals
     "client": frozenset(),

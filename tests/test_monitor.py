@@ -302,7 +302,8 @@ async def test_a_sample_in_flight_is_not_credited_to_an_untracked_pid() -> None:
 
 
 async def test_cpu_percent_is_cpu_over_wall_time_and_never_negative() -> None:
-    """cpu_percent divides the CPU seconds gained by the seconds between two samples."""
+    """cpu_percent divides the CPU seconds gained by the seconds between two samples;
+    cpu_seconds is the tree's CPU time as sampled."""
     figures = {7: (10.0, 5000)}
     now = [100.0]
     monitor = Monitor(clock=lambda: now[0], sample=lambda roots: dict(figures))
@@ -311,7 +312,8 @@ async def test_cpu_percent_is_cpu_over_wall_time_and_never_negative() -> None:
 
     figures[7], now[0] = (13.0, 6000), 102.0
     await monitor.refresh()
-    assert monitor.usage(7) == Usage(cpu_percent=150.0, memory_rss=6000, sampled_at=102.0)
+    assert monitor.usage(7) == Usage(cpu_percent=150.0, memory_rss=6000, sampled_at=102.0,
+                                     cpu_seconds=13.0)
 
     figures[7], now[0] = (12.0, 6000), 104.0  # a member left the tree with its CPU time
     await monitor.refresh()

@@ -30,6 +30,7 @@ from schemathesis.specs.openapi.definitions import OPENAPI_31
 
 from smartmob_agent import schemas
 from smartmob_agent.config import Settings
+from smartmob_agent.host.shape import HostSample, snapshot_document
 from smartmob_agent.keys import MintedKey
 from smartmob_agent.model import (
     DownloadProgress,
@@ -134,13 +135,15 @@ def test_request_bodies_are_the_validating_schemas(document: dict[str, Any]) -> 
 
 
 def test_security_is_bearer_except_the_health_check(document: dict[str, Any]) -> None:
+    """Every operation needs a key but the health check and the dashboard's files (the
+    page asks the user for keys itself)."""
     assert document["security"] == [{"bearer": []}]
     assert document["paths"]["/healthz"]["get"]["security"] == []
     opened = [
         path for path, item in document["paths"].items()
         for operation in item.values() if operation.get("security") == []
     ]
-    assert opened == ["/healthz"]
+    assert opened == ["/healthz", "/ui/", "/ui/{name}"]
 
 
 class _Links:
@@ -183,10 +186,25 @@ def test_the_representations_match_their_response_schemas(document: dict[str, An
         ("Error", {"error": "invalid fields", "fields": {"app": "is required"}}),
         ("BulkOutcomes", {"processes": [{"slug": "a.b", "ok": False, "error": "no"}]}),
         ("Empty", {}),
+        ("HostStats", _host_snapshot(info)),
     ]:
         _validator(document, name).validate(json.loads(json.dumps(value)))
     with pytest.raises(jsonschema_rs.ValidationError):
         _validator(document, "Status").validate({**status, "state": "dancing"})
+
+
+def _host_snapshot(info: ProcessInfo) -> dict[str, Any]:
+    """A host statistics snapshot with every part filled (two samples, one plugin)."""
+    def sample(at: float) -> HostSample:
+        return HostSample(
+            hostname="h", at=1796148000.0 + at, monotonic=at, boot_time=1796140000.0,
+            users=1, load=(0.1, 0.2, 0.3), cores=((at, 2 * at),),
+            memory={"total": 4, "used": 1, "available": 3, "cached": 1},
+            swap={"total": 0, "used": 0, "free": 0},
+            disk={"path": "/s", "total": 4, "used": 1, "free": 3},
+            network={"bytes_in": 1, "bytes_out": 2}, agent_pid=1, agent_rss=9, agent_cpu=at,
+        )
+    return snapshot_document(sample(2.0), sample(1.0), [info], {"p": {"error": "why"}})
 
 
 # --- schemathesis against a live agent -------------------------------------------------

@@ -60,11 +60,14 @@ class Usage:
         memory_rss: resident set size of the tree in bytes: the sum of its processes',
             so pages they share (after a fork, shared libraries) count once per process.
         sampled_at: when the sample was taken, on the monitor's clock (monotonic).
+        cpu_seconds: CPU time the tree has used (user + system, reaped children
+            included), as of the sample: what the Prometheus metrics count.
     """
 
     cpu_percent: float | None
     memory_rss: int
     sampled_at: float
+    cpu_seconds: float = 0.0
 
 
 def sample_trees(
@@ -345,7 +348,7 @@ class Monitor:
                 # time away with it: never report a negative rate
                 percent = max(0.0, cpu - previous[0]) / (now - previous[1]) * 100
             self._previous[pid] = (cpu, now)
-            self._usage[pid] = Usage(percent, rss, now)
+            self._usage[pid] = Usage(percent, rss, now, cpu)
 
     def _measure(self, roots: Collection[int]) -> tuple[dict[int, tuple[float, int]], float]:
         """Sample, and read the clock at once (in the thread: the event loop, busy,

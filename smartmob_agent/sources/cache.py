@@ -191,6 +191,10 @@ class SourceCache:
         #: which URLs (and redirects) may be fetched (see :mod:`.fetchpolicy`)
         self.policy = policy or FetchPolicy()
         self._flights: dict[tuple[str, str], _Flight] = {}
+        #: downloads started (conditional ones included), and bytes written by them: what
+        #: the agent's metrics show
+        self.downloads = 0
+        self.downloaded_bytes = 0
         folder.mkdir(parents=True, exist_ok=True)
         for path in folder.iterdir():
             if path.name.endswith(_PART):
@@ -282,20 +286,24 @@ class SourceCache:
         part = self.folder / f"{key}.{uuid.uuid4().hex}{_PART}"
         known = download.Validators() if sha256 is not None else self._validators(key)
         try:
+            self.downloads += 1
             fetched = await download.fetch(
                 self._session, url, part, limits=self._limits, headers=headers,
                 progress=report, validators=known or None, policy=self.policy,
             )
+            self.downloaded_bytes += fetched.size
             if not fetched.modified:
                 if self._touch(key):
                     log.info("%s: not modified, using the cached archive",
                              download.display_url(url))
                     return final
                 # gone since it was asked about: download it whole
+                self.downloads += 1
                 fetched = await download.fetch(
                     self._session, url, part, limits=self._limits, headers=headers,
                     progress=report, policy=self.policy,
                 )
+                self.downloaded_bytes += fetched.size
             try:
                 if sha256 is not None:
                     await asyncio.to_thread(verify_sha256, part, sha256)

@@ -121,6 +121,66 @@ def browser_problem(
     return None
 
 
+#: The default port of each scheme an origin may have (left out of a normal origin).
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normal_origin(text: str) -> str | None:
+    """The origin ``text`` names, written one way (``scheme://host[:port]``, lowercase,
+    the scheme's default port left out), or ``None`` if it is not an http(s) origin.
+
+    A path of ``/`` is tolerated (a URL copied from the address bar); any other path, a
+    query, a fragment or a user name is not an origin.
+
+    >>> from smartmob_agent.web.access import normal_origin
+    >>> normal_origin("HTTPS://Dash.Example.org:443/"), normal_origin("http://[::1]:8000")
+    ('https://dash.example.org', 'http://[::1]:8000')
+    >>> normal_origin("http://a.example/ui/"), normal_origin("null"), normal_origin("*")
+    (None, None, None)
+    """
+    try:
+        parts = urllib.parse.urlsplit(text.strip())
+        port = parts.port
+    except ValueError:  # a port that is not a number, or out of range
+        return None
+    scheme, host = parts.scheme.lower(), parts.hostname
+    if (scheme not in _DEFAULT_PORTS or not host or parts.username is not None
+            or parts.path not in {"", "/"} or parts.query or parts.fragment
+            or "#" in text or "?" in text):
+        return None
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}" + ("" if port in {None, _DEFAULT_PORTS[scheme]} else f":{port}")
+
+
+def cors_problem(origin: str, allowed: Iterable[str], has_keys: bool) -> str | None:
+    """Why a request from a page of ``origin`` gets no CORS answer, or ``None``.
+
+    Only an agent with keys answers other origins, and only those of ``allowed``
+    (``--allow-origin``, normal origins): a keyless agent has no lock but its loopback
+    address, which a page that a browser may read answers from would open.
+
+    >>> from smartmob_agent.web.access import cors_problem
+    >>> cors_problem("http://dash.example:8000", ["http://dash.example:8000"], True) is None
+    True
+    >>> cors_problem("http://evil.example", ["http://dash.example:8000"], True)[:42]
+    "the origin 'http://evil.example' is not an"
+    """
+    if not has_keys:
+        return (
+            "an agent without keys answers no request from a page of another origin, "
+            "--allow-origin or not (any page the user visits could run commands): give it "
+            "keys"
+        )
+    normal = normal_origin(origin)
+    if normal is None or normal not in allowed:
+        return (
+            f"the origin {origin[:100]!r} is not an --allow-origin of this agent, so its "
+            "pages may not call it"
+        )
+    return None
+
+
 class FailureLimiter:
     """Slows down an address that keeps presenting wrong keys.
 

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import weakref
+from dataclasses import dataclass
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -70,6 +71,17 @@ class _AttachSocket(web.WebSocketResponse):
 SOCKETS_KEY = web.AppKey("websockets", weakref.WeakSet[WebSocketSubscriber])
 
 
+@dataclass
+class Dropped:
+    """What the attached clients that have left were too slow for, in all (the metrics
+    add those of the clients still attached)."""
+
+    lines: int = 0
+
+
+DROPPED_KEY = web.AppKey("attach_dropped", Dropped)
+
+
 @routes.get("/attach-console/{slug}", name="attach")
 async def attach_console(request: web.Request) -> web.WebSocketResponse:
     """Stream the process's output, one line per text frame (or JSON frame with
@@ -104,6 +116,10 @@ async def attach_console(request: web.Request) -> web.WebSocketResponse:
         watcher.hub.unsubscribe(subscriber)
         subscriber.release()
         subscriber.finished()
+        dropped = request.app.get(DROPPED_KEY)
+        if dropped is not None:  # counted once: from now on as a client that left
+            request.app[SOCKETS_KEY].discard(subscriber)
+            dropped.lines += subscriber.dropped
         if subscriber.dropped:
             log.info("%s: an attached client missed %d line(s)", watcher.spec.slug,
                      subscriber.dropped)

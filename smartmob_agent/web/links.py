@@ -24,6 +24,8 @@ INDEX_ROUTES = {
     "upload": "upload", "agent-log": "agent_log",
     "bulk_start": "bulk_start", "bulk_stop": "bulk_stop", "bulk_restart": "bulk_restart",
     "bulk_delete": "bulk_delete", "tokens": "tokens", "openapi": "openapi",
+    "host-stats": "host_stats", "metrics": "metrics",
+    "dashboard": "dashboard",
 }
 #: Route name of each per-process link relation (``status`` is ``details`` by its seed name).
 PROCESS_ROUTES = {

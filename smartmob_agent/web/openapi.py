@@ -160,6 +160,40 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
         "id": {"type": "string"}, "app": {"type": "string"}, "created_at": _TIME,
         "revoke": _URL,
     })}}),
+    "HostStats": _object({
+        "hostname": {"type": "string"},
+        "time": _TIME,
+        "boot_time": _TIME,
+        "uptime": {"type": "number", "description": "seconds since the machine booted"},
+        "users": {"type": "integer", "minimum": 0, "description": "sessions logged in"},
+        "load": {"type": "array", "items": {"type": "number"}, "minItems": 3,
+                 "maxItems": 3, "description": "load average over 1, 5 and 15 minutes"},
+        "cpu": _object({
+            "count": {"type": "integer", "minimum": 1},
+            "percent": _NULLABLE_NUMBER,
+            "per_core": {"type": ["array", "null"], "items": {"type": "number"}},
+            "interval": {**_NULLABLE_NUMBER,
+                         "description": "seconds the percentages were measured over"},
+        }),
+        "memory": _object({name: {"type": "integer"} for name in (
+            "total", "used", "available", "cached")} | {"percent": {"type": "number"}}),
+        "swap": _object({name: {"type": "integer"} for name in ("total", "used", "free")}
+                        | {"percent": {"type": "number"}}),
+        "disk": _object({"path": {"type": "string"}}
+                        | {name: {"type": "integer"} for name in ("total", "used", "free")}
+                        | {"percent": {"type": "number"}}),
+        "network": _object({"bytes_in": {"type": "integer"}, "bytes_out": {"type": "integer"}}),
+        "agent": _object({
+            "pid": {"type": "integer"},
+            "rss": {"type": "integer"},
+            "cpu_percent": _NULLABLE_NUMBER,
+            "processes": {"type": "integer", "minimum": 0},
+            "states": {"type": "object", "additionalProperties": {"type": "integer"}},
+        }),
+        "plugins": {"type": "object", "additionalProperties": {"type": "object"},
+                    "description": "each plugin's section, or {\"error\": why}"},
+    }, description="a snapshot of the machine and the agent; the WebSocket pushes the same "
+                   "with \"type\": \"snapshot\""),
     "Empty": {"type": "object", "maxProperties": 0},
     "Health": _object({"status": {"const": "ok"}}),
     "OpenAPI": {"type": "object", "required": ["openapi", "info", "paths"]},
@@ -310,6 +344,23 @@ OPERATIONS: dict[str, dict[str, Any]] = {
         ],
         security=[{"bearer": []}, {"queryToken": []}],
     ),
+    "host_stats": _op(
+        "The machine's statistics; as a WebSocket, pushed every interval seconds",
+        (200, _json("HostStats", "one snapshot (CPU measured over a quarter second)")),
+        parameters=[
+            {"name": "interval", "in": "query", "required": False,
+             "description": "WebSocket: seconds between snapshots (default 2)",
+             "schema": {"type": "number", "minimum": 0.5, "maximum": 3600}},
+            _WS_TOKEN,
+        ],
+        security=[{"bearer": []}, {"queryToken": []}],
+    ),
+    "metrics": _op(
+        "Every metric in Prometheus's text format (OpenMetrics if Accept asks for it)",
+        (200, {"description": "the metrics; an app key sees its app's processes only",
+               "content": {"text/plain": {"schema": {"type": "string"}},
+                           "application/openmetrics-text": {"schema": {"type": "string"}}}}),
+    ),
     "delete": _op("Stop a process, wait until it is gone, forget it",
                   (200, _json("Empty", "deleted")), (404, 409, 413), _NO_BODY),
     "start": _op("Start a process, or end its backoff now",
@@ -338,6 +389,24 @@ OPERATIONS: dict[str, dict[str, Any]] = {
         "security": [],
         "responses": {"200": _json("Health", "the agent serves"), "5XX": _SERVER_ERROR},
     },
+    "dashboard": {
+        "summary": "The dashboard, a web page (open: it asks for keys itself)",
+        "security": [],
+        "responses": {"200": {"description": "the page", "content": {"text/html": {}}},
+                      "5XX": _SERVER_ERROR},
+    },
+    "dashboard_file": {
+        "summary": "A file of the dashboard (script, style, image), by name",
+        "security": [],
+        "responses": {
+            "200": {"description": "the file", "content": {
+                kind: {} for kind in ("text/javascript", "text/css", "image/svg+xml",
+                                      "image/png", "text/html")
+            }},
+            "404": _error(404),
+            "5XX": _SERVER_ERROR,
+        },
+    },
 }
 
 #: The pattern of each path parameter (by its name in the route's template).
@@ -348,6 +417,8 @@ PATH_PARAMETERS: dict[str, dict[str, Any]] = {
                "description": "the SHA-256 of the uploaded archive"},
     "key_id": {"type": "string", "pattern": "^[0-9a-f]{16}$",
                "description": "the id of a minted key (16 hexadecimal digits)"},
+    "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]+$",
+             "description": "the name of a file of the dashboard"},
 }
 
 

@@ -25,7 +25,7 @@ from smartmob_agent.processes.ports import PortsExhausted
 from smartmob_agent.representations import error_document
 from smartmob_agent.store import StoreError
 from smartmob_agent.supervision.agent import Agent
-from smartmob_agent.web import api, attach
+from smartmob_agent.web import api, attach, cors, dashboard, hoststats, metrics
 from smartmob_agent.web import events as eventsocket
 from smartmob_agent.web.access import FailureLimiter, bearer_key, browser_problem, query_key
 from smartmob_agent.web.api import AGENT_KEY, KEY_SOCKETS_KEY, PRINCIPAL_KEY, REQUEST_ID_KEY
@@ -152,8 +152,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
 
 
-#: Routes open without a key: a load balancer's health check carries none.
-OPEN_ROUTES = frozenset({"health"})
+#: Routes open without a key: a load balancer's health check carries none; the
+#: dashboard's files hold no secret (the page asks the user for each agent's key).
+OPEN_ROUTES = frozenset({"health", "dashboard", "dashboard_file"})
 #: Routes only an admin key opens: they concern every app, or the agent itself.
 ADMIN_ROUTES = frozenset({"tokens", "revoke_token", "agent_log"})
 LIMITER_KEY = web.AppKey("failure_limiter", FailureLimiter)
@@ -161,7 +162,7 @@ LIMITER_KEY = web.AppKey("failure_limiter", FailureLimiter)
 
 #: The WebSocket routes, where a key may come in the query (browsers cannot set headers
 #: on a WebSocket).
-SOCKET_ROUTES = frozenset({"attach", "events"})
+SOCKET_ROUTES = frozenset({"attach", "events", "host_stats"})
 
 
 def _presented_key(request: web.Request) -> str | None:
@@ -234,8 +235,8 @@ def make_app(settings: Settings, agent: Agent | None = None) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_body,
         middlewares=[
-            connection_middleware, request_id_middleware, error_middleware,
-            access_middleware,
+            connection_middleware, request_id_middleware, metrics.metrics_middleware,
+            cors.cors_middleware, error_middleware, access_middleware,
         ],
     )
     owned = agent is None
@@ -248,7 +249,12 @@ def make_app(settings: Settings, agent: Agent | None = None) -> web.Application:
     app[eventsocket.EVENT_BUS_KEY] = app[AGENT_KEY].events
     app.add_routes(api.routes)
     app.add_routes(attach.routes)
+    app[dashboard.FILES_KEY] = dashboard.served_files()
+    app.add_routes(dashboard.routes)
     eventsocket.add_routes(app)
+    hoststats.add_routes(app)
+    metrics.add_routes(app)
+    cors.install(app, settings.allow_origin)
     app.on_shutdown.append(close_all)
     if owned:
         app.cleanup_ctx.append(_agent_lifecycle)
