@@ -6,6 +6,7 @@ Real children, a real archive server on 127.0.0.1, the agent's web app on 127.0.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -202,3 +203,46 @@ async def test_keys_guard_host_stats_and_an_app_key_sees_its_app_only(
             await frame(ws)
             assert (await frame(ws))["agent"]["processes"] == 1
         assert (await client.session.get(f"{url}?token={ADMIN}")).status == 401  # GET: headers only
+
+
+async def close_code(ws: aiohttp.ClientWebSocketResponse) -> int | None:
+    """Read (as a client does, answering the close handshake) until the socket closes."""
+    async with asyncio.timeout(10):
+        while (await ws.receive()).type is not aiohttp.WSMsgType.CLOSE:
+            pass
+    return ws.close_code
+
+
+async def test_the_agent_shutting_down_closes_the_socket_with_1001(client: Client) -> None:
+    """On shutdown every host-stats client gets a close frame saying the agent goes away."""
+    ws = await client.session.ws_connect(await host_stats_url(client))
+    closing = asyncio.ensure_future(close_code(ws))
+    await frame(ws)  # connected and served
+    await client.app.shutdown()
+    assert await closing == aiohttp.WSCloseCode.GOING_AWAY
+
+
+async def test_revoking_a_minted_key_closes_its_host_stats_socket(
+    keyed: Settings, archive_server: ArchiveServer,
+    aiohttp_client: Callable[..., Awaitable[Client]],
+) -> None:
+    """A socket opened with a minted key closes with 1008 when the key is revoked; the
+    admin's stays open."""
+    async with Agent(keyed) as agent:
+        client = await aiohttp_client(make_app(keyed, agent))
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        url = archive_server.add("shop.tar.gz", app_archive(WAITING))
+        response = await client.post("/create-process", headers=admin, json={
+            "app": "shop", "node": "web.0", "process_type": "web", "source_url": url,
+            "autostart": False, "issue_token": True})
+        assert response.status == 201, await response.text()
+        token = (await response.json())["token"]
+        stats = await host_stats_url(client, admin)
+        minted = await client.session.ws_connect(f"{stats}?token={token['key']}")
+        mine = await client.session.ws_connect(stats, headers=admin)
+        closing = asyncio.ensure_future(close_code(minted))
+        revoked = await client.post(f"/revoke-token/{token['id']}", headers=admin)
+        assert revoked.status == 200
+        assert await closing == aiohttp.WSCloseCode.POLICY_VIOLATION
+        assert (await frame(mine))["type"] == "settings"  # still served
+        await mine.close()
