@@ -20,6 +20,7 @@ from typing import Any
 
 from smartmob_agent.client import pack
 from smartmob_agent.client.agent import AgentClient
+from smartmob_agent.client.commands import failure_lines
 from smartmob_agent.client.errors import ClientError, missing_link_message
 from smartmob_agent.client.fleet import Fleet
 from smartmob_agent.client.manifest import AppSpec, Manifest, ManifestError, parse_manifest
@@ -128,15 +129,18 @@ async def make_plan(args: argparse.Namespace, fleet: Fleet, world: Fleetwide
 
 
 def show_plan(actions: Sequence[Action], term: Terminal, prune: bool) -> None:
-    """The plan as a table, then how many of each."""
+    """The plan as a table (with the agent of each node when there are several), then
+    how many of each."""
+    several = len({action.agent for action in actions}) > 1
     rows = []
     for action in actions:
         why = list(action.why)
         if action.kind == "delete" and not prune:
             why.append("only with --prune")
-        rows.append([action.kind, action.slug, action.agent, "; ".join(why)])
+        rows.append([action.kind, action.slug, *([action.agent] if several else []),
+                     "; ".join(why)])
     if rows:
-        term.table(["ACTION", "SLUG", "AGENT", "WHY"], rows)
+        term.table(["ACTION", "SLUG", *(["AGENT"] if several else []), "WHY"], rows)
     found = counts(actions)
     if not prune and found["delete"]:
         found["delete (with --prune)"] = found.pop("delete")
@@ -210,7 +214,8 @@ class Execution:
     def say(self, agent: str, slug: str, what: str) -> None:
         self.done.append({"slug": slug, "agent": agent, "action": what})
         if not self.term.json:
-            self.term.line(f"{agent}: {slug}: {what}")
+            who = f"{agent}: " if len(self.world.agents) > 1 else ""
+            self.term.line(f"{who}{slug}: {what}")
 
     async def upload(self, action: Action) -> Upload:
         """The app's source on the action's agent: its URL, or its folder uploaded
@@ -244,6 +249,8 @@ class Execution:
             self.failure = {"error": error.to_dict()}
             if not self.term.json:
                 self.term.error(str(error))
+                for line in failure_lines(error):
+                    self.term.note(line)
             return FAILED if isinstance(error, RollingFailed) else exit_status(error)
         if not self.term.json:
             self.term.line(f"applied {self.world.manifest.source}")
@@ -253,17 +260,21 @@ class Execution:
         desired = action.desired
         assert desired is not None
         source = await self.upload(action)
-        agent = self.world.agents[action.agent]
-        await agent.create(desired.app, desired.node, source.source_url,
-                           desired.process_type, env=desired.env,
-                           checksum=source.checksum or None, **desired.options)
-        self.say(action.agent, action.slug, "created")
-        return await agent.wait_for(action.slug, "running", self.timeout, steady=True)
+        return await self.world.agents[action.agent].create(
+            desired.app, desired.node, source.source_url, desired.process_type,
+            env=desired.env, checksum=source.checksum or None, **desired.options)
 
     async def create(self, actions: list[Action]) -> None:
-        """Create the missing nodes, all at once, and wait until each runs."""
-        outcomes = await asyncio.gather(*(self._create_one(a) for a in actions),
-                                        return_exceptions=True)
+        """Create the missing nodes, all at once, and wait until each runs (said in the
+        plan's order)."""
+        for action, outcome in zip(actions, await asyncio.gather(
+                *(self._create_one(a) for a in actions), return_exceptions=True), strict=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
+            self.say(action.agent, action.slug, "created")
+        outcomes = await asyncio.gather(*(
+            self.world.agents[a.agent].wait_for(a.slug, "running", self.timeout, steady=True)
+            for a in actions), return_exceptions=True)
         for action, outcome in zip(actions, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 raise outcome
