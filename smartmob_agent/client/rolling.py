@@ -11,13 +11,14 @@ told not to, and the failure is raised, with the node that failed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from smartmob_agent.client.agent import AgentClient
 from smartmob_agent.client.errors import ClientError, ProcessFailed, WaitTimeout
-from smartmob_agent.client.results import Process
+from smartmob_agent.client.results import Event, Process
+from smartmob_agent.client.streams import EventStream
 
 
 @dataclass(frozen=True)
@@ -54,22 +55,6 @@ class RollingFailed(ClientError):
         self.rolled_back = list(rolled_back)
 
 
-def matches(process: Process, url: str | None, checksum: str | None) -> bool:
-    """Whether the process runs the source of ``url`` / ``checksum`` (by checksum when
-    both sides have one, else by URL).
-
-    >>> p = Process.from_document({"slug": "a.b", "checksum": "sha256:AB",
-    ...                            "source": {"url": "u", "checksum": "sha256:ab"}})
-    >>> matches(p, "other", "sha256:ab"), matches(p, "u", None), matches(p, "v", None)
-    (True, True, False)
-    """
-    source = process.source or {}
-    have = source.get("checksum") or process.checksum
-    if checksum and isinstance(have, str):
-        return have.lower() == checksum.lower()
-    return url is not None and source.get("url") == url
-
-
 async def update_node(node: NodeUpdate, timeout: float) -> Process:
     """Update one node and wait until it runs the new source steadily.
 
@@ -78,46 +63,73 @@ async def update_node(node: NodeUpdate, timeout: float) -> Process:
             new one did not keep running.
         WaitTimeout: no outcome within ``timeout`` seconds.
     """
-    answer = await node.agent.update(node.slug, node.source_url, checksum=node.checksum,
-                                     env=node.env, options=node.options)
-    await switched(node.agent, answer, node.source_url, node.checksum, timeout)
+    await watched(node.agent, node.slug, lambda: node.agent.update(
+        node.slug, node.source_url, checksum=node.checksum, env=node.env,
+        options=node.options), timeout)
     return await node.agent.wait_for(node.slug, "running", timeout, steady=True)
 
 
 async def rollback_node(node: NodeUpdate, timeout: float) -> Process:
     """Bring a node back to its previous source, and wait until it runs it."""
-    before = await node.agent.status(node.slug)
-    previous = before.previous_source or {}
-    answer = await node.agent.rollback(before)
-    target = answer.pending_source or previous
-    url, checksum = target.get("url"), target.get("checksum")
-    await switched(node.agent, answer, url if isinstance(url, str) else None,
-                   checksum if isinstance(checksum, str) else None, timeout)
+    await watched(node.agent, node.slug, lambda: node.agent.rollback(node.slug), timeout)
     return await node.agent.wait_for(node.slug, "running", timeout, steady=True)
 
 
-async def switched(agent: AgentClient, answer: Process, url: str | None,
-                   checksum: str | None, timeout: float) -> Process:
-    """Wait until the update the agent answered with ends: the process runs the source
-    asked for, or the agent gave up on it (``update_error``)."""
+async def watched(agent: AgentClient, slug: str, start: Callable[[], Awaitable[Process]],
+                  timeout: float) -> Process:
+    """Start an update (or a rollback) with the process's events followed, and wait for
+    its end: the ``process:update`` event that says it ended, or its ``pending_source``
+    seen set and then cleared, whichever comes first."""
+    ended: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+    stream = agent.events(slug=slug) if await agent.has("events") else None
+    watcher = None
+    if stream is not None:
+        await stream.connect()  # before the request: its end cannot go unseen
+        watcher = asyncio.get_running_loop().create_task(_end_of_update(stream, ended))
+    try:
+        return await _wait_end(agent, await start(), ended, timeout)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        if stream is not None:
+            await stream.close()
+
+
+async def _end_of_update(stream: EventStream, ended: asyncio.Future[Event]) -> None:
+    try:
+        async for event in stream:
+            if (event.event == "process:update"
+                    and event.document.get("outcome") not in {None, "started"}):
+                ended.set_result(event)
+                return
+    except ClientError:
+        pass  # the wait goes on by reading the status
+
+
+async def _wait_end(agent: AgentClient, answer: Process, ended: asyncio.Future[Event],
+                    timeout: float) -> Process:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     current, delay = answer, 0.05
+    seen_pending = answer.pending_source is not None
     while True:
-        if current.pending_source is None:
-            if matches(current, url, checksum):
-                return current
+        if ended.done() or (seen_pending and current.pending_source is None):
+            if ended.done():
+                current = await agent.status(current.slug)
             if current.update_error:
                 raise ProcessFailed(
                     f"agent {agent.name}: {current.slug}: the update failed, the old "
                     f"version still runs: {current.update_error}", process=current,
                     agent=agent.name)
-        if loop.time() >= deadline:
+            return current
+        seen_pending = seen_pending or current.pending_source is not None
+        left = deadline - loop.time()
+        if left <= 0:
             raise WaitTimeout(f"agent {agent.name}: {current.slug}: the update did not "
                               f"end within {timeout:g} s", process=current,
                               agent=agent.name)
-        await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
-        delay = min(delay * 2, 0.25)
+        await asyncio.wait([ended], timeout=min(delay, left))
+        delay = min(delay * 2, 0.5)
         current = await agent.status(current.slug)
 
 
