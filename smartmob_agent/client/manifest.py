@@ -90,6 +90,7 @@ class Manifest:
 def parse_manifest(text: str, source: str = "smartmob.toml") -> Manifest:
     """Read a ``smartmob.toml``.
 
+    >>> from smartmob_agent.client.manifest import ManifestError, parse_manifest
     >>> manifest = parse_manifest('''
     ... [apps.shop]
     ... source = "./shop"

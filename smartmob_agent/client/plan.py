@@ -36,6 +36,7 @@ class Source:
         """Whether the two are known to differ: by checksum if both have one, else by
         URL if both have one; otherwise they cannot be told apart.
 
+        >>> from smartmob_agent.client.plan import Source
         >>> Source("u1", "sha256:aa").differs(Source("u2", "sha256:AA"))
         False
         >>> Source("u1").differs(Source("u2", "sha256:aa")), Source(None).differs(Source("u"))
@@ -109,6 +110,7 @@ def place(app: AppSpec, agents: Sequence[str], source: Source) -> list[Desired]:
     modulo their number, so names are stable and each agent gets its share.
 
     >>> from smartmob_agent.client.manifest import parse_manifest
+    >>> from smartmob_agent.client.plan import Source, place
     >>> app = parse_manifest('[apps.a]\\nsource="."\\nformation={web=3, worker=1}').apps[0]
     >>> [(d.agent, d.node) for d in place(app, ["x", "y"], Source())]
     [('x', 'web.0'), ('y', 'web.1'), ('x', 'web.2'), ('x', 'worker.0')]
@@ -126,6 +128,7 @@ def compute(desired: Iterable[Desired], observed: Mapping[str, Sequence[Observed
     nodes. Only the processes of ``apps`` are looked at: an app the file does not name
     is never touched.
 
+    >>> from smartmob_agent.client.plan import Desired, Observed, Source, compute
     >>> want = [Desired("x", "a", "web.0", "web", Source(checksum="sha256:new")),
     ...         Desired("x", "a", "web.1", "web", Source(checksum="sha256:new"))]
     >>> have = {"x": [Observed("a", "web.0", "web", Source(checksum="sha256:old")),
@@ -180,6 +183,7 @@ def options_changed(wanted: Mapping[str, Any], shown: Mapping[str, Any] | None
     """The options the file names whose value differs from the one in force. An option
     the status document does not show cannot be compared, and is not.
 
+    >>> from smartmob_agent.client.plan import options_changed
     >>> options_changed({"stop_timeout": 5, "umask": "22", "health": {"http": "/"}},
     ...                 {"stop_timeout": 5.0, "umask": "0022",
     ...                  "health": {"http": "/", "interval": 10}})
@@ -215,6 +219,7 @@ def same(key: str, wanted: Any, shown: Any) -> bool:
 def counts(actions: Iterable[Action]) -> dict[str, int]:
     """How many actions of each kind.
 
+    >>> from smartmob_agent.client.plan import Action, counts
     >>> counts([Action("create", "x", "a", "web.0", "web")])
     {'create': 1, 'replace': 0, 'update': 0, 'delete': 0, 'unchanged': 0}
     """

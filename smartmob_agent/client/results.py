@@ -25,7 +25,7 @@ PROCESS_FIELDS = frozenset({
     "uptime", "restarts", "last_exit", "exits", "cpu_percent", "memory_rss", "healthy",
     "checksum", "output_tail", "options",
     # update in place: read through the properties of the same names
-    "source", "pending_source", "previous_source", "update_error",
+    "source", "pending_source", "previous_source", "update_error", "update_reason",
 })
 #: States in which a process has stopped for good until someone starts it again.
 SETTLED_STATES = frozenset({"stopped", "exited", "failed"})
@@ -188,6 +188,12 @@ class Process:
     def update_error(self) -> str | None:
         """Why the last update failed (``None`` once one succeeds)."""
         return _str(self.document, "update_error")
+
+    @property
+    def update_reason(self) -> str | None:
+        """Why the last update failed, as a name (``start failure``, ``unhealthy``,
+        ...), to switch on."""
+        return _str(self.document, "update_reason")
 
     @property
     def extra(self) -> dict[str, Any]:
