@@ -76,8 +76,9 @@ async def test_plan_apply_update_prune(
     assert f"{b.url}: shop.web.1: created" in ran.out
     assert ran.out.splitlines()[-1] == f"applied {file}"
     on_a, on_b = await listing(a), await listing(b)
-    assert [(p.slug, p.state) for p in on_a] == [("shop.web.0", "running"),
-                                                 ("shop.worker.0", "running")]
+    # created at once: the agent lists them in the order their requests came
+    assert sorted((p.slug, p.state) for p in on_a) == [("shop.web.0", "running"),
+                                                       ("shop.worker.0", "running")]
     assert [(p.slug, p.state) for p in on_b] == [("shop.web.1", "running")]
     assert len({p.checksum for p in on_a + on_b}) == 1
 
@@ -85,7 +86,7 @@ async def test_plan_apply_update_prune(
     assert ran.code == 0, ran.err
     assert [step["action"] for step in ran.json()["plan"]] == ["unchanged"] * 3
     assert ran.json()["done"] == []
-    assert [p.pid for p in await listing(a)] == [p.pid for p in on_a]
+    assert {p.slug: p.pid for p in await listing(a)} == {p.slug: p.pid for p in on_a}
 
     file.write_text(manifest(a, b, web=1, options=", stop_timeout = 3"))
     ran = await smartmob("apply", "--file", str(file), env=env)
@@ -102,7 +103,7 @@ async def test_plan_apply_update_prune(
     assert ran.code == 0, ran.err
     assert f"{b.url}: shop.web.1: deleted" in ran.out
     assert await listing(b) == []
-    assert [p.slug for p in await listing(a)] == ["shop.web.0", "shop.worker.0"]
+    assert sorted(p.slug for p in await listing(a)) == ["shop.web.0", "shop.worker.0"]
 
 
 async def test_a_wrong_file_changes_nothing(

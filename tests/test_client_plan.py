@@ -139,14 +139,16 @@ def test_the_plan_of_each_kind() -> None:
         ("replace", "x", "shop.clock.0", ("type web -> clock",)),
         ("update", "x", "shop.web.2", ("options: stop_timeout",)),
         ("update", "x", "shop.worker.0", ("source sha256:old -> sha256:new",)),
-        ("delete", "x", "shop.web.3", ("not in the file",)),
         ("delete", "y", "shop.web.0", ("not in the file",)),
+        ("delete", "x", "shop.web.3", ("not in the file",)),
         ("unchanged", "x", "shop.web.0", ()),
     ]
     assert counts(plan) == {"create": 1, "replace": 1, "update": 2, "delete": 2,
                             "unchanged": 1}
     assert plan[0].desired == desired[1]
     assert plan[4].desired is None
+    shuffled = {agent: list(reversed(listed)) for agent, listed in observed.items()}
+    assert compute(reversed(desired), shuffled, ["shop"]) == plan
 
 
 def test_update_all_and_what_cannot_be_compared() -> None:

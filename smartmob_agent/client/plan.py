@@ -153,7 +153,15 @@ def compute(desired: Iterable[Desired], observed: Mapping[str, Sequence[Observed
             actions.append(_compare(agent, process, wanted.get(key), update_all))
     actions += [Action("create", d.agent, d.app, d.node, d.process_type, (), d)
                 for key, d in wanted.items() if key not in seen]
-    return sorted(actions, key=lambda a: KINDS.index(a.kind))
+    return sorted(actions, key=_order)
+
+
+def _order(action: Action) -> tuple[int, str, str, int, str]:
+    """Kind, then app, type, the node's number and name: the same plan for the same
+    fleet, whatever order the agents list their processes in."""
+    index = index_of(action.node, action.process_type)
+    return (KINDS.index(action.kind), action.app, action.process_type,
+            -1 if index is None else index, action.node)
 
 
 def _compare(agent: str, process: Observed, desired: Desired | None, update_all: bool
