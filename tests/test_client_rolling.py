@@ -11,16 +11,10 @@ import pytest
 
 from smartmob_agent.client import AgentClient
 from smartmob_agent.client.results import Process
-from smartmob_agent.representations import PROCESS_RELATIONS
 from tests.agent_process import AgentProcess
 from tests.client_apps import cli_env, running_agent, smartmob, write_echo_app
 
-pytestmark = [
-    pytest.mark.timeout(120),
-    pytest.mark.skipif("update" not in PROCESS_RELATIONS,
-                       reason="the agent has no 'update' link on its processes yet (it "
-                       "comes with updates in place, branch s2-update)"),
-]
+pytestmark = pytest.mark.timeout(120)
 
 #: Version 2 of the echo app: exits at once on an agent whose state folder holds a file
 #: ``fail-updates`` (its sources are unpacked below that folder), else as version 1.
@@ -75,7 +69,10 @@ async def test_a_rolling_deploy_stops_and_rolls_back(
              if line.endswith(("updated", "rolled back", "update failed"))]
     assert steps == [f"{a.url}: shop.web.0: updated", f"{a.url}: shop.web.1: updated",
                      f"{a.url}: shop.web.1: rolled back", f"{a.url}: shop.web.0: rolled back"]
+    assert ran.out.splitlines()[-1] == (
+        f"{a.url}: rolled back: the deploy failed on another agent")
     assert "shop.web.0: the update failed, the old version still runs" in ran.err
+    assert "version 2 cannot start here" in ran.err  # the last lines of its log
     after = {agent.url: await listing(agent) for agent in agents}
     assert {(p.checksum, p.state) for ps in after.values() for p in ps} == {(v1, "running")}
     assert [p.pid for p in after[b.url]] == [p.pid for p in before[b.url]]
@@ -83,6 +80,8 @@ async def test_a_rolling_deploy_stops_and_rolls_back(
     ran = await smartmob(*deploy, "--no-rollback", "--parallel", "2", env=env)
     assert ran.code == 1
     assert "rolled back" not in ran.out
+    assert ran.out.splitlines()[-1] == (f"{a.url}: stopped: the deploy failed on another "
+                                        "agent (the updates here are kept: --no-rollback)")
     on_a = await listing(a)
     assert len({p.checksum for p in on_a}) == 1
     assert on_a[0].checksum != v1

@@ -1,11 +1,13 @@
 """``smartmob deploy`` and ``smartmob scale``: an app's formation, reached and checked.
 
 ``deploy DIR --app A --process web=2`` packs the folder (by its ignore files), uploads
-it to each agent with its checksum, then follows :func:`~.formation.plan_deploy`: new
-nodes are created at once; nodes that run another source are replaced one at a time
-(deleted, created, and waited for before the next, so a bad source stops after its
-first node); nodes beyond the formation are deleted last. It ends when every node of
-the formation runs (and passes its health check), or says which node failed and why.
+it to each agent with its checksum, then follows :func:`~.formation.plan_deploy` on each
+agent: new nodes are created at once; nodes that run another source are updated in
+place (:mod:`~.rolling`: agent by agent, one or ``--parallel N`` at a time, and at the
+first failure the nodes already updated are rolled back, unless ``--no-rollback``), or,
+on an agent without the ``update`` link, deleted and created one at a time; nodes beyond
+the formation are deleted last. It ends when every node of the formation runs (and
+passes its health check), or says which node failed and why.
 ``scale APP web=3`` creates or deletes nodes to reach the counts.
 """
 
@@ -274,7 +276,11 @@ def _entry(rollout: Rollout, term: Terminal) -> tuple[int, dict[str, Any]]:
     if rollout.error is not None:
         return _failed(term, rollout.error, {**base, "actions": rollout.actions})
     if rollout.processes is None:  # another agent failed first: this one stopped
-        rollout.say("stopped: the deploy failed on another agent")
+        done = {action["action"] for action in rollout.actions}
+        rollout.say("rolled back: the deploy failed on another agent" if "rolled back" in done
+                    else "stopped: the deploy failed on another agent" + (
+                        " (the updates here are kept: --no-rollback)"
+                        if "updated" in done else ""))
         return FAILED, {**base, "actions": rollout.actions, "error": None}
     assert rollout.upload is not None
     return OK, {**base, "upload": rollout.upload.to_dict(), "actions": rollout.actions,
