@@ -336,6 +336,58 @@ class DownloadProgress:
 
 
 @dataclass(frozen=True)
+class SourceRef:
+    """One source of a process: the URL it came from, the SHA-256 it was checked
+    against (if any), since when (epoch seconds) it is the current (or pending) one, and,
+    while it is pending, the step its update is at (``downloading``, ``starting``...)."""
+
+    url: str
+    sha256: str | None
+    since: float
+    step: str | None = None
+
+
+@dataclass
+class Releases:
+    """What a process's updates left (see :mod:`~smartmob_agent.supervision.update`):
+    mutable, owned by its watcher."""
+
+    #: when its current source became current (epoch seconds)
+    since: float
+    #: where its current source is unpacked, relative to its work folder (``""``: the
+    #: work folder itself, as before any update)
+    folder: str = ""
+    #: the source an update is installing, while it does
+    pending: SourceRef | None = None
+    #: the spec before the last successful update (a rollback's target), with since when
+    #: it was current
+    previous: tuple[Spec, float] | None = None
+    #: why the last update failed (cleared by the next success)
+    error: str | None = None
+    #: the same as a name (``start failure``, ``unhealthy``...)
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What an earlier agent left of a process that the agent brings back."""
+
+    #: the value of ``SMARTMOB_PROCESS_ID`` its children had
+    process_id: str
+    #: it was to stay stopped (created so, or stopped by a control): it still is
+    stopped: bool
+    #: its restart count
+    restarts: int = 0
+    #: the lowest sequence number its output lines may get (the mark an earlier agent
+    #: reserved up to)
+    seq_start: int = 0
+    #: its last exits, oldest first, as the earlier agent's status document showed them
+    exits: tuple[ExitRecord, ...] = ()
+    #: what its updates left (its current source's folder among them)
+    releases: Releases | None = None
+
+
+@dataclass(frozen=True)
 class ProcessInfo:
     """A snapshot of one process, taken when a client asks; what the API shows."""
 
@@ -367,3 +419,6 @@ class ProcessInfo:
     download: DownloadProgress | None = None
     #: while failed: why, as a name (``error`` says it in a sentence)
     reason: FailureReason | None = None
+    #: its current source, and what its updates left (see :class:`Releases`)
+    source: SourceRef | None = None
+    releases: Releases | None = None

@@ -18,6 +18,8 @@ from smartmob_agent.model import (
     LogLine,
     Options,
     ProcessInfo,
+    Releases,
+    SourceRef,
     Spec,
 )
 
@@ -45,6 +47,7 @@ INDEX_RELATIONS = (
 #: seed's reference table uses; both are served.
 PROCESS_RELATIONS = (
     "details", "status", "attach", "logs", "delete", "start", "stop", "restart", "signal",
+    "update", "rollback",
 )
 
 
@@ -105,6 +108,41 @@ def options_document(options: Options, stop_timeout: float | None) -> dict[str, 
     }
 
 
+def source_document(source: SourceRef | None) -> dict[str, Any] | None:
+    """A source: ``{"url", "checksum", "since"}``, and ``step`` for a pending one.
+
+    >>> from smartmob_agent.model import SourceRef
+    >>> from smartmob_agent.representations import source_document
+    >>> source_document(SourceRef("https://example.com/app.tgz", None, 1796148000.0))
+    {'url': 'https://example.com/app.tgz', 'checksum': None, 'since': '2026-12-01T18:00:00.000Z'}
+    """
+    if source is None:
+        return None
+    document: dict[str, Any] = {
+        "url": source.url,
+        "checksum": None if source.sha256 is None else f"sha256:{source.sha256}",
+        "since": format_time(source.since),
+    }
+    if source.step is not None:
+        document["step"] = source.step
+    return document
+
+
+def releases_document(
+    source: SourceRef | None, releases: Releases | None
+) -> dict[str, Any]:
+    """The fields of a status document about updates (see :doc:`deploys`)."""
+    previous = None if releases is None else releases.previous
+    return {
+        "source": source_document(source),
+        "pending_source": source_document(None if releases is None else releases.pending),
+        "previous_source": None if previous is None else source_document(
+            SourceRef(previous[0].source_url, previous[0].sha256, previous[1])),
+        "update_error": None if releases is None else releases.error,
+        "update_reason": None if releases is None else releases.reason,
+    }
+
+
 def index_document(links: Linker) -> dict[str, Any]:
     """Return the index: the entry point that links to every collection-level action."""
     return {relation: links.index(relation) for relation in INDEX_RELATIONS}
@@ -141,6 +179,7 @@ def process_document(info: ProcessInfo, links: Linker) -> dict[str, Any]:
         "download": download_document(info.download),
         # nested: "restart" is both an option and a link relation
         "options": options_document(spec.options, info.stop_timeout),
+        **releases_document(info.source, info.releases),
     }
     for relation in PROCESS_RELATIONS:
         document[relation] = links.process(relation, spec.slug)

@@ -236,6 +236,34 @@ CREATE_REQUEST: dict[str, Any] = {
     },
 }
 
+#: The body of an update (see :mod:`~smartmob_agent.supervision.update`): a new source,
+#: and optionally a new ``env`` and new ``options``, each replacing the current one whole.
+UPDATE_REQUEST: dict[str, Any] = {
+    "title": "Update request",
+    "type": "object",
+    "required": ["source_url"],
+    "additionalProperties": False,
+    "properties": {
+        name: CREATE_REQUEST["properties"][name] for name in ("source_url", "checksum", "env")
+    } | {
+        "options": {
+            "type": "object",
+            "description": (
+                "must be an object of the supervision options a create request takes "
+                "(restart, health, stop_signal, ...), which replace the current ones"
+            ),
+        },
+    },
+}
+
+#: The ``options`` of an update request, checked field by field.
+OPTIONS_REQUEST: dict[str, Any] = {
+    "title": "Options",
+    "type": "object",
+    "additionalProperties": False,
+    "properties": OPTION_PROPERTIES,
+}
+
 SIGNAL_REQUEST: dict[str, Any] = {
     "title": "Signal request",
     "type": "object",
@@ -479,6 +507,34 @@ def spec_from_request(data: Mapping[str, Any]) -> Spec:
     )
 
 
+def updated_request(current: Mapping[str, Any], data: Any) -> dict[str, Any]:
+    """The create request of the version an update request ``data`` asks for, from the
+    ``current`` one (as :func:`~smartmob_agent.representations.request_document` spells
+    it): the new ``source_url`` and ``checksum``; ``env`` and ``options`` replaced whole
+    when given, else kept.
+
+    Raises:
+        InvalidRequest: naming each bad field (an option as ``options.<name>``).
+    """
+    data = update_request.validate(data)
+    options = data.get("options")
+    if options is not None:
+        try:
+            options_request.validate(options)
+        except InvalidRequest as error:
+            fields = {f"options.{name}": text for name, text in error.fields.items()}
+            raise InvalidRequest(
+                "invalid fields in the request: " + ", ".join(sorted(fields)), fields
+            ) from None
+    else:
+        options = {k: v for k, v in current.items() if k in OPTION_PROPERTIES}
+    request = {k: current[k] for k in ("app", "node", "process_type")}
+    request.update({k: data[k] for k in ("source_url", "checksum") if k in data})
+    request["env"] = data.get("env", current.get("env", {}))
+    request.update(options)
+    return create_request.validate(request)
+
+
 def parse_bulk(data: Mapping[str, Any]) -> str | None:
     """Return the app a bulk request names, or ``None`` for ``{"all": true}``.
 
@@ -495,4 +551,6 @@ def parse_bulk(data: Mapping[str, Any]) -> str | None:
 
 create_request = RequestSchema(CREATE_REQUEST)
 signal_request = RequestSchema(SIGNAL_REQUEST)
+update_request = RequestSchema(UPDATE_REQUEST)
+options_request = RequestSchema(OPTIONS_REQUEST)
 bulk_request = RequestSchema(BULK_REQUEST)

@@ -23,7 +23,7 @@ import logging
 import os
 import sqlite3
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,9 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE processes ADD COLUMN seq_reserved INTEGER NOT NULL DEFAULT 0",
     # the last exits, oldest first, as a JSON list (see exits_json)
     "ALTER TABLE processes ADD COLUMN exits TEXT NOT NULL DEFAULT '[]'",
+    # what updates left: the current source's folder and since when, the pending and
+    # the previous source, the last update's error (see smartmob_agent.supervision.update)
+    "ALTER TABLE processes ADD COLUMN releases TEXT NOT NULL DEFAULT '{}'",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 DATABASE_NAME = "agent.db"
@@ -90,6 +93,8 @@ class Record:
         seq_reserved: the sequence numbers of its output lines below this mark may
             have been used: the next agent numbers on from it.
         exits: its last exits, oldest first (those its status document shows).
+        releases: what its updates left, as a JSON object (see
+            :func:`~smartmob_agent.supervision.update.releases_json`).
     """
 
     slug: str
@@ -102,6 +107,7 @@ class Record:
     pid_started: float | None = None
     seq_reserved: int = 0
     exits: tuple[ExitRecord, ...] = ()
+    releases: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Store:
@@ -187,13 +193,14 @@ class Store:
         """Every process, in creation order."""
         rows = self._run(
             "SELECT slug, request, desired, process_id, port, restarts, pid, pid_started, "
-            "seq_reserved, exits FROM processes ORDER BY position"
+            "seq_reserved, exits, releases FROM processes ORDER BY position"
         ).fetchall()
         records = []
         for slug, request, desired, process_id, port, restarts, pid, pid_started, seq, \
-                exits in rows:
+                exits, releases in rows:
             try:
                 data = json.loads(request)
+                updates = json.loads(releases)
             except ValueError:
                 raise StoreError(
                     f"the state database {self.path} holds an unreadable request for "
@@ -201,7 +208,7 @@ class Store:
                 ) from None
             records.append(Record(
                 slug, data, desired, process_id, port, restarts, pid, pid_started, seq,
-                _read_exits(slug, exits),
+                _read_exits(slug, exits), updates if isinstance(updates, dict) else {},
             ))
         return records
 
@@ -220,10 +227,11 @@ class Store:
         """Record a new process, after every other one."""
         self._run(
             "INSERT INTO processes (slug, position, request, desired, process_id, port, "
-            "restarts) VALUES "
-            "(?, (SELECT COALESCE(MAX(position), 0) + 1 FROM processes), ?, ?, ?, ?, ?)",
+            "restarts, releases) VALUES "
+            "(?, (SELECT COALESCE(MAX(position), 0) + 1 FROM processes), ?, ?, ?, ?, ?, ?)",
             (record.slug, json.dumps(dict(record.request), separators=(",", ":")),
-             record.desired, record.process_id, record.port, record.restarts),
+             record.desired, record.process_id, record.port, record.restarts,
+             _compact(record.releases)),
         )
 
     def set_desired(self, slug: str, desired: str) -> None:
@@ -242,6 +250,22 @@ class Store:
     def set_exits(self, slug: str, exits: Iterable[ExitRecord]) -> None:
         """Record the last exits of ``slug``, oldest first (they replace those recorded)."""
         self._run("UPDATE processes SET exits = ? WHERE slug = ?", (exits_json(exits), slug))
+
+    def set_releases(self, slug: str, releases: Mapping[str, Any]) -> None:
+        """Record what the updates of ``slug`` left (a pending update, the last error)."""
+        self._run("UPDATE processes SET releases = ? WHERE slug = ?",
+                  (_compact(releases), slug))
+
+    def switch(self, record: Record) -> None:
+        """Make ``record`` the current version of its process at once (one statement):
+        its request, process id, port, child and releases; what an update does once its
+        new child is ready, before the old one is stopped."""
+        self._run(
+            "UPDATE processes SET request = ?, process_id = ?, port = ?, pid = ?, "
+            "pid_started = ?, releases = ? WHERE slug = ?",
+            (_compact(record.request), record.process_id, record.port, record.pid,
+             record.pid_started, _compact(record.releases), record.slug),
+        )
 
     def set_seq_reserved(self, slug: str, mark: int) -> None:
         """Record that the output lines of ``slug`` may be numbered up to ``mark``
@@ -271,6 +295,10 @@ class Store:
     def remove_key(self, key_id: str) -> None:
         """Forget the minted key ``key_id`` (revoked)."""
         self._run("DELETE FROM tokens WHERE id = ?", (key_id,))
+
+
+def _compact(data: Mapping[str, Any]) -> str:
+    return json.dumps(dict(data), separators=(",", ":"))
 
 
 _WHAT_TO_DO = (

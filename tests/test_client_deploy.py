@@ -50,8 +50,8 @@ def pids(processes: list[Process]) -> dict[str, int | None]:
 async def test_deploy_a_folder_then_again(env: dict[str, str], folder: Path,
                                           client: AgentClient) -> None:
     """deploy creates web.0, web.1 and worker.0 from the folder and waits until they
-    run; deploying the same folder again keeps them; a changed folder replaces them, and
-    a smaller formation deletes what is beyond it."""
+    run; deploying the same folder again keeps them; a changed folder updates them in
+    place (new children, same nodes), and a smaller formation deletes what is beyond it."""
     deploy = ["deploy", str(folder), "--app", "shop", "--process", "web=2", "-p", "worker=1"]
     ran = await smartmob(*deploy, env=env)
     assert ran.code == 0, ran.err
@@ -79,8 +79,8 @@ async def test_deploy_a_folder_then_again(env: dict[str, str], folder: Path,
     assert ran.code == 0
     [entry] = ran.json()["agents"]
     assert entry["actions"] == [
-        {"slug": "shop.web.0", "action": "replaced"},
-        {"slug": "shop.worker.0", "action": "replaced"},
+        {"slug": "shop.web.0", "action": "updated"},
+        {"slug": "shop.worker.0", "action": "updated"},
         {"slug": "shop.web.1", "action": "deleted"}]
     now = await client.list()
     assert [p.slug for p in now] == ["shop.web.0", "shop.worker.0"]

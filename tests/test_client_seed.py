@@ -221,6 +221,8 @@ async def test_attach_reads_bare_text_frames(seed: SeedAgent, client: AgentClien
     (lambda c: c.bulk("stop", every=True), "bulk_stop", "bulk controls"),
     (lambda c: c.attach("myapp.web.0", after=3).connect(), "logs", "the logs link"),
     (lambda c: c.wait_for("myapp.web.0", timeout=1), "events", "the events WebSocket"),
+    (lambda c: c.update("myapp.web.0", "http://h/a.tgz"), "update", "updates in place"),
+    (lambda c: c.rollback("myapp.web.0"), "rollback", "updates in place"),
 ])
 async def test_a_missing_link_says_what_the_agent_lacks(
     client: AgentClient, call: Callable[[AgentClient], Awaitable[Any]], relation: str,

@@ -115,7 +115,7 @@ def complete(script: str, words: list[str], env: dict[str, str]) -> list[str]:
 async def test_bash_completion(env: dict[str, str], agent: AgentProcess,
                                archive_server: ArchiveServer, tmp_path: Path) -> None:
     """The bash script completes commands, each command's options, the slugs of the
-    agent, agent names after --agent, and files for upload."""
+    agent, agent names after --agent, and files for upload and after --file."""
     async with AgentClient(agent.url) as client:
         await client.create("shop", "web.0", archive_server.add("e.tgz", echo_archive()))
     ran = await smartmob("completion", "bash", env=env)
@@ -142,6 +142,10 @@ async def test_bash_completion(env: dict[str, str], agent: AgentProcess,
     offered = await asyncio.to_thread(
         complete, script, ["smartmob", "upload", str(tmp_path / "shop-")], env)
     assert offered == [str(tmp_path / "shop-app")]
+    (tmp_path / "staging.toml").write_text("")
+    offered = await asyncio.to_thread(
+        complete, script, ["smartmob", "apply", "--file", str(tmp_path / "stag")], env)
+    assert offered == [str(tmp_path / "staging.toml")]
 
 
 async def test_zsh_completion_is_the_bash_one_through_bashcompinit(

@@ -91,7 +91,7 @@ def test_make_event_fills_every_field() -> None:
     }
     assert sorted(EVENT_KINDS) == [
         "process:create", "process:delete", "process:exception", "process:exit",
-        "process:online", "process:state",
+        "process:online", "process:state", "process:update",
     ]
 
 
@@ -135,7 +135,7 @@ def test_every_kind_has_its_type_and_fields() -> None:
     assert dict(KIND_FIELDS) == {
         "process:create": set(), "process:state": {"previous"}, "process:online": set(),
         "process:exit": {"code", "signal", "ran_for"}, "process:exception": {"error"},
-        "process:delete": set(),
+        "process:delete": set(), "process:update": {"outcome", "source_url", "error"},
     }
     assert set(KIND_FIELDS) == EVENT_KINDS
 

@@ -46,6 +46,7 @@ PURE = frozenset({
     "web.frames", "web.access", "web.openapi",
     "host.control", "host.shape", "host.sections",
     "client.errors", "client.results", "client.ignore", "client.render", "client.formation",
+    "client.manifest", "client.plan",
 }) & frozenset(MODULES)
 #: What each part of the tree may import, besides the pure modules and itself. The
 #: adapters (processes, sources, output, events, store) touch one kind of outside resource

@@ -208,6 +208,33 @@ class AgentClient(Transport):
         """Send a signal (``"HUP"``, ``"SIGHUP"`` or ``1``) to the running process."""
         return await self._control(process, "signal", {"signal": signal_name(signal)})
 
+    async def update(
+        self, process: str | Process, source_url: str, *, checksum: str | None = None,
+        env: Mapping[str, str] | None = None, options: Mapping[str, Any] | None = None,
+    ) -> Process:
+        """Update the process in place to another source (answered at once; the new
+        child replaces the old one once it runs, see ``pending_source``).
+
+        Raises:
+            MissingLink: the agent has no ``update`` link (it is older than it).
+        """
+        body: dict[str, Any] = {"source_url": source_url}
+        if checksum:
+            body["checksum"] = checksum
+        if env is not None:
+            body["env"] = dict(env)
+        if options:
+            body["options"] = dict(options)
+        return await self._control(process, "update", body)
+
+    async def rollback(self, process: str | Process) -> Process:
+        """Bring back the process's previous source, as an update does.
+
+        Raises:
+            ConflictError: there is nothing to roll back to.
+        """
+        return await self._control(process, "rollback")
+
     async def bulk(self, action: str, *, app: str | None = None, every: bool = False
                    ) -> builtins.list[Outcome]:
         """Apply ``start``, ``stop``, ``restart`` or ``delete`` to every process of

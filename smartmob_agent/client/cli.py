@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from smartmob_agent import __version__
-from smartmob_agent.client import commands, completion, deploy, follow, top
+from smartmob_agent.client import apply, commands, completion, deploy, follow, top
 from smartmob_agent.client.agent import AgentClient
 from smartmob_agent.client.errors import ClientError
 from smartmob_agent.client.fleet import Fleet
@@ -64,6 +64,10 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
         "smartmob deploy ./shop --app shop --process web=2 --process worker=1",)),
     "scale": ("create or delete an app's nodes to reach a count per type", (
         "smartmob scale shop web=3 worker=0 --source ./shop",)),
+    "plan": ("show what apply would change to reach a smartmob.toml", (
+        "smartmob plan", "smartmob plan --file staging.toml --all")),
+    "apply": ("converge the agents to a smartmob.toml: create, update, prune", (
+        "smartmob apply", "smartmob apply --file staging.toml --prune")),
     "top": ("a live table of the processes, redrawn as they change", (
         "smartmob top --all",)),
     "completion": ("print the shell completion script of smartmob", (
@@ -145,6 +149,8 @@ def _add_arguments(name: str, sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--revoke", metavar="ID", help="revoke the minted key of this id")
     if name in {"deploy", "scale"}:
         _add_rollout_arguments(name, sub)
+    if name in {"plan", "apply"}:
+        _add_apply_arguments(name, sub)
     if name == "top":
         sub.add_argument("--interval", metavar="SECONDS", type=_seconds, default=2.0,
                          help="how often CPU and memory are read again [default: 2]")
@@ -160,6 +166,7 @@ def _add_rollout_arguments(name: str, sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--app", required=True, help="the application's name")
         sub.add_argument("-p", "--process", action="append", metavar="TYPE=COUNT",
                          help="how many processes of a Procfile type to run (repeatable)")
+        _add_rolling_arguments(sub)
     else:
         sub.add_argument("app", metavar="APP", help="the application's name")
         sub.add_argument("formation", metavar="TYPE=COUNT", nargs="+",
@@ -178,6 +185,37 @@ def _add_rollout_arguments(name: str, sub: argparse.ArgumentParser) -> None:
                      help="how long to wait for the processes to run [default: 120]")
     sub.add_argument("--no-ignore", action="store_true",
                      help="pack every file of a folder (but .git)")
+
+
+def _add_apply_arguments(name: str, sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("-f", "--file", metavar="FILE",
+                     help="the file of the apps [default: smartmob.toml]")
+    sub.add_argument("--prune", action="store_true",
+                     help="delete the nodes of the file's apps that it no longer names")
+    sub.add_argument("--update-all", action="store_true",
+                     help="update every node, changed or not (the agent does not show "
+                     "environments: use it after changing only env)")
+    sub.add_argument("--no-ignore", action="store_true",
+                     help="pack every file of the apps' folders (but .git)")
+    if name == "apply":
+        _add_rolling_arguments(sub)
+        sub.add_argument("--wait-timeout", metavar="SECONDS", type=_seconds, default=120.0,
+                         help="how long to wait for each process to run [default: 120]")
+
+
+def _add_rolling_arguments(sub: argparse.ArgumentParser) -> None:
+    """How running nodes are updated (deploy and apply)."""
+    sub.add_argument("--parallel", metavar="N", type=_positive, default=1,
+                     help="update N nodes of an agent at a time [default: 1]")
+    sub.add_argument("--no-rollback", action="store_true",
+                     help="when an update fails, keep the nodes already updated (by "
+                     "default they are rolled back to their previous source)")
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number from 1: {text!r}")
+    return int(text)
 
 
 def _add_create_arguments(sub: argparse.ArgumentParser) -> None:
@@ -239,7 +277,7 @@ HANDLERS: dict[str, Handler] = {
     "restart": commands.control, "signal": commands.signal, "upload": commands.upload,
     "tokens": commands.tokens, "version": commands.version, "logs": follow.logs,
     "attach": follow.attach, "events": follow.events, "deploy": deploy.deploy,
-    "scale": deploy.scale, "top": top.top,
+    "scale": deploy.scale, "top": top.top, "plan": apply.plan, "apply": apply.apply,
 }
 
 

@@ -2,7 +2,7 @@
 
 ``smartmob completion bash`` (or ``zsh``) prints a script to ``eval`` in the shell's
 startup file. It completes the commands and each command's options from the parser, file
-names for ``upload`` and ``deploy``, agent names after ``--agent`` and process slugs
+names for ``upload``, ``deploy`` and ``--file``, agent names after ``--agent`` and process slugs
 where a command takes one, asking ``smartmob`` itself (the hidden ``_complete``
 command, which answers within a second or says nothing).
 """
@@ -31,6 +31,10 @@ _smartmob() {
     done
     if [ "$prev" = "--agent" ]; then
         COMPREPLY=( $(compgen -W "$(smartmob _complete agents 2>/dev/null)" -- "$cur") )
+        return
+    fi
+    if [ "$prev" = "--file" ] || [ "$prev" = "-f" ]; then
+        COMPREPLY=( $(compgen -f -- "$cur") )
         return
     fi
     local options

@@ -190,6 +190,8 @@ FEATURES = {
     "bulk_stop": "bulk controls",
     "bulk_restart": "bulk controls",
     "bulk_delete": "bulk controls",
+    "update": "updates in place",
+    "rollback": "updates in place",
 }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 #: Link relations of a process status document.
 PROCESS_RELATIONS = frozenset({
     "details", "status", "attach", "logs", "delete", "start", "stop", "restart", "signal",
+    "update", "rollback",
 })
 #: The fields :class:`Process` models (besides the links).
 PROCESS_FIELDS = frozenset({
@@ -23,6 +24,8 @@ PROCESS_FIELDS = frozenset({
     "started_at",
     "uptime", "restarts", "last_exit", "exits", "cpu_percent", "memory_rss", "healthy",
     "checksum", "output_tail", "options",
+    # update in place: read through the properties of the same names
+    "source", "pending_source", "previous_source", "update_error", "update_reason",
 })
 #: States in which a process has stopped for good until someone starts it again.
 SETTLED_STATES = frozenset({"stopped", "exited", "failed"})
@@ -43,6 +46,11 @@ def _float(document: Mapping[str, Any], key: str) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     return None
+
+
+def _table(document: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
+    value = document.get(key)
+    return value if isinstance(value, dict) else None
 
 
 def _bool(document: Mapping[str, Any], key: str) -> bool | None:
@@ -159,6 +167,33 @@ class Process:
             options=dict(options) if isinstance(options, dict) else None,
             links=links, document=dict(document), agent=agent,
         )
+
+    @property
+    def source(self) -> Mapping[str, Any] | None:
+        """The source it runs (``{"url", "checksum", "since"}``), from an agent that
+        updates in place; else ``None``."""
+        return _table(self.document, "source")
+
+    @property
+    def pending_source(self) -> Mapping[str, Any] | None:
+        """The source an update in progress is bringing, if any."""
+        return _table(self.document, "pending_source")
+
+    @property
+    def previous_source(self) -> Mapping[str, Any] | None:
+        """The source a ``rollback`` brings back, if any."""
+        return _table(self.document, "previous_source")
+
+    @property
+    def update_error(self) -> str | None:
+        """Why the last update failed (``None`` once one succeeds)."""
+        return _str(self.document, "update_error")
+
+    @property
+    def update_reason(self) -> str | None:
+        """Why the last update failed, as a name (``start failure``, ``unhealthy``,
+        ...), to switch on."""
+        return _str(self.document, "update_reason")
 
     @property
     def extra(self) -> dict[str, Any]:

@@ -27,7 +27,7 @@ log = logging.getLogger("smartmob_agent.events")  # stable name: internals.rst
 #: The kind of an event about a process (its ``event`` field).
 EventKind = Literal[
     "process:create", "process:state", "process:online", "process:exit", "process:exception",
-    "process:delete",
+    "process:delete", "process:update",
 ]
 #: The kinds of event the agent publishes (the ``event`` field).
 EVENT_KINDS: frozenset[str] = frozenset(get_args(EventKind))
@@ -104,9 +104,22 @@ class DeleteEvent(_ProcessFields):
     event: Literal["process:delete"]
 
 
+class UpdateEvent(_ProcessFields):
+    """``process:update``: an update (or a rollback) of the process began or ended."""
+
+    event: Literal["process:update"]
+    #: ``started``, ``succeeded``, ``rolled back`` (a rollback succeeded) or ``failed``
+    outcome: str
+    #: the source it updates to
+    source_url: str
+    #: why it failed (``update_error`` in the status document), else ``None``
+    error: str | None
+
+
 #: An event about a process: what :meth:`EventBus.publish` takes and listeners are told.
 ProcessEvent = (
     CreateEvent | StateEvent | OnlineEvent | ExitEvent | ExceptionEvent | DeleteEvent
+    | UpdateEvent
 )
 
 
@@ -133,6 +146,7 @@ KIND_FIELDS: dict[str, frozenset[str]] = {
     "process:exit": ExitEvent.__required_keys__ - _COMMON,
     "process:exception": ExceptionEvent.__required_keys__ - _COMMON,
     "process:delete": DeleteEvent.__required_keys__ - _COMMON,
+    "process:update": UpdateEvent.__required_keys__ - _COMMON,
 }
 
 
@@ -163,7 +177,8 @@ def make_event(
         extra: the fields particular to the kind, all of them and no others
             (:data:`KIND_FIELDS`): ``previous`` for ``process:state``; ``code``,
             ``signal`` and ``ran_for`` for ``process:exit``; ``error`` for
-            ``process:exception``; none for ``process:create`` and ``process:delete``.
+            ``process:exception``; ``outcome``, ``source_url`` and ``error`` for
+            ``process:update``; none for ``process:create`` and ``process:delete``.
 
     Raises:
         ValueError: for a kind not in :data:`EVENT_KINDS`, or other fields than the

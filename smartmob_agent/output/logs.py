@@ -153,6 +153,11 @@ class ProcessLog:
 
     # -- taking lines --------------------------------------------------------------------
 
+    @property
+    def run_pid(self) -> int | None:
+        """The pid of the run the lines are stamped with (see :meth:`set_run`)."""
+        return self._run[0]
+
     def set_run(self, pid: int | None, restarts: int | None) -> None:
         """Stamp the lines that follow with this run (``None, None``: no child runs)."""
         self._run = (pid, restarts)

@@ -53,6 +53,7 @@ from smartmob_agent.supervision.startup import AGENT_ID_VARIABLE as AGENT_ID_VAR
 from smartmob_agent.supervision.startup import check_reachable, resumed, take_over
 
 # re-exported: the CLI and the tests name it from here
+from smartmob_agent.supervision.update import Updater
 from smartmob_agent.supervision.uploads import check_upload_size, collect_unused, find_upload
 from smartmob_agent.supervision.watcher import Watcher
 
@@ -110,6 +111,7 @@ class Agent:
         self._session: aiohttp.ClientSession | None = None
         self._webhook_session: aiohttp.ClientSession | None = None
         self._runtime: Runtime | None = None
+        self._updates: Updater | None = None
         #: the downloaded source archives, shared by every process (a
         #: :class:`~smartmob_agent.sources.cache.SourceCache`)
         self.sources: SourceCache | None = None
@@ -175,6 +177,7 @@ class Agent:
         self.store = Store.open(self.settings.state_dir)
         self._records = Records(self.store)
         self._runtime = self._make_runtime()
+        self._updates = Updater(self._runtime, self.ports, self._records, self._check_spec)
         self.monitor.start()
         secret = self.settings.webhook_secret
         # a session of their own: hanging receivers must not take the connections that
@@ -349,9 +352,7 @@ class Agent:
         slug = spec.slug
         if slug in self._watchers:
             raise Conflict(f"a process named {slug!r} already exists; delete it first")
-        self._check_source(spec)
-        check_notify(spec)
-        check_rlimits(spec.options, hard_limits())
+        self._check_spec(spec)
         assert self._records is not None
         port = self._port_for(spec)
         # a new process starts with no output, whatever a crashed deletion left behind
@@ -367,6 +368,18 @@ class Agent:
                       f"{spec.process_type!r})", slug=slug, app=spec.app, node=spec.node,
                       process_type=spec.process_type)
         return watcher
+
+    def update(self, watcher: Watcher, spec: Spec | None = None) -> None:
+        """Begin updating ``watcher`` in place to ``spec``, or (``None``) roll it back to
+        its previous version: see :meth:`~smartmob_agent.supervision.update.Updater.begin`."""
+        assert self._updates is not None, "Agent.start() first"
+        self._updates.begin(watcher, spec)
+
+    def _check_spec(self, spec: Spec) -> None:
+        """Refuse what :meth:`create` refuses of a spec (its source, notify, limits)."""
+        self._check_source(spec)
+        check_notify(spec)
+        check_rlimits(spec.options, hard_limits())
 
     def _check_source(self, spec: Spec) -> None:
         """Refuse a source URL the fetch policy refuses, unless no fetch is needed."""

@@ -67,6 +67,20 @@ class Command:
     env: Mapping[str, str]
 
 
+@dataclass(frozen=True)
+class Version:
+    """A version of a process, provisioned and ready to run: what an update installs
+    (see :meth:`.Watcher.adopt`)."""
+
+    spec: Spec
+    source: Provisioner
+    command: Command
+    #: the value of :data:`PROCESS_ID_VARIABLE` of its children
+    process_id: str
+    #: the ``PORT`` of its children, if the agent gave them one
+    port: int | None
+
+
 class Provisioner:
     """Gets the command of one process ready to run, in its work folder.
 

@@ -22,10 +22,12 @@ import functools
 import logging
 from collections.abc import Callable
 
-from smartmob_agent.model import ProcessState
+from smartmob_agent.model import ProcessState, Releases
 from smartmob_agent.processes.stop import start_time
 from smartmob_agent.representations import request_document
 from smartmob_agent.store import Record, Store, StoreError
+from smartmob_agent.supervision.provision import Version
+from smartmob_agent.supervision.update import releases_json
 from smartmob_agent.supervision.watcher import Watcher
 
 log = logging.getLogger("smartmob_agent.agent")  # stable name: its messages were the agent's
@@ -83,7 +85,7 @@ class Records:
         spec = watcher.spec
         desired = "running" if spec.options.autostart else "stopped"
         record = Record(spec.slug, request_document(spec), desired, watcher.process_id,
-                        watcher.port)
+                        watcher.port, releases=releases_json(watcher.releases))
         self._write(("row", spec.slug), lambda store: store.add(record), None, "not created")
         self._desired[spec.slug] = desired
 
@@ -124,6 +126,25 @@ class Records:
         self._desired[slug] = desired
         return functools.partial(self._undo, watcher, before)
 
+    def switch(
+        self, watcher: Watcher, version: Version, pid: int | None, releases: Releases
+    ) -> None:
+        """Make ``version`` the current one of the process (an update, once its new child
+        ``pid`` is ready, before the old one is stopped): a later agent runs it.
+
+        Raises:
+            StoreError: it is not recorded (the update must not be made).
+        """
+        slug = watcher.spec.slug
+        record = Record(
+            slug, request_document(version.spec), self._desired.get(slug, "running"),
+            version.process_id, version.port, pid=pid,
+            pid_started=None if pid is None else start_time(pid),
+            releases=releases_json(releases),
+        )
+        self._write(("row", slug), lambda store: store.switch(record), None,
+                    "the update is not made")
+
     def _undo(self, watcher: Watcher, desired: str) -> None:
         """Record ``desired`` again (see :meth:`intend`); made again later if it cannot be
         written now."""
@@ -156,6 +177,13 @@ class Records:
         slug, exits = watcher.spec.slug, tuple(watcher.exits)
         self._write(("exits", slug), lambda store: store.set_exits(slug, exits),
                     watcher, "its last exit is not recorded", later=True)
+
+    def releases(self, watcher: Watcher) -> None:
+        """Write what the updates of the process left (a pending update, the last
+        error), for a later agent."""
+        slug, data = watcher.spec.slug, releases_json(watcher.releases)
+        self._write(("releases", slug), lambda store: store.set_releases(slug, data),
+                    watcher, "its update is not recorded", later=True)
 
     def reserve_seq(self, slug: str, mark: int) -> None:
         """Record the mark below which the output lines of ``slug`` may be numbered."""

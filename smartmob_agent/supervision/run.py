@@ -163,7 +163,8 @@ class Run:
         if self._exit_announced:
             return
         self._exit_announced = True
-        self._output.log.set_run(None, None)
+        if self._output.log.run_pid == self.child.pid:  # not a newer run's (an update's)
+            self._output.log.set_run(None, None)
         self._output.announce("exited", pid=self.child.pid, restarts=self.restarts,
                               code=exit.code, signal=exit.signal)
 

@@ -16,16 +16,17 @@ import logging
 import os
 import shutil
 import sys
+import time
 from collections.abc import Iterable, Set
 from pathlib import Path
 
 from smartmob_agent.errors import AgentError
-from smartmob_agent.model import RunAs, Spec
+from smartmob_agent.model import Resumed, RunAs, Spec
 from smartmob_agent.processes.stop import one_scan, stop_marked, stop_survivor
 from smartmob_agent.processes.users import blocked_folder
 from smartmob_agent.schemas import create_request, spec_from_request
 from smartmob_agent.store import Record, Store, StoreError
-from smartmob_agent.supervision.watcher import Resumed
+from smartmob_agent.supervision.update import releases_from_json
 
 log = logging.getLogger("smartmob_agent.agent")  # stable name: its messages were the agent's
 
@@ -124,6 +125,7 @@ def resumed(record: Record, database: Path) -> tuple[Spec, Resumed]:
     return spec, Resumed(
         record.process_id, stopped=record.desired == "stopped", restarts=record.restarts,
         seq_start=record.seq_reserved, exits=record.exits,
+        releases=releases_from_json(record.releases, time.time()),
     )
 
 

@@ -22,6 +22,9 @@ def collect_unused(sources: SourceCache, builds: Builds, watchers: Iterable[Watc
     not fail a delete)."""
     watchers = list(watchers)
     in_use = {cache_key(w.spec.source_url, w.spec.sha256) for w in watchers}
+    # and the archive a rollback brings back
+    in_use |= {cache_key(p.source_url, p.sha256)
+               for p in (w.releases.previous[0] for w in watchers if w.releases.previous)}
     try:
         sources.collect(in_use)
     except OSError as error:

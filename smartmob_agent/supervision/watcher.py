@@ -20,14 +20,15 @@ two children.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import functools
 import logging
 import shutil
 import signal
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec
 
@@ -41,6 +42,9 @@ from smartmob_agent.model import (
     FailureReason,
     ProcessInfo,
     ProcessState,
+    Releases,
+    Resumed,
+    SourceRef,
     Spec,
     check_transition,
 )
@@ -48,7 +52,12 @@ from smartmob_agent.output.throttle import RepeatLimit
 from smartmob_agent.processes.spawn import Child
 from smartmob_agent.supervision.failures import failure_reason
 from smartmob_agent.supervision.health import HealthCheck
-from smartmob_agent.supervision.provision import PROCESS_ID_VARIABLE, Command, Provisioner
+from smartmob_agent.supervision.provision import (
+    PROCESS_ID_VARIABLE,
+    Command,
+    Provisioner,
+    Version,
+)
 from smartmob_agent.supervision.restart import Action, Restarts, failure
 from smartmob_agent.supervision.run import Output, Run, health_probe
 from smartmob_agent.supervision.runtime import Listener, Runtime
@@ -60,23 +69,6 @@ S = ProcessState
 EXIT_HISTORY = 10
 #: Output lines shown with a crash (``output_tail``).
 OUTPUT_TAIL = 10
-
-
-@dataclass(frozen=True)
-class Resumed:
-    """What an earlier agent left of a process that the agent brings back."""
-
-    #: the value of :data:`PROCESS_ID_VARIABLE` its children had
-    process_id: str
-    #: it was to stay stopped (created so, or stopped by a control): it still is
-    stopped: bool
-    #: its restart count
-    restarts: int = 0
-    #: the lowest sequence number its output lines may get (the mark an earlier agent
-    #: reserved up to)
-    seq_start: int = 0
-    #: its last exits, oldest first, as the earlier agent's status document showed them
-    exits: tuple[ExitRecord, ...] = ()
 
 
 _P = ParamSpec("_P")
@@ -129,6 +121,8 @@ class Watcher:
         # the records about this process in the agent's log, which a crash loop would flood
         self._log = RepeatLimit(log, spec.slug)
         self._output = Output.open(spec.slug, runtime, resumed.seq_start if resumed else 0)
+        #: its output: its children's lines, and those of the builds of its sources
+        self.output = self._output
         self.hub = self._output.hub
         #: every output line, with its stream and time (refilled from its files)
         self.output_log = self._output.log
@@ -136,8 +130,14 @@ class Watcher:
         self.process_id = resumed.process_id if resumed else uuid.uuid4().hex
         self._marker = f"{PROCESS_ID_VARIABLE}={self.process_id}"
         self._runtime = runtime
+        #: what its updates left (see :mod:`~smartmob_agent.supervision.update`)
+        self.releases = (resumed.releases if resumed and resumed.releases
+                         else Releases(since=runtime.wall_clock()))
+        #: the update in progress, if one is
+        self.updating: asyncio.Task[None] | None = None
         self._source = Provisioner(
-            spec, workdir, runtime, self._enter, self._output.write, process_id=self.process_id,
+            spec, workdir / self.releases.folder, runtime, self._enter, self._output.write,
+            process_id=self.process_id,
             port=port, request_id=request_id, reuse_source=resumed is not None,
         )
         options = spec.options
@@ -253,19 +253,20 @@ class Watcher:
         if self.state is S.PENDING:
             self._launch()
 
-    def _launch(self) -> None:
+    def _launch(self, adopted: Run | None = None) -> None:
         assert self._task is None or self._task.done(), "one run task at a time"
         self._wake.clear()
         self._task = asyncio.get_running_loop().create_task(
-            self._main(), name=f"watcher {self.spec.slug}"
+            self._main(adopted), name=f"watcher {self.spec.slug}"
         )
 
-    async def _main(self) -> None:
-        """The run task: provision once, then supervise; what ends it ends in ``failed``."""
+    async def _main(self, adopted: Run | None = None) -> None:
+        """The run task: provision once, then supervise (``adopted`` first, a child an
+        update started); what ends it ends in ``failed``."""
         try:
             if self._command is None:
                 self._command = await self._source.provision()
-            await self._supervise(self._command)
+            await self._supervise(self._command, adopted)
         except AgentError as error:
             self._fail(str(error), failure_reason(error))
         except asyncio.CancelledError:
@@ -280,16 +281,18 @@ class Watcher:
             self._fail(f"internal error of the agent: {type(error).__name__}: {error}",
                        FailureReason.INTERNAL_ERROR)
 
-    async def _supervise(self, command: Command) -> None:
-        """Run the command, and again each time it exits, until the policy says no or a
-        stop cancels this task."""
+    async def _supervise(self, command: Command, adopted: Run | None = None) -> None:
+        """Run the command (first, supervise ``adopted`` if given, already running), and
+        again each time it exits, until the policy says no or a stop cancels this task."""
         runtime, options = self._runtime, self.spec.options
         while True:
-            if self.state is not S.STARTING:  # a start control may have entered it
+            # a start control may have entered it; an adopted child runs already
+            if self.state is not S.STARTING and not (adopted and self.state is S.RUNNING):
                 self._enter(S.STARTING)  # PENDING/UNPACKING/BUILDING/RUNNING/BACKOFF -> STARTING
             try:
-                run = Run.start(command, self.spec, self.restarts, runtime,
-                                output=self._output, agent_log=self._log)
+                run, adopted = adopted or Run.start(
+                    command, self.spec, self.restarts, runtime, output=self._output,
+                    agent_log=self._log), None
             except SpawnError as error:
                 if not error.transient:
                     raise
@@ -300,7 +303,8 @@ class Watcher:
                 continue
             self._current = run
             self.error = None
-            self._enter(S.RUNNING)  # STARTING -> RUNNING
+            if self.state is not S.RUNNING:  # an adopted child may replace a running one
+                self._enter(S.RUNNING)  # STARTING -> RUNNING
             if self._health is not None:
                 probe = health_probe(self._health, command, runtime, self.port, self.spec.options)
                 run.watch_health(self._health, probe, functools.partial(self._unhealthy, run))
@@ -455,6 +459,8 @@ class Watcher:
 
         Safe to call many times and concurrently: the later callers find it stopped.
         """
+        update, self.updating = self.updating, None
+        await _cancel(update, self.spec.slug)  # it stops the child it started, if any
         async with self._lock:
             if final:
                 self._deleted = True
@@ -489,6 +495,48 @@ class Watcher:
             return
         await run.stop(self.spec.options.signal_number, self._stop_timeout, self._marker,
                        lambda exit: self._record_exit(run, exit, reason))
+
+    # -- updates (see smartmob_agent.supervision.update) -----------------------------------
+
+    @contextlib.asynccontextmanager
+    async def controlled(self) -> AsyncIterator[None]:
+        """Hold the controls' lock: no control runs meanwhile (an update's switch).
+
+        Raises:
+            Conflict: the process is being deleted.
+        """
+        async with self._lock:
+            if self._deleted:
+                raise Conflict(f"process {self.spec.slug!r} is being deleted")
+            yield
+
+    def spawn(self, version: Version) -> Run:
+        """Start a child of ``version`` beside the current one (see :meth:`adopt`)."""
+        return Run.start(version.command, version.spec, self.restarts, self._runtime,
+                         output=self._output, agent_log=self._log)
+
+    async def adopt(self, version: Version, run: Run | None) -> None:
+        """Make ``version`` the process's, under :meth:`controlled`: with ``run`` (its
+        child, started by the update) the run loop supervises it at once, and the old
+        child is stopped with its own stop signal and timeout; without, a process that
+        is not ``stopped`` starts ``version`` now."""
+        await _cancel(self._task, self.spec.slug)  # the old child lives on
+        old, self._task, self._current = self._current, None, None
+        old_stop = (self.spec.options.signal_number, self._stop_timeout, self._marker)
+        self.spec, self._source, self._command = version.spec, version.source, version.command
+        self.process_id, self.port = version.process_id, version.port
+        self._marker = f"{PROCESS_ID_VARIABLE}={self.process_id}"
+        options = version.spec.options
+        self._stop_timeout = (
+            self._runtime.stop_timeout if options.stop_timeout is None else options.stop_timeout
+        )
+        self._health = None if options.health is None else HealthCheck.from_json(options.health)
+        self._restarts.reset()  # a new version: its failed starts count afresh
+        if run is not None or self.state is not S.STOPPED:
+            self.error = None
+            self._launch(run)
+        if old is not None:
+            await old.stop(*old_stop, lambda exit: self._record_exit(old, exit, "updated"))
 
     def close(self) -> None:
         """End the output stream: attached clients are told the process is gone; say in
@@ -547,4 +595,7 @@ def _snapshot(watcher: Watcher) -> ProcessInfo:
         stop_timeout=watcher._stop_timeout,
         download=watcher._source.download if state is S.DOWNLOADING else None,
         reason=watcher.reason,
+        source=SourceRef(watcher.spec.source_url, watcher.spec.sha256,
+                         watcher.releases.since),
+        releases=copy.copy(watcher.releases),
     )

@@ -28,6 +28,7 @@ from smartmob_agent.schemas import (
     parse_bulk,
     signal_request,
     spec_from_request,
+    updated_request,
 )
 from smartmob_agent.supervision.agent import Agent
 from smartmob_agent.supervision.watcher import Watcher
@@ -351,8 +352,9 @@ async def _control_target(request: web.Request) -> Watcher:
     return watcher
 
 
-def _status(request: web.Request, watcher: Watcher) -> web.Response:
-    return web.json_response(docs.process_document(watcher.info(), RequestLinks(request)))
+def _status(request: web.Request, watcher: Watcher, status: int = 200) -> web.Response:
+    return web.json_response(
+        docs.process_document(watcher.info(), RequestLinks(request)), status=status)
 
 
 async def _control(request: web.Request, action: str) -> web.Response:
@@ -387,6 +389,24 @@ async def signal_process(request: web.Request) -> web.Response:
     data = signal_request.validate(await read_json(request))
     await watcher.request_signal(data["signal"])
     return _status(request, watcher)
+
+
+@routes.post("/update-process/{slug}", name="update")
+async def update_process(request: web.Request) -> web.Response:
+    """Update a process in place to a new source (``{"source_url", "checksum"?, "env"?,
+    "options"?}``): 202 with its status document; the update goes on in the background."""
+    watcher = process_for(request)
+    data = updated_request(docs.request_document(watcher.spec), await read_json(request))
+    _agent(request).update(watcher, _from_upload(request, spec_from_request(data)))
+    return _status(request, watcher, 202)
+
+
+@routes.post("/rollback-process/{slug}", name="rollback")
+async def rollback_process(request: web.Request) -> web.Response:
+    """Update a process back to its previous version: 202, or 409 when it has none."""
+    watcher = await _control_target(request)
+    _agent(request).update(watcher)
+    return _status(request, watcher, 202)
 
 
 async def _bulk(request: web.Request, action: str) -> web.Response:

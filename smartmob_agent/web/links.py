@@ -38,6 +38,8 @@ PROCESS_ROUTES = {
     "stop": "stop",
     "restart": "restart",
     "signal": "signal",
+    "update": "update",
+    "rollback": "rollback",
 }
 #: Route name of each per-key relation (minted keys).
 KEY_ROUTES = {"revoke": "revoke_token"}

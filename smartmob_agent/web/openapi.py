@@ -27,6 +27,7 @@ from smartmob_agent.schemas import (
     CREATE_REQUEST,
     NAME_PATTERN,
     SIGNAL_REQUEST,
+    UPDATE_REQUEST,
 )
 
 OPENAPI_VERSION = "3.1.0"
@@ -94,6 +95,15 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     ),
     "Exit": _EXIT,
     "Options": _OPTIONS,
+    "Source": {
+        **_object({"url": {"type": "string"},
+                   "checksum": {"type": ["string", "null"], "pattern": "^sha256:[0-9a-f]{64}$"},
+                   "since": _TIME}),
+        "properties": {"url": {"type": "string"},
+                       "checksum": {"type": ["string", "null"]}, "since": _TIME,
+                       "step": {"type": "string",
+                                "description": "a pending source: the update's step"}},
+    },
     "Status": _object(
         {
             "app": {"type": "string"},
@@ -126,6 +136,16 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
                 _object({"bytes": {"type": "integer"}, "total": _NULLABLE_INTEGER}),
             ]},
             "options": _ref("Options"),
+            "source": {"oneOf": [{"type": "null"}, _ref("Source")],
+                       "description": "the current source"},
+            "pending_source": {"oneOf": [{"type": "null"}, _ref("Source")],
+                               "description": "while an update runs: its source"},
+            "previous_source": {"oneOf": [{"type": "null"}, _ref("Source")],
+                                "description": "the version a rollback brings back"},
+            "update_error": {**_NULLABLE_STRING,
+                             "description": "why the last update failed (null after a success)"},
+            "update_reason": {**_NULLABLE_STRING,
+                              "description": "the same as a name a client can switch on"},
             **{relation: _URL for relation in PROCESS_RELATIONS},
         },
         description="the process status document; extensions add fields and links",
@@ -203,6 +223,7 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
 REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
     "CreateRequest": CREATE_REQUEST,
     "SignalRequest": SIGNAL_REQUEST,
+    "UpdateRequest": UPDATE_REQUEST,
     "BulkRequest": BULK_REQUEST,
 }
 
@@ -372,6 +393,12 @@ OPERATIONS: dict[str, dict[str, Any]] = {
     "signal": _op("Send a signal to a running process's group",
                   (200, _json("Status", "its status")), (404, 409, 413),
                   _body("SignalRequest")),
+    "update": _op("Update a process in place to a new source (in the background)",
+                  (202, _json("Status", "the update began; its status")),
+                  (403, 404, 409, 413), _body("UpdateRequest")),
+    "rollback": _op("Update a process back to its previous version (in the background)",
+                    (202, _json("Status", "the rollback began; its status")),
+                    (404, 409, 413), _NO_BODY),
     **{
         f"bulk_{action}": _op(
             f"{action.capitalize()} every process of an app, or every one",
