@@ -178,6 +178,7 @@ class Updater:
             if not isinstance(error, Exception):
                 raise
         else:
+            watcher.releases.pending = None
             self._announce(watcher, "rolled back" if rollback else "succeeded", None)
         finally:
             self._ports.release(owner)
@@ -236,7 +237,10 @@ class Updater:
         after = Releases(since=self._runtime.wall_clock(), folder=folder,
                          previous=(watcher.spec, before.since))
         self._journal.switch(watcher, version, None if run is None else run.child.pid, after)
-        watcher.releases = after
+        # pending until the update ends (the old child stopped): the next may begin then
+        pending = before.pending
+        watcher.releases = dataclasses.replace(after, pending=None if pending is None else
+                                               dataclasses.replace(pending, step="stopping"))
 
     def _announce(self, watcher: Watcher, outcome: str, error: str | None) -> None:
         """Publish a ``process:update`` event."""
