@@ -137,12 +137,11 @@ class Watcher:
         #: what its updates left (see :mod:`~smartmob_agent.supervision.update`)
         self.releases = (resumed.releases if resumed and resumed.releases
                          else Releases(since=runtime.wall_clock()))
-        #: the update in progress, if one is
-        self.updating: asyncio.Task[None] | None = None
+        self.updating: asyncio.Task[None] | None = None  #: the update in progress, if any
         self._source = Provisioner(
             spec, workdir / self.releases.folder, runtime, self._enter, self._output.write,
-            process_id=self.process_id,
-            port=port, request_id=request_id, reuse_source=resumed is not None,
+            process_id=self.process_id, port=port, request_id=request_id,
+            reuse_source=resumed is not None,
         )
         options = spec.options
         self._stop_timeout = (
