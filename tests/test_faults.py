@@ -93,6 +93,8 @@ def children(agent: Agent) -> dict[str, list[int]]:
                 entries = file.read().split(b"\0")
         except OSError:
             continue  # gone meanwhile
+        if f"{AGENT_ID_VARIABLE}={agent.id}".encode() not in entries:
+            continue  # exiting: its memory, environment included, is gone already
         slug = next((e[11:].decode() for e in entries if e.startswith(b"FAULT_SLUG=")), "")
         if pid_alive(pid):
             found[slug].append(pid)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from importlib.metadata import entry_points
 from typing import Any
 
 from smartmob_agent.host.shape import HostContext
@@ -48,6 +47,10 @@ class Plugins:
         An entry point that cannot be loaded is kept as a plugin that always fails with
         the reason, so that the snapshot says it, where a person looks.
         """
+        # imported here: importlib.metadata costs memory an agent nobody asks for stats
+        # from does not spend
+        from importlib.metadata import entry_points
+
         loaded: list[tuple[str, Plugin]] = []
         for entry in sorted(entry_points(group=group), key=lambda entry: entry.name):
             try:
