@@ -61,6 +61,13 @@ export function drawLines(canvas, series, top) {
       height - (Math.min(value, top) / top) * (height - 2) - 1,
     ]);
     if (points.length === 0) continue;
+    if (points.length === 1) { // the first snapshot: a dot until there is a line
+      context.fillStyle = colour;
+      context.beginPath();
+      context.arc(points[0][0] - 2, points[0][1], 2, 0, 2 * Math.PI);
+      context.fill();
+      continue;
+    }
     context.beginPath();
     points.forEach(([x, y], index) => (index === 0 ? context.moveTo(x, y) : context.lineTo(x, y)));
     context.strokeStyle = colour;
@@ -119,7 +126,7 @@ export class HostCharts {
     this.paused = false;
     this.pause = el("button", { type: "button", class: "pause",
       onclick: () => this.togglePause() }, "Pause");
-    this.host = el("span", { class: "host" });
+    this.host = el("span", { class: "host" }, "waiting for the first snapshot…");
     this.problem = el("span", { class: "problem", role: "alert" });
     this.charts = {
       cpu: new Chart("cpu", "CPU per core (%)"),
