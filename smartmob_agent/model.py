@@ -235,6 +235,23 @@ class Backoff:
         return delay
 
 
+#: The backlog of a process's listening socket when its ``socket`` option sets none.
+DEFAULT_BACKLOG = 128
+
+
+@dataclass(frozen=True)
+class SocketSpec:
+    """The listening socket the agent holds for a process (the ``socket`` option) and
+    passes to each of its children as fd 3 (systemd's socket activation).
+
+    ``port`` ``None``: the agent picks a free one when the process is created.
+    """
+
+    port: int | None = None
+    host: str = "127.0.0.1"
+    backlog: int = DEFAULT_BACKLOG
+
+
 @dataclass(frozen=True)
 class Options:
     """How one process is supervised: the optional fields of a create request.
@@ -259,6 +276,8 @@ class Options:
     #: resource limits as ``(name, value)`` pairs in :data:`RLIMIT_NAMES` order; a value
     #: of ``None`` means unlimited
     rlimits: tuple[tuple[str, int | None], ...] = ()
+    #: the listening socket the agent holds for it, if any
+    socket: SocketSpec | None = None
 
     def is_clean(self, exit: Exit) -> bool:
         """Tell whether ``exit`` counts as a clean one (a code in ``exit_codes``)."""

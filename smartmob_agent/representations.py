@@ -19,6 +19,7 @@ from smartmob_agent.model import (
     Options,
     ProcessInfo,
     Releases,
+    SocketSpec,
     SourceRef,
     Spec,
 )
@@ -105,6 +106,10 @@ def options_document(options: Options, stop_timeout: float | None) -> dict[str, 
         "rlimits": None if not options.rlimits else {
             name: "unlimited" if value is None else value for name, value in options.rlimits
         },
+        "socket": None if options.socket is None else {
+            "port": options.socket.port, "host": options.socket.host,
+            "backlog": options.socket.backlog,
+        },
     }
 
 
@@ -141,6 +146,23 @@ def releases_document(
         "update_error": None if releases is None else releases.error,
         "update_reason": None if releases is None else releases.reason,
     }
+
+
+def socket_document(socket: SocketSpec | None, pid: int | None) -> dict[str, Any] | None:
+    """The listening socket of a process (``None`` without one): its address, its fd
+    in the children, and the pid of the child that has it now.
+
+    >>> from smartmob_agent.model import SocketSpec
+    >>> from smartmob_agent.representations import socket_document
+    >>> socket_document(SocketSpec(8000), 4242)
+    {'address': '127.0.0.1:8000', 'host': '127.0.0.1', 'port': 8000, 'backlog': 128, \
+'fd': 3, 'inherited_by': 4242}
+    """
+    if socket is None:
+        return None
+    host = f"[{socket.host}]" if ":" in socket.host else socket.host
+    return {"address": f"{host}:{socket.port}", "host": socket.host, "port": socket.port,
+            "backlog": socket.backlog, "fd": 3, "inherited_by": pid}
 
 
 def index_document(links: Linker) -> dict[str, Any]:
@@ -180,6 +202,7 @@ def process_document(info: ProcessInfo, links: Linker) -> dict[str, Any]:
         # nested: "restart" is both an option and a link relation
         "options": options_document(spec.options, info.stop_timeout),
         **releases_document(info.source, info.releases),
+        "socket": socket_document(spec.options.socket, info.pid),
     }
     for relation in PROCESS_RELATIONS:
         document[relation] = links.process(relation, spec.slug)

@@ -24,6 +24,7 @@ from smartmob_agent.model import (
     Backoff,
     Options,
     RestartPolicy,
+    SocketSpec,
     Spec,
 )
 
@@ -155,6 +156,28 @@ OPTION_PROPERTIES: dict[str, Any] = {
         "maxItems": MAX_NOTIFY,
         "items": {"type": "string", "maxLength": MAX_URL, "pattern": _URL_PATTERN},
         "description": f"must be an array of at most {MAX_NOTIFY} http:// or https:// URLs",
+    },
+    "socket": {
+        "oneOf": [
+            {"const": True},
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["port"],
+                "properties": {
+                    "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                    "host": {"type": "string", "maxLength": 45,
+                             "pattern": r"^([0-9.]+|[0-9A-Fa-f:.]+)$"},
+                    "backlog": {"type": "integer", "minimum": 1, "maximum": 65535},
+                },
+            },
+        ],
+        "description": (
+            "must be true (a port the agent picks) or an object with 'port' (1 to 65535) "
+            "and optionally 'host' (an IP address, 127.0.0.1 by default) and 'backlog' "
+            "(1 to 65535): the socket the agent listens on and passes to each child as "
+            "fd 3"
+        ),
     },
     "rlimits": {
         "type": "object",
@@ -421,7 +444,18 @@ def parse_options(data: Mapping[str, Any]) -> Options:
         health=None if "health" not in data else {**HEALTH_DEFAULTS, **data["health"]},
         notify=tuple(data.get("notify", ())),
         rlimits=_rlimits(data.get("rlimits", {})),
+        socket=_socket(data.get("socket")),
     )
+
+
+def _socket(given: Any) -> SocketSpec | None:
+    """The ``socket`` option of a request: ``true`` for a port the agent picks."""
+    if given is None:
+        return None
+    if given is True:
+        return SocketSpec()
+    return SocketSpec(int(given["port"]), str(given.get("host", "127.0.0.1")),
+                      int(given.get("backlog", SocketSpec.backlog)))
 
 
 def _rlimits(given: Mapping[str, Any]) -> tuple[tuple[str, int | None], ...]:

@@ -96,7 +96,7 @@ def test_options_are_echoed_nested_with_defaults() -> None:
         "restart": "always", "exit_codes": [0], "max_restarts": None, "start_seconds": 1.0,
         "backoff": {"initial": 0.1, "max": 30.0}, "stop_signal": "TERM",
         "stop_timeout": 10.0, "working_dir": None, "umask": None, "autostart": True,
-        "health": None, "notify": [], "rlimits": None,
+        "health": None, "notify": [], "rlimits": None, "socket": None,
     }
 
 

@@ -15,6 +15,7 @@ from smartmob_agent.model import (
     Backoff,
     Options,
     RestartPolicy,
+    SocketSpec,
 )
 from smartmob_agent.schemas import (
     CREATE_REQUEST,
@@ -260,6 +261,10 @@ BAD_OPTIONS = [
     ("rlimits", {"cpu": 2**63}, "whole number from 0"),
     ("rlimits", {"stack": 1}, "'nofile', 'as', 'nproc', 'core', 'cpu', 'fsize'"),
     ("rlimits", [64], "got an array"),
+    ("socket", False, "must be true"),
+    ("socket", {"port": 0}, "'port' (1 to 65535)"),
+    ("socket", {"port": 8000, "host": "localhost"}, "an IP address"),
+    ("socket", {"host": "127.0.0.1"}, "'port'"),
     ("restart", "sometimes", "one of 'always', 'on-failure' or 'never'"),
     ("restart", "Always", "got the string 'Always'"),
     ("restart", None, "got null"),
@@ -386,6 +391,9 @@ GOOD_OPTIONS: list[tuple[dict[str, Any], Options]] = [
      Options(health={"command": "true", "interval": 1, "timeout": 0.5, "failures": 1})),
     ({"notify": []}, Options(notify=())),
     ({"rlimits": {}}, Options()),
+    ({"socket": True}, Options(socket=SocketSpec())),
+    ({"socket": {"port": 8000, "host": "::1", "backlog": 5}},
+     Options(socket=SocketSpec(8000, "::1", 5))),
     ({"rlimits": {"fsize": 1, "nofile": 64.0, "as": "unlimited"}},
      Options(rlimits=(("nofile", 64), ("as", None), ("fsize", 1)))),
     ({"rlimits": {"nproc": 0, "core": 0, "cpu": 2**63 - 1}},

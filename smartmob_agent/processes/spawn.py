@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import fcntl
 import functools
 import logging
 import os
@@ -139,20 +140,30 @@ def exec_command(command: str) -> str:
     return f"exec {command}"
 
 
-def shell_script(command: str, parent: int) -> str:
+#: The first file descriptor of the sockets a child inherits (systemd's
+#: ``SD_LISTEN_FDS_START``).
+LISTEN_FDS_START = 3
+
+
+def shell_script(command: str, parent: int, *, listen: bool = False) -> str:
     """What ``/bin/sh -c`` runs for ``command``, spawned by process ``parent``.
 
     First a guard: the shell exits at once if its parent is no longer ``parent``. A
     child caught between fork and exec when the agent dies carries no marker yet (its
     environment is still the agent's), so the guardian's sweep cannot find it, and the
     parent-death signal, set after the agent died, would never come: this guard ends
-    it. Then the command, through :func:`exec_command`.
+    it. Then the command, through :func:`exec_command`. With ``listen`` (the child
+    inherits sockets), ``LISTEN_PID`` is set to the shell's pid first: the program's own
+    once ``exec`` replaces the shell, the shell's for a compound command.
 
     >>> from smartmob_agent.processes.spawn import shell_script
     >>> shell_script("serve", 42)
     '[ "$PPID" = 42 ] || exit 1; exec serve'
+    >>> shell_script("serve", 42, listen=True)
+    '[ "$PPID" = 42 ] || exit 1; LISTEN_PID=$$; export LISTEN_PID; exec serve'
     """
-    return f'[ "$PPID" = {parent} ] || exit 1; {exec_command(command)}'
+    listen_pid = "LISTEN_PID=$$; export LISTEN_PID; " if listen else ""
+    return f'[ "$PPID" = {parent} ] || exit 1; {listen_pid}{exec_command(command)}'
 
 
 _PR_SET_PDEATHSIG = 1
@@ -201,14 +212,16 @@ def _prctl() -> Callable[..., int] | None:
 
 
 def _child_setup(
-    rlimits: Sequence[tuple[str, int | None]], death_signal: bool
+    rlimits: Sequence[tuple[str, int | None]], death_signal: bool,
+    listen_fds: Sequence[int] = (),
 ) -> Callable[[], None] | None:
     """The function the child runs between fork and exec, or ``None`` if there is
     nothing to do there (so that :mod:`subprocess` can vfork, which is faster).
 
     Sets the parent-death signal if ``death_signal`` (no :func:`death_signal_wrapper`),
     then each limit, soft and hard, from values computed here (nothing to look up or
-    allocate there).
+    allocate there); and puts the sockets ``listen_fds`` at fds 3, 4... (a child that
+    inherits sockets is forked, not vforked: :mod:`subprocess` cannot move an fd).
     """
     pairs = tuple(
         (_RLIMITS[name], resource.RLIM_INFINITY if value is None else value)
@@ -216,15 +229,22 @@ def _child_setup(
     )
     setrlimit = resource.setrlimit
     prctl = _prctl() if death_signal else None
-    if not pairs and prctl is None:
+    if not pairs and prctl is None and not listen_fds:
         return None
     kill = int(signal.SIGKILL)
+    sources = tuple(listen_fds)
+    dup2, fcntl_, dupfd = os.dup2, fcntl.fcntl, fcntl.F_DUPFD
 
     def apply() -> None:
         if prctl is not None:
             prctl(_PR_SET_PDEATHSIG, kill, 0, 0, 0)
         for number, value in pairs:
             setrlimit(number, (value, value))
+        # first out of the way of the targets (a socket at fd 4 may go to 3, say); the
+        # copies are closed with every fd the child does not keep
+        copies = [fcntl_(fd, dupfd, 64) for fd in sources]
+        for target, fd in enumerate(copies, LISTEN_FDS_START):
+            dup2(fd, target)  # inheritable
 
     return apply
 
@@ -258,6 +278,7 @@ def spawn_shell(
     umask: int | None = None,
     run_as: RunAs | None = None,
     rlimits: Sequence[tuple[str, int | None]] = (),
+    listen: Sequence[tuple[int, str]] = (),
 ) -> subprocess.Popen[bytes]:
     """Start ``/bin/sh -c command`` in ``cwd`` with exactly ``env``, in a new session,
     watched by ``reaper``; a simple command replaces the shell (see :func:`exec_command`),
@@ -266,7 +287,10 @@ def spawn_shell(
     ``umask`` (if given) is set in the child before it runs the shell, as the user, group
     and groups of ``run_as`` are, then the resource limits ``rlimits`` (soft and hard;
     ``None`` is unlimited). The standard streams are as :class:`subprocess.Popen` takes
-    them. The reaper reports the exit to nobody until the caller names who gets it with
+    them. The sockets of ``listen`` (each an fd and its name) are passed as systemd's
+    socket activation does: at fds 3, 4..., with ``LISTEN_FDS``, ``LISTEN_FDNAMES`` and
+    ``LISTEN_PID`` (see :func:`shell_script`). The reaper reports the exit to nobody
+    until the caller names who gets it with
     :meth:`~smartmob_agent.processes.reaper.Reaper.redirect`, before the event loop runs
     again.
 
@@ -275,7 +299,11 @@ def spawn_shell(
             limit the kernel refuses) or watched (then it was killed).
         ValueError: a NUL character in ``command`` or ``env``, as :mod:`subprocess` says.
     """
-    popen = _start(command, cwd, env, (stdin, stdout, stderr), umask, run_as, rlimits)
+    if listen:
+        env = {**env, "LISTEN_FDS": str(len(listen)),
+               "LISTEN_FDNAMES": ":".join(name for _, name in listen)}
+    popen = _start(command, cwd, env, (stdin, stdout, stderr), umask, run_as, rlimits,
+                   tuple(fd for fd, _ in listen))
     try:
         reaper.watch(popen.pid, lambda status: None)
     except OSError as error:  # no pidfd to be had: do not leave the child unwatched
@@ -296,13 +324,15 @@ def spawn_shell(
 def _start(
     command: str, cwd: Path, env: Mapping[str, str], streams: tuple[Stream, Stream, Stream],
     umask: int | None, run_as: RunAs | None, rlimits: Sequence[tuple[str, int | None]],
+    listen_fds: tuple[int, ...] = (),
 ) -> subprocess.Popen[bytes]:
     """The :class:`subprocess.Popen` of :func:`spawn_shell`, its failures worded."""
     stdin, stdout, stderr = streams
     wrapper = death_signal_wrapper()
     try:
         return subprocess.Popen(
-            [*wrapper, "/bin/sh", "-c", shell_script(command, os.getpid())],
+            [*wrapper, "/bin/sh", "-c",
+             shell_script(command, os.getpid(), listen=bool(listen_fds))],
             cwd=cwd,
             env=dict(env),
             stdin=stdin,
@@ -317,7 +347,8 @@ def _start(
             extra_groups=None if run_as is None else list(run_as.groups),
             # after the switch of user: lowering a limit needs no privilege, and a
             # change of user would clear the parent-death signal
-            preexec_fn=_child_setup(rlimits, death_signal=not wrapper),
+            preexec_fn=_child_setup(rlimits, death_signal=not wrapper, listen_fds=listen_fds),
+            pass_fds=tuple(range(LISTEN_FDS_START, LISTEN_FDS_START + len(listen_fds))),
         )
     except OSError as error:
         reason = error.strerror or str(error)
@@ -365,6 +396,7 @@ class Child:
         umask: int | None = None,
         run_as: RunAs | None = None,
         rlimits: Sequence[tuple[str, int | None]] = (),
+        listen: Sequence[tuple[int, str]] = (),
     ) -> Child:
         """Start ``/bin/sh -c command`` in ``cwd`` with exactly ``env`` (see
         :func:`spawn_shell`, for ``exec``, ``umask``, ``run_as`` and ``rlimits``).
@@ -379,7 +411,7 @@ class Child:
         popen = spawn_shell(
             command, cwd=cwd, env=env, reaper=reaper,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            umask=umask, run_as=run_as, rlimits=rlimits,
+            umask=umask, run_as=run_as, rlimits=rlimits, listen=listen,
         )
         child = cls(popen, sink, max_line)
         reaper.redirect(popen.pid, child._on_exit)

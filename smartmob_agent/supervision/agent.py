@@ -31,6 +31,7 @@ from smartmob_agent.output.logs import LogHandler, ProcessLog
 from smartmob_agent.processes.monitor import Monitor
 from smartmob_agent.processes.ports import PortAllocator
 from smartmob_agent.processes.reaper import Reaper
+from smartmob_agent.processes.sockets import listen_again, listen_for
 from smartmob_agent.processes.spawn import hard_limits
 from smartmob_agent.processes.stop import one_scan
 from smartmob_agent.processes.users import resolve_run_as
@@ -236,12 +237,12 @@ class Agent:
         assert self._records is not None
         for record in records:
             spec, past = resumed(record, store.path)
+            spec, listener = listen_again(spec)
             if record.port is not None:
                 self.ports.reserve(spec.slug, record.port)
             self._records.known(record)
-            self._register(Watcher(
-                spec, self.processes_dir / spec.slug, runtime, None, record.port, resumed=past
-            ))
+            self._register(Watcher(spec, self.processes_dir / spec.slug, runtime, None,
+                                   record.port, resumed=past, listener=listener))
         if records:
             log.info("brought back %d process(es) from %s", len(records), store.path)
         self._collect_sources()
@@ -285,6 +286,8 @@ class Agent:
         await self.stop_all()
         for watcher in self._watchers.values():  # the last lines reach the files
             watcher.output_log.close()
+            if watcher.listener is not None:  # no child left to pass it to
+                watcher.listener.close()
         self._close_agent_log()
         if self._records is not None:
             self._records.close()
@@ -354,14 +357,17 @@ class Agent:
             raise Conflict(f"a process named {slug!r} already exists; delete it first")
         self._check_spec(spec)
         assert self._records is not None
+        spec, listener = listen_for(spec)  # the port a socket got is the one recorded
         port = self._port_for(spec)
         # a new process starts with no output, whatever a crashed deletion left behind
         shutil.rmtree(self.logs_dir / slug, ignore_errors=True)
-        watcher = Watcher(spec, self.processes_dir / slug, self._runtime, request_id, port)
+        watcher = Watcher(spec, self.processes_dir / slug, self._runtime, request_id, port,
+                          listener=listener)
         try:  # on disk before the API answers
             self._records.add(watcher)
         except StoreError:
             self.ports.release(slug)
+            watcher.close()
             raise
         self._register(watcher, created=True)
         logrecords.event(log, "process.create", f"{slug}: created (process type "
@@ -370,8 +376,7 @@ class Agent:
         return watcher
 
     def update(self, watcher: Watcher, spec: Spec | None = None) -> None:
-        """Begin updating ``watcher`` in place to ``spec``, or (``None``) roll it back to
-        its previous version: see :meth:`~smartmob_agent.supervision.update.Updater.begin`."""
+        """Update ``watcher`` to ``spec`` (``None``: roll back): see :class:`.Updater`."""
         assert self._updates is not None, "Agent.start() first"
         self._updates.begin(watcher, spec)
 
@@ -398,6 +403,8 @@ class Agent:
     def _port_for(self, spec: Spec) -> int | None:
         """A free port for ``PORT``, or the one the request's ``env`` sets (if a port)."""
         given = spec.env.get("PORT")
+        if spec.options.socket is not None and spec.options.socket.port is not None:
+            given = str(spec.options.socket.port)  # the socket's port, whatever env says
         if given is None:
             return self.ports.allocate(spec.slug)
         # only plain digits: int() would also take " 80", "8_0" and non-ASCII digits

@@ -13,13 +13,16 @@ import asyncio
 import functools
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from smartmob_agent.errors import SpawnError
 from smartmob_agent.model import Exit, ExitRecord, Options, Spec
 from smartmob_agent.output.hub import Hub
 from smartmob_agent.output.logs import ProcessLog
 from smartmob_agent.output.throttle import RepeatLimit
+from smartmob_agent.processes.sockets import private_listener
 from smartmob_agent.processes.spawn import Child
 from smartmob_agent.processes.stop import stop_marked
 from smartmob_agent.supervision.health import (
@@ -115,6 +118,8 @@ class Run:
         self.exit_recorded = False
         #: the last health check's verdict; ``None`` before the first, or without checks
         self.healthy: bool | None = None
+        #: the port of its own health socket (fd 4), if it has one: HTTP probes go there
+        self.probe_port: int | None = None
         # the restart asked for by failed health checks, while it runs
         self._unhealthy_task: asyncio.Task[None] | None = None
         self._exit_announced = False
@@ -125,22 +130,41 @@ class Run:
     @classmethod
     def start(
         cls, command: Command, spec: Spec, restarts: int, runtime: Runtime, *,
-        output: Output, agent_log: RepeatLimit,
+        output: Output, agent_log: RepeatLimit, listener: socket.socket | None = None,
     ) -> Run:
         """Spawn a child of process ``spec`` that runs ``command``, its lines to ``output``
-        (and its records to ``agent_log``); announce it and have it measured.
+        (and its records to ``agent_log``), ``listener`` its fd 3 if given; announce it
+        and have it measured.
+
+        A child that shares ``listener`` and has an HTTP health check also gets a socket
+        of its own as fd 4 (named ``health``), which its probes go to: on the shared
+        port, a probe could reach another child (see :ref:`deploys-health`).
 
         Raises:
             SpawnError: it could not be started (see :meth:`.Child.spawn`).
         """
         options = spec.options
-        child = Child.spawn(
-            command.command, cwd=command.cwd, env=command.env, sink=output.write,
-            reaper=runtime.reaper, umask=options.umask, run_as=runtime.run_as,
-            rlimits=options.rlimits,
-        )
+        listen = [] if listener is None else [(listener, spec.process_type)]
+        probe_port = None
+        if listen and options.health is not None and "http" in options.health:
+            try:
+                listen.append((private_listener(), "health"))
+            except OSError as error:  # out of fds, say: that may pass
+                raise SpawnError(f"could not open its health socket: {error}",
+                                 transient=True) from None
+            probe_port = listen[1][0].getsockname()[1]
+        try:
+            child = Child.spawn(
+                command.command, cwd=command.cwd, env=command.env, sink=output.write,
+                reaper=runtime.reaper, umask=options.umask, run_as=runtime.run_as,
+                rlimits=options.rlimits, listen=[(s.fileno(), name) for s, name in listen],
+            )
+        finally:  # the child has its own copy; the port lives as long as it does
+            for private, _ in listen[1:]:
+                private.close()
         run = cls(child, spec.slug, restarts, runtime=runtime, output=output,
                   agent_log=agent_log)
+        run.probe_port = probe_port
         run.announce_spawn()
         if run._monitor is not None:
             run._monitor.track(child.pid)

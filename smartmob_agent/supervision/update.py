@@ -21,6 +21,7 @@ its ``update_error`` then says the update was cut short.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import shutil
 import uuid
@@ -28,7 +29,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from smartmob_agent.errors import AgentError, Conflict
+from smartmob_agent.errors import AgentError, Conflict, InvalidRequest
 from smartmob_agent.model import ProcessState, Releases, SourceRef, Spec
 from smartmob_agent.processes.ports import PortAllocator
 from smartmob_agent.representations import request_document
@@ -133,6 +134,7 @@ class Updater:
             raise Conflict(f"process {slug!r} is being updated already: wait for the end")
         if watcher.state in BUSY_STATES:
             raise Conflict(f"process {slug!r} is {watcher.state}: update it once it is not")
+        spec = _same_socket(watcher.spec, spec)
         self._check(spec)
         releases = watcher.releases
         releases.pending = SourceRef(spec.source_url, spec.sha256, self._runtime.wall_clock(),
@@ -176,6 +178,7 @@ class Updater:
             if not isinstance(error, Exception):
                 raise
         else:
+            watcher.releases.pending = None
             self._announce(watcher, "rolled back" if rollback else "succeeded", None)
         finally:
             self._ports.release(owner)
@@ -185,6 +188,8 @@ class Updater:
     def _port(self, spec: Spec, owner: str) -> int | None:
         """The ``PORT`` of the new version: the request's own if it sets one (a number),
         else a free one of its own until the switch."""
+        if spec.options.socket is not None:  # the socket's, shared by both children
+            return spec.options.socket.port
         given = spec.env.get("PORT")
         if given is None:
             return self._ports.allocate(owner)
@@ -232,7 +237,10 @@ class Updater:
         after = Releases(since=self._runtime.wall_clock(), folder=folder,
                          previous=(watcher.spec, before.since))
         self._journal.switch(watcher, version, None if run is None else run.child.pid, after)
-        watcher.releases = after
+        # pending until the update ends (the old child stopped): the next may begin then
+        pending = before.pending
+        watcher.releases = dataclasses.replace(after, pending=None if pending is None else
+                                               dataclasses.replace(pending, step="stopping"))
 
     def _announce(self, watcher: Watcher, outcome: str, error: str | None) -> None:
         """Publish a ``process:update`` event."""
@@ -260,6 +268,27 @@ class Updater:
         self._announce(watcher, "failed", watcher.releases.error)
 
 
+def _same_socket(current: Spec, new: Spec) -> Spec:
+    """``new`` with the socket of ``current``: the socket belongs to the process, and
+    stays open from one version to the next (``options.socket`` may repeat it, or be
+    left out).
+
+    Raises:
+        InvalidRequest: ``options.socket`` asks for another one.
+    """
+    held, asked = current.options.socket, new.options.socket
+    if asked is not None and asked != held and not (
+        held is not None and asked.port is None
+        and (asked.host, asked.backlog) == (held.host, held.backlog)
+    ):
+        raise InvalidRequest(
+            "an update cannot change the process's socket (it stays open across versions): "
+            "leave options.socket out, or delete the process and create it again",
+            {"options.socket": "must be left out, or be the process's socket"},
+        )
+    return dataclasses.replace(new, options=dataclasses.replace(new.options, socket=held))
+
+
 def step(watcher: Watcher, name: str) -> None:
     """Show the step the pending update is at (``starting``...)."""
     pending = watcher.releases.pending
@@ -280,7 +309,8 @@ async def _gate(run: Run, version: Version, runtime: Runtime) -> None:
         done, _ = await asyncio.wait({exited}, timeout=options.start_seconds)
         if not done and options.health is not None:
             check = HealthCheck.from_json(options.health)
-            probe = health_probe(check, version.command, runtime, version.port, options)
+            probe = health_probe(check, version.command, runtime,
+                                 run.probe_port or version.port, options)
             last = await _probe_until(probe, exited, gate_deadline(check))
             if not last.healthy and not exited.done():
                 raise UpdateFailed(

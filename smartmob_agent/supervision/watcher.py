@@ -26,6 +26,7 @@ import functools
 import logging
 import shutil
 import signal
+import socket
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -114,10 +115,13 @@ class Watcher:
         port: int | None = None,
         *,
         resumed: Resumed | None = None,
+        listener: socket.socket | None = None,
     ) -> None:
         self.spec = spec
         self.workdir = workdir
         self.port = port
+        #: the listening socket each child gets as fd 3 (``socket``), kept open for good
+        self.listener = listener
         # the records about this process in the agent's log, which a crash loop would flood
         self._log = RepeatLimit(log, spec.slug)
         self._output = Output.open(spec.slug, runtime, resumed.seq_start if resumed else 0)
@@ -133,12 +137,11 @@ class Watcher:
         #: what its updates left (see :mod:`~smartmob_agent.supervision.update`)
         self.releases = (resumed.releases if resumed and resumed.releases
                          else Releases(since=runtime.wall_clock()))
-        #: the update in progress, if one is
-        self.updating: asyncio.Task[None] | None = None
+        self.updating: asyncio.Task[None] | None = None  #: the update in progress, if any
         self._source = Provisioner(
             spec, workdir / self.releases.folder, runtime, self._enter, self._output.write,
-            process_id=self.process_id,
-            port=port, request_id=request_id, reuse_source=resumed is not None,
+            process_id=self.process_id, port=port, request_id=request_id,
+            reuse_source=resumed is not None,
         )
         options = spec.options
         self._stop_timeout = (
@@ -292,7 +295,7 @@ class Watcher:
             try:
                 run, adopted = adopted or Run.start(
                     command, self.spec, self.restarts, runtime, output=self._output,
-                    agent_log=self._log), None
+                    agent_log=self._log, listener=self.listener), None
             except SpawnError as error:
                 if not error.transient:
                     raise
@@ -306,7 +309,8 @@ class Watcher:
             if self.state is not S.RUNNING:  # an adopted child may replace a running one
                 self._enter(S.RUNNING)  # STARTING -> RUNNING
             if self._health is not None:
-                probe = health_probe(self._health, command, runtime, self.port, self.spec.options)
+                probe = health_probe(self._health, command, runtime,
+                                     run.probe_port or self.port, self.spec.options)
                 run.watch_health(self._health, probe, functools.partial(self._unhealthy, run))
             exit = await run.wait()
             if not await self._after_exit(run, exit, runtime.clock() - run.started):
@@ -505,7 +509,7 @@ class Watcher:
     def spawn(self, version: Version) -> Run:
         """Start a child of ``version`` beside the current one (see :meth:`adopt`)."""
         return Run.start(version.command, version.spec, self.restarts, self._runtime,
-                         output=self._output, agent_log=self._log)
+                         output=self._output, agent_log=self._log, listener=self.listener)
 
     async def adopt(self, version: Version, run: Run | None) -> None:
         """Make ``version`` the process's, under :meth:`controlled`: with ``run`` (its
@@ -535,6 +539,8 @@ class Watcher:
         the agent's log what records about it were held back."""
         self.hub.close()
         self._log.flush()
+        if self.listener is not None:  # no child left to pass it to
+            self.listener.close()
 
     async def remove_files(self) -> None:
         """Delete the process's work folder and output logs (after :meth:`stop`)."""

@@ -73,6 +73,7 @@ _OPTIONS = _object({
     "notify": {"type": "array", "items": {"type": "string"}},
 })
 _OPTIONS["properties"]["rlimits"] = {"type": ["object", "null"]}
+_OPTIONS["properties"]["socket"] = {"type": ["object", "null"]}
 
 #: Response documents, by component name (see :mod:`smartmob_agent.representations`).
 RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
@@ -146,6 +147,11 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
                              "description": "why the last update failed (null after a success)"},
             "update_reason": {**_NULLABLE_STRING,
                               "description": "the same as a name a client can switch on"},
+            "socket": {"oneOf": [{"type": "null"}, _object({
+                "address": {"type": "string"}, "host": {"type": "string"},
+                "port": {"type": "integer"}, "backlog": {"type": "integer"},
+                "fd": {"const": 3}, "inherited_by": _NULLABLE_INTEGER,
+            })], "description": "the listening socket each child gets as fd 3"},
             **{relation: _URL for relation in PROCESS_RELATIONS},
         },
         description="the process status document; extensions add fields and links",
