@@ -181,6 +181,11 @@ def test_update_all_and_what_cannot_be_compared() -> None:
     ({"autostart": True}, {"autostart": 1}, ["autostart"]),
     ({"max_restarts": None}, {"max_restarts": 3}, ["max_restarts"]),
     ({"socket": True}, {}, []),
+    ({"socket": True}, {"socket": {"port": 41234, "host": "127.0.0.1", "backlog": 128}}, []),
+    ({"socket": True}, {"socket": None}, ["socket"]),
+    ({"socket": {"port": 8000}}, {"socket": {"port": 8000, "host": "127.0.0.1"}}, []),
+    ({"socket": {"port": 8001}}, {"socket": {"port": 8000, "host": "127.0.0.1"}},
+     ["socket"]),
 ])
 def test_options_are_compared_by_value(wanted: dict[str, object], shown: dict[str, object],
                                        changed: list[str]) -> None:
