@@ -351,3 +351,27 @@ def health_probe(
         )
 
     return probe
+
+
+async def sleep_unless(event: asyncio.Event, sleep: Awaitable[None]) -> None:
+    """Wait until ``sleep`` is over or ``event`` is set, whichever comes first."""
+    sleeping = asyncio.ensure_future(sleep)
+    woken = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({sleeping, woken}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        sleeping.cancel()
+        woken.cancel()
+
+
+async def cancel_and_wait(task: asyncio.Task[None] | None, slug: str) -> None:
+    """Cancel the run task ``task`` (if any) and wait for its end."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    except Exception:  # a bug of the run task: log it, stop all the same
+        log.exception("%s: the run task failed", slug)

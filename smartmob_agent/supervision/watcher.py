@@ -29,7 +29,7 @@ import signal
 import socket
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec
 
@@ -60,7 +60,13 @@ from smartmob_agent.supervision.provision import (
     Version,
 )
 from smartmob_agent.supervision.restart import Action, Restarts, failure
-from smartmob_agent.supervision.run import Output, Run, health_probe
+from smartmob_agent.supervision.run import (
+    Output,
+    Run,
+    cancel_and_wait,
+    health_probe,
+    sleep_unless,
+)
 from smartmob_agent.supervision.runtime import Listener, Runtime
 
 log = logging.getLogger("smartmob_agent.watcher")  # stable name: internals.rst
@@ -352,7 +358,7 @@ class Watcher:
         self._output.announce("backoff", delay=round(wait, 3))
         self._wake.clear()
         try:
-            await _sleep_unless(self._wake, self._runtime.sleep(wait))
+            await sleep_unless(self._wake, self._runtime.sleep(wait))
         finally:
             self.next_start_at = None
 
@@ -464,7 +470,7 @@ class Watcher:
         Safe to call many times and concurrently: the later callers find it stopped.
         """
         update, self.updating = self.updating, None
-        await _cancel(update, self.spec.slug)  # it stops the child it started, if any
+        await cancel_and_wait(update, self.spec.slug)  # it stops the child it started, if any
         async with self._lock:
             if final:
                 self._deleted = True
@@ -480,7 +486,7 @@ class Watcher:
         self._enter(S.STOPPING)  # any live state -> STOPPING
         try:  # whatever happens below, the process must not stay in STOPPING
             task, self._task = self._task, None
-            await _cancel(task, self.spec.slug)
+            await cancel_and_wait(task, self.spec.slug)
             await self._end_run(reason)
         except TimeoutError:
             # SIGKILL cannot be ignored: only a process stuck in the kernel gets here
@@ -524,7 +530,7 @@ class Watcher:
         child, started by the update) the run loop supervises it at once, and the old
         child is stopped with its own stop signal and timeout; without, a process that
         is not ``stopped`` starts ``version`` now."""
-        await _cancel(self._task, self.spec.slug)  # the old child lives on
+        await cancel_and_wait(self._task, self.spec.slug)  # the old child lives on
         old, self._task, self._current = self._current, None, None
         old_stop = (self.spec.options.signal_number, self._stop_timeout, self._marker)
         self.spec, self._source, self._command = version.spec, version.source, version.command
@@ -554,30 +560,6 @@ class Watcher:
         """Delete the process's work folder and output logs (after :meth:`stop`)."""
         await self.output_log.remove()
         await asyncio.to_thread(shutil.rmtree, self.workdir, True)
-
-
-async def _sleep_unless(event: asyncio.Event, sleep: Awaitable[None]) -> None:
-    """Wait until ``sleep`` is over or ``event`` is set, whichever comes first."""
-    sleeping = asyncio.ensure_future(sleep)
-    woken = asyncio.ensure_future(event.wait())
-    try:
-        await asyncio.wait({sleeping, woken}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        sleeping.cancel()
-        woken.cancel()
-
-
-async def _cancel(task: asyncio.Task[None] | None, slug: str) -> None:
-    """Cancel the run task ``task`` (if any) and wait for its end."""
-    if task is None:
-        return
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
-    except Exception:  # a bug of the run task: log it, stop all the same
-        log.exception("%s: the run task failed", slug)
 
 
 def _snapshot(watcher: Watcher) -> ProcessInfo:
