@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -21,18 +22,39 @@ from tests.agent_process import AgentProcess
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
+BUILDERS = ("html", "doctest")
+
+
+@pytest.fixture(scope="module")
+def docs_builds(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, subprocess.Popen[str]]]:
+    """Both Sphinx builds, started together: they take ~20 and ~30 s, one core each, so
+    the suite waits for the longer only."""
+    out = tmp_path_factory.mktemp("docs")
+    builds = {
+        builder: subprocess.Popen(
+            [sys.executable, "-m", "sphinx", "-W", "-n", "-q", "-b", builder, str(DOCS),
+             str(out / builder)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for builder in BUILDERS
+    }
+    yield builds
+    for build in builds.values():
+        if build.poll() is None:  # a test that failed early: do not leave it running
+            build.kill()
+        build.communicate()
+
+
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("builder", ["html", "doctest"])
-def test_docs_build(builder: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("builder", BUILDERS)
+def test_docs_build(builder: str, docs_builds: dict[str, subprocess.Popen[str]]) -> None:
     """sphinx-build -W -n succeeds: no warning, no broken reference, no failing doctest
     (the doctests start the real smartmob-agent and follow the walkthrough), and no
     internal link of the HTML leads nowhere (docs/internal_links.py)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-W", "-n", "-q", "-b", builder, str(DOCS),
-         str(tmp_path / builder)],
-        capture_output=True, text=True, timeout=170, check=False,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    output, _ = docs_builds[builder].communicate(timeout=170)
+    assert docs_builds[builder].returncode == 0, output[-8000:]
 
 
 ROOT = DOCS.parent
