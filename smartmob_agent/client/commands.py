@@ -227,8 +227,9 @@ async def control(args: argparse.Namespace, fleet: Fleet, term: Terminal) -> int
                                   for r in results]})
     statuses = [report(term, list(results))]
     for result in results:
+        # by slug: processes created at once (deploy, apply) are in no set creation order
         statuses += [_outcome(result.agent, fleet, outcome, action, term)
-                     for outcome in result.value or []]
+                     for outcome in sorted(result.value or [], key=lambda o: o.slug)]
     return worst(statuses)
 
 
