@@ -17,7 +17,6 @@ from aiohttp.test_utils import TestClient, TestServer
 from smartmob_agent.config import Settings
 from smartmob_agent.supervision.agent import Agent
 from smartmob_agent.web.server import make_app
-from tests import docs_builds
 from tests.puppet import PuppetServer
 
 
@@ -34,15 +33,6 @@ def pytest_configure(config: pytest.Config) -> None:
             signal.signal(number, lambda *_: None)
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the docs builds now, so that they run beside the other tests."""
-    docs_builds.start_if_collected(session)
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    docs_builds.close(session)
 
 
 @dataclass

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -16,23 +17,44 @@ import aiohttp
 import pytest
 
 from smartmob_agent.config import OPTIONS
-from tests import docs_builds
 from tests.agent_process import AgentProcess
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
+BUILDERS = ("html", "doctest")
+
+
+@pytest.fixture(scope="module")
+def docs_builds(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, subprocess.Popen[str]]]:
+    """Both Sphinx builds, started together: they take ~20 and ~30 s, one core each, so
+    the suite waits for the longer only."""
+    out = tmp_path_factory.mktemp("docs")
+    builds = {
+        builder: subprocess.Popen(
+            [sys.executable, "-m", "sphinx", "-W", "-n", "-q", "-b", builder, str(DOCS),
+             str(out / builder)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for builder in BUILDERS
+    }
+    yield builds
+    for build in builds.values():
+        if build.poll() is None:  # a test that failed early: do not leave it running
+            build.kill()
+        build.communicate()
+
+
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("builder", docs_builds.BUILDERS)
-def test_docs_build(builder: str, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize("builder", BUILDERS)
+def test_docs_build(builder: str, docs_builds: dict[str, subprocess.Popen[str]]) -> None:
     """sphinx-build -W -n succeeds: no warning, no broken reference, no failing doctest
     (the doctests start the real smartmob-agent and follow the walkthrough), and no
-    internal link of the HTML leads nowhere (docs/internal_links.py). The builds started
-    when the tests were collected (tests/docs_builds.py)."""
-    builds = request.config.stash[docs_builds.BUILDS_KEY]
-    assert builds is not None
-    status, output = builds.result(builder, timeout=170)
-    assert status == 0, output[-8000:]
+    internal link of the HTML leads nowhere (docs/internal_links.py)."""
+    output, _ = docs_builds[builder].communicate(timeout=170)
+    assert docs_builds[builder].returncode == 0, output[-8000:]
 
 
 ROOT = DOCS.parent
