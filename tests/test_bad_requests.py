@@ -66,6 +66,31 @@ async def test_bytes_that_are_not_http_get_json(agent_process: AgentProcess) -> 
     assert "\n" not in body["error"]
 
 
+async def test_https_sent_to_the_http_port_gets_json_and_no_log_line(
+    agent_process: AgentProcess,
+) -> None:
+    """A TLS ClientHello sent to the plain HTTP port (a client that says https:// by
+    mistake, or a scanner) is a JSON 400, logged at debug only: common, and nothing for
+    a person to act on. The next malformed request is logged, and is the only line."""
+    reader, writer = await open_raw(agent_process)
+    writer.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32))
+    async with asyncio.timeout(10):
+        status, headers, _ = parse_response(await read_to_end(reader))
+    writer.close()
+    assert status == 400
+    assert headers["content-type"].startswith("application/json")
+    reader, writer = await open_raw(agent_process)
+    writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: x\r\n\r\n")
+    async with asyncio.timeout(10):
+        await read_to_end(reader)
+    writer.close()
+    await eventually(lambda: "answered 400" in agent_process.stderr,
+                     what="the agent to log the second bad request")
+    logged = [line for line in agent_process.stderr.splitlines() if "answered 400" in line]
+    assert len(logged) == 1, logged
+    assert "Content-Length" in logged[0] or "not valid HTTP" in logged[0], logged
+
+
 @pytest.mark.parametrize("number", ["9" * 5000, "-" + "9" * 5000])
 async def test_an_integer_of_5000_digits_is_too_large(
     client: TestClient[Any, Any], number: str

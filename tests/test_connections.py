@@ -14,12 +14,14 @@ import asyncio
 import json
 import os
 import resource
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 from yarl import URL
 
 from tests.agent_process import AgentProcess
@@ -106,6 +108,32 @@ async def test_headers_sent_slowly_get_408_at_the_header_timeout(start_agent: St
     writer.close()
     # a client that sends its request at once is served as before
     async with aiohttp.ClientSession() as http, http.get(agent.url + "/") as response:
+        assert response.status == 200
+
+
+async def test_a_tls_handshake_must_end_within_the_header_timeout(
+    start_agent: Starter, tmp_path: Path,
+) -> None:
+    """On a TLS agent, a connection that sends nothing, or the start of a ClientHello
+    and then nothing, is closed at --header-timeout (1 s), not held; a real client is
+    served as before."""
+    authority = trustme.CA()
+    certificate = authority.issue_cert("127.0.0.1")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    certificate.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    certificate.private_key_pem.write_to_path(str(key_file))
+    agent = await start_agent("--tls-cert", str(cert_file), "--tls-key", str(key_file),
+                              "--header-timeout", "1", "--keepalive-timeout", "60")
+    for first_bytes in (b"", b"\x16\x03\x01\x02\x00\x01"):
+        reader, writer = await open_raw(agent)
+        writer.write(first_bytes)
+        async with asyncio.timeout(10):  # keep-alive is 60 s: only the header timeout
+            assert await read_to_end(reader) == b""
+        writer.close()
+    context = ssl.create_default_context()
+    authority.configure_trust(context)
+    async with aiohttp.ClientSession() as http, http.get(agent.url + "/",
+                                                           ssl=context) as response:
         assert response.status == 200
 
 

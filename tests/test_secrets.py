@@ -48,7 +48,7 @@ from yarl import URL
 
 from smartmob_agent.output import logs, redact
 from smartmob_agent.output.logrecords import RedactKeys
-from smartmob_agent.processes import guardian, privacy
+from smartmob_agent.processes import guardian, privacy, spawn
 from smartmob_agent.store import prepare_state_dir
 from tests.agent_process import AgentProcess
 from tests.conftest import ArchiveServer
@@ -60,22 +60,28 @@ except KeyError:  # pragma: no cover - every Debian and Red Hat has one
     NOBODY = None
 
 #: Reads every environment and command line it may, and lists the descriptors of the
-#: Procfile's shell (its parent), which are those the agent gave the child.
+#: shell that runs it (its parent), which are those the agent gave that command. Its
+#: argument names the result files: ``found-NAME.txt`` and ``fds-NAME.txt``.
 SCAN = r"""
 for fd in /proc/$PPID/fd/*; do
     printf '%s -> %s\n' "${fd##*/}" "$(readlink "$fd")"
-done > fds.part
+done > "fds-$1.part"
 for f in /proc/[0-9]*/environ /proc/[0-9]*/cmdline; do
     if text=$(tr '\0' '\n' 2>/dev/null < "$f"); then
         printf '== %s\n%s\n' "$f" "$text"
     fi
-done > found.part
-mv fds.part fds.txt && mv found.part found.txt
+done > "found-$1.part"
+mv "fds-$1.part" "fds-$1.txt" && mv "found-$1.part" "found-$1.txt"
 """
+#: The scan, run by the release command, by the process and by its health command: the
+#: compound commands keep their shell, whose descriptors the scan lists.
 SCANNER = make_archive({
-    "Procfile": "web: sh scan.sh; echo scanned; exec sleep 600\n",
+    "Procfile": "release: sh scan.sh release; true\n"
+                "web: sh scan.sh web; echo scanned; exec sleep 600\n",
     "scan.sh": SCAN,
 })
+#: Who runs the scan: the source's release command, the process, its health command.
+SCANS = ("release", "web", "health")
 
 
 @dataclass(frozen=True)
@@ -147,19 +153,25 @@ async def guardian_pid(agent: AgentProcess) -> int:
 
 async def scan_with_the_app_key(
     agent: AgentProcess, keys: Keys, archive_server: ArchiveServer
-) -> tuple[str, str]:
-    """Create the scanner with the app key; return what it found and its descriptors."""
+) -> dict[str, tuple[str, str]]:
+    """Create the scanner with the app key; return what each of :data:`SCANS` found,
+    and the descriptors it was given."""
     url = archive_server.add(f"scan-{secrets.token_hex(4)}.tgz", SCANNER)
-    body = {"app": "scan", "node": "web.0", "process_type": "web", "source_url": url}
+    body = {"app": "scan", "node": "web.0", "process_type": "web", "source_url": url,
+            "health": {"command": "sh scan.sh health; true", "interval": 0.2}}
     async with aiohttp.ClientSession() as http, http.post(
         agent.url + "/create-process", json=body,
         headers={"Authorization": f"Bearer {keys.app}"},
     ) as response:
         assert response.status == 201, await response.text()
     source = agent.state_dir / "processes" / "scan.web.0" / "source"
-    await eventually((source / "found.txt").exists, timeout=30, what="the scan")
-    return ((source / "found.txt").read_text(errors="replace"),
-            (source / "fds.txt").read_text(errors="replace"))
+    scans = {}
+    for name in SCANS:
+        found = source / f"found-{name}.txt"
+        await eventually(found.exists, timeout=30, what=f"the scan of the {name} command")
+        scans[name] = (found.read_text(errors="replace"),
+                       (source / f"fds-{name}.txt").read_text(errors="replace"))
+    return scans
 
 
 def where(found: str, key: str) -> str:
@@ -167,16 +179,18 @@ def where(found: str, key: str) -> str:
     return found[: found.index(key)].rpartition("== ")[2].partition("\n")[0]
 
 
-def assert_found_no_key(found: str, fds: str, keys: Keys, guardian: int) -> None:
-    # the scan worked: it read its own environment, and reached the guardian
-    assert "SMARTMOB_AGENT_ID=" in found
-    assert f"== /proc/{guardian}/cmdline\n" in found
-    for key in keys.every():
-        assert key not in found, f"a child could read {key[:12]}... in {where(found, key)}"
-        assert key not in fds
-    # only stdin, stdout and stderr: not the listening socket, the database, a key file
-    descriptors = sorted(line.split(" -> ")[0] for line in fds.splitlines())
-    assert descriptors == ["0", "1", "2"], fds
+def assert_found_no_key(scans: dict[str, tuple[str, str]], keys: Keys, guardian: int) -> None:
+    for name, (found, fds) in scans.items():
+        # the scan worked: it read its own environment, and reached the guardian
+        assert "SMARTMOB_AGENT_ID=" in found, name
+        assert f"== /proc/{guardian}/cmdline\n" in found, name
+        for key in keys.every():
+            assert key not in found, (
+                f"the {name} command could read {key[:12]}... in {where(found, key)}")
+            assert key not in fds, name
+        # only stdin, stdout and stderr: not the listening socket, the database, a key file
+        descriptors = sorted(line.split(" -> ")[0] for line in fds.splitlines())
+        assert descriptors == ["0", "1", "2"], (name, fds)
 
 
 async def stop(agent: AgentProcess) -> None:
@@ -202,10 +216,11 @@ async def test_a_child_of_the_agents_user_finds_no_key(
     try:
         await agent.start()
         guardian = await guardian_pid(agent)
-        found, fds = await scan_with_the_app_key(agent, keys, archive_server)
-        assert_found_no_key(found, fds, keys, guardian)
-        for pid in (agent.pid, guardian):  # non-dumpable: what they hold stays theirs
-            assert f"== /proc/{pid}/environ\n" not in found, pid
+        scans = await scan_with_the_app_key(agent, keys, archive_server)
+        assert_found_no_key(scans, keys, guardian)
+        for found, _ in scans.values():  # non-dumpable: what they hold stays theirs
+            for pid in (agent.pid, guardian):
+                assert f"== /proc/{pid}/environ\n" not in found, pid
         await stop(agent)
     finally:
         await agent.kill()
@@ -225,8 +240,8 @@ async def test_a_child_of_the_user_option_finds_no_key(
     try:
         await agent.start()
         guardian = await guardian_pid(agent)
-        found, fds = await scan_with_the_app_key(agent, keys, archive_server)
-        assert_found_no_key(found, fds, keys, guardian)
+        assert_found_no_key(await scan_with_the_app_key(agent, keys, archive_server),
+                            keys, guardian)
         state = agent.state_dir
         await eventually((state / "logs" / "scan.web.0").exists, what="the output log")
         assert mode(state) == 0o711
@@ -244,6 +259,20 @@ def test_the_guardians_environment_holds_nothing_of_the_agents() -> None:
     assert guardian.environment(environ) == {"LD_LIBRARY_PATH": "/opt/lib", "LC_ALL": "C.UTF-8"}
     for module in (guardian, privacy, redact):
         assert doctest.testmod(module).failed == 0, module
+
+
+def test_the_trial_of_the_death_signal_wrapper_gets_no_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The agent tries ``setpriv`` once, before its first spawn: the trial runs with an
+    empty environment, not with the agent's (which may hold its keys)."""
+    monkeypatch.setenv("SMARTMOB_TOKEN", "admin-key-in-the-environment")
+    seen = tmp_path / "environ"
+    trial = (sys.executable, "-c",
+             f"import os; open({str(seen)!r}, 'w').write(repr(dict(os.environ)))")
+    assert spawn.wrapper_works(trial)
+    assert "admin-key-in-the-environment" not in seen.read_text()
+    assert not spawn.wrapper_works(("/bin/false",))
 
 
 @pytest.mark.timeout(60)

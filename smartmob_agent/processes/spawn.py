@@ -185,21 +185,31 @@ def death_signal_wrapper() -> tuple[str, ...]:
     setpriv = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
     if setpriv is not None:
         wrapper = (setpriv, "--pdeathsig", "KILL", "--")
-        try:
-            tried = subprocess.run(
-                [*wrapper, "/bin/sh", "-c", ":"], stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10,
-                check=False,
-            )
-        except (OSError, subprocess.SubprocessError):
-            tried = None
-        if tried is not None and tried.returncode == 0:
+        if wrapper_works(wrapper):
             return wrapper
     log.warning(
         "setpriv (util-linux 2.33 or newer) is not available: each child sets its "
         "parent-death signal in Python between fork and exec, which makes spawning slower"
     )
     return ()
+
+
+def wrapper_works(wrapper: tuple[str, ...]) -> bool:
+    """Whether ``wrapper`` runs ``/bin/sh -c :`` and exits 0.
+
+    The trial gets an empty environment, like every process the agent starts gets none
+    of its keys: the agent's own environment may hold ``SMARTMOB_TOKEN``, and another
+    process of the same user could read it from ``/proc/<pid>/environ`` while it runs.
+    """
+    try:
+        tried = subprocess.run(
+            [*wrapper, "/bin/sh", "-c", ":"], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10,
+            check=False, env={},
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return tried.returncode == 0
 
 
 def _prctl() -> Callable[..., int] | None:
