@@ -62,7 +62,8 @@ class ArchiveServer:
 async def archive_server(
     aiohttp_server: Callable[..., Awaitable[TestServer]],
 ) -> AsyncIterator[ArchiveServer]:
-    """Serve archives (``/name``), HTML (``/page.html``) and a stalled body (``/stall``)."""
+    """Serve archives (``/name``), HTML (``/page.html``) and a stalled body (``/stall``);
+    a PUT to ``/name`` stores an archive there."""
     state: dict[str, ArchiveServer] = {}
 
     async def serve(request: web.Request) -> web.StreamResponse:
@@ -83,8 +84,16 @@ async def archive_server(
             raise web.HTTPNotFound()
         return web.Response(body=served.files[name], content_type="application/octet-stream")
 
+    async def store(request: web.Request) -> web.Response:
+        # a storage service as gitmesh-deploy uploads to: PUT an archive, then GET it
+        served = state["server"]
+        served.requests.append(request)
+        served.files[request.match_info["name"]] = await request.read()
+        return web.Response(status=201)
+
     app = web.Application()
     app.router.add_get("/{name}", serve)
+    app.router.add_put("/{name}", store)
     server = await aiohttp_server(app, host="127.0.0.1")
     state["server"] = ArchiveServer(server)
     yield state["server"]

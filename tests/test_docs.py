@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from smartmob_agent.config import OPTIONS
+from smartmob_agent.model import FailureReason
 from tests.agent_process import AgentProcess
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -183,3 +184,38 @@ def test_internals_lists_every_module_and_the_layer_rules() -> None:
     rows = re.findall(r"\* - ``([\w_]+)``\n +- (.*)", table)
     assert {part: frozenset(re.findall(r"``([\w_]+)``", cell)) for part, cell in rows} == (
         MAY_IMPORT)
+
+
+#: Sentences the docs once said that stopped being true (issue 13): pages that are not
+#: doctested can drift, so a test keeps these out of every page.
+UNTRUE = (
+    "no authentication yet",
+    "There is no authentication yet",
+    "does not terminate TLS itself yet",
+    "hence no 401 or 403",
+)
+
+
+def test_sentences_that_became_untrue_stay_out() -> None:
+    """The pages that say what the agent does not do say nothing that it now does."""
+    for page in [*DOCS.glob("*.rst"), DOCS.parent / "README.rst"]:
+        text = " ".join(page.read_text().split())
+        for sentence in UNTRUE:
+            assert sentence not in text, f"{page.name} says {sentence!r} again"
+
+
+def test_plain_tox_skips_the_pythons_the_machine_lacks() -> None:
+    """``tox`` lists 3.11 to 3.13: without this, plain ``tox`` fails on a machine that has
+    only one of them, which is most machines."""
+    assert re.search(r"^skip_missing_interpreters\s*=\s*true$",
+                     (DOCS.parent / "tox.ini").read_text(), re.MULTILINE)
+
+
+def test_the_failure_reason_table_is_the_closed_set() -> None:
+    """The API reference lists every failure reason a client can switch on, in the
+    model's order, and no other (the OpenAPI document takes them from the model)."""
+    text = (DOCS / "api.rst").read_text()
+    section = text.split(".. _api-failure-reasons:", 1)[1].split("\n.. _", 1)[0]
+    header, *shown = re.findall(r"^   \* - ``([a-z ]+)``$", section, re.MULTILINE)
+    assert header == "reason"
+    assert shown == [reason.value for reason in FailureReason]

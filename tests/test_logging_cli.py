@@ -355,6 +355,18 @@ def test_a_bad_endpoint_stops_the_agent_at_start(
     assert not (tmp_path / "s").exists()
 
 
+def test_a_bad_endpoint_in_the_environment_stops_the_agent_at_start(tmp_path: Path) -> None:
+    """``SMARTMOB_LOGGING_ENDPOINT`` is checked as the flag is, with the same message."""
+    result = subprocess.run(
+        [sys.executable, "-m", "smartmob_agent", "--state-dir", str(tmp_path / "s")],
+        capture_output=True, text=True, timeout=60, check=False,
+        env=_env(SMARTMOB_LOGGING_ENDPOINT="syslog://localhost"),
+    )
+    assert result.returncode == 2
+    assert result.stderr == 'smartmob-agent: Invalid logging endpoint "syslog://localhost".\n'
+    assert not (tmp_path / "s").exists()
+
+
 def test_an_endpoint_file_that_cannot_be_opened_stops_the_agent(tmp_path: Path) -> None:
     result = _run(tmp_path, "--logging-endpoint", f"file://{tmp_path}/no/such/agent.log")
     assert result.returncode == 2

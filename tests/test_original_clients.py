@@ -38,7 +38,8 @@ async def agent_process(tmp_path: Path) -> AsyncIterator[AgentProcess]:
 
 
 def git_archive(tmp_path: Path) -> bytes:
-    """A pushed repository as gitmesh-deploy archives it: ``git archive`` of HEAD."""
+    """A pushed repository as gitmesh-deploy archives it: ``git archive`` of the pushed
+    commit to a ``.zip`` file (git picks the zip format from the name)."""
     repo = tmp_path / "repo"
     repo.mkdir(parents=True)
     (repo / "Procfile").write_text("web: echo hello from git; sleep 1000\n")
@@ -53,7 +54,9 @@ def git_archive(tmp_path: Path) -> bytes:
     run("init", "-q")
     run("add", "Procfile")
     run("commit", "-q", "-m", "first push")
-    return run("archive", "--format=tar.gz", "HEAD")
+    output = tmp_path / "push.zip"
+    run("archive", "HEAD", f"--output={output}")
+    return output.read_bytes()
 
 
 @needs_git
@@ -62,17 +65,22 @@ async def test_gitmesh_deploy_flow_echoes_its_request_id(
     tmp_path: Path, agent_process: AgentProcess, archive_server: ArchiveServer,
     http: aiohttp.ClientSession, request_id: str,
 ) -> None:
-    """git archive -> upload -> index -> create: every answer echoes the id, and the
-    agent's download of the archive carries it."""
-    headers = {"X-Request-Id": request_id}
-    source_url = archive_server.add("push.tgz", git_archive(tmp_path))
+    """The hook's steps and headers: git archive (zip) -> PUT to the storage -> GET the
+    index -> POST its create link (node "1", empty env): every answer echoes the id, and
+    the agent's download of the archive carries it."""
+    source_url = archive_server.url("push.zip")
+    async with http.put(source_url, data=git_archive(tmp_path), headers={
+        "Content-Type": "application/zip", "X-Request-Id": request_id,
+    }) as response:
+        assert response.status in (201, 204)
 
+    headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
     async with http.get(agent_process.url + "/", headers=headers) as response:
         assert response.status == 200
         assert response.headers["X-Request-Id"] == request_id
         links = await response.json()
-    body = {"app": "gitmesh", "node": "web.0", "process_type": "web",
-            "source_url": source_url}
+    body = {"app": "gitmesh", "node": "1", "source_url": source_url, "process_type": "web",
+            "env": {}}
     async with http.post(links["create"], data=json.dumps(body), headers=headers) as response:
         assert response.status == 201, await response.text()
         assert response.headers["X-Request-Id"] == request_id
@@ -87,12 +95,13 @@ async def test_gitmesh_deploy_flow_echoes_its_request_id(
                 break
             assert status["state"] != "failed", status
             await asyncio.sleep(0.02)
-    downloads = [r for r in archive_server.requests if r.path == "/push.tgz"]
+    downloads = [r for r in archive_server.requests
+                 if r.method == "GET" and r.path == "/push.zip"]
     assert [r.headers.get("X-Request-Id") for r in downloads] == [request_id]
 
     # the upload link answers the same way, for a hook that uploads to the agent itself
     async with http.post(links["upload"], data=git_archive(tmp_path / "again"),
-                         headers=headers) as response:
+                         headers={"X-Request-Id": request_id}) as response:
         assert response.status == 201, await response.text()
         assert response.headers["X-Request-Id"] == request_id
 
@@ -121,6 +130,7 @@ async def raw_request_id(url: str, value: bytes) -> str | None:
 
 
 @pytest.mark.parametrize("value", [
+    b"",                        # empty
     b"x" * 201,                 # too long
     b"tab\there",               # a control character
     b"caf\xc3\xa9",             # non-ASCII (UTF-8)
@@ -129,10 +139,11 @@ async def raw_request_id(url: str, value: bytes) -> str | None:
 async def test_hostile_request_ids_are_replaced(
     agent_process: AgentProcess, value: bytes
 ) -> None:
-    """Ids that are too long or hold control or non-ASCII bytes get a fresh id, so an id
-    can never forge a header or a log line."""
+    """Ids that are empty, too long or hold control or non-ASCII bytes get a fresh id,
+    so an id can never forge a header or a log line."""
     echoed = await raw_request_id(agent_process.url, value)
     if echoed is None:  # refused by the HTTP parser before any handler: nothing echoed
+        assert value, "an empty id is a valid header: it must reach the agent"
         return
     assert echoed != value.decode("latin-1")
     assert len(echoed) == 32
