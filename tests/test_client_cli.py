@@ -3,6 +3,8 @@ and one-sentence errors, keys from the environment and the config file."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -120,7 +122,12 @@ async def test_errors_are_one_sentence_with_their_exit_status(
     assert "no agent is named 'prod'" in one_line(ran.err)
     ran = await smartmob("frobnicate", env=env)
     assert ran.code == 2
-    assert "invalid choice: 'frobnicate'" in ran.err
+    said = one_line(ran.err)
+    assert said.startswith("smartmob: argument COMMAND: invalid choice: 'frobnicate'")
+    assert said.endswith(" (see smartmob --help)")
+    ran = await smartmob("logs", "shop.web.0", "--tail", "many", env=env)
+    assert (ran.code, one_line(ran.err)) == (2, "smartmob: argument --tail: not a whole "
+                                                "number from 0: 'many' (see smartmob logs --help)")
     ran = await smartmob("create", "shop", "web..1", "ftp://x", "--json", env=env)
     assert ran.code == 1
     [entry] = ran.json()["agents"]
@@ -245,16 +252,47 @@ async def test_events_see_a_kill_9(env: dict[str, str], source: str,
         assert (await follower.interrupt()).code == 0
 
 
+async def test_events_of_one_app(env: dict[str, str], source: str,
+                                 client: AgentClient) -> None:
+    """events --app, and the library's events(app=), see that app's processes only: a
+    kill -9 in another app, which comes first, reaches neither."""
+    other = await created_and_running(client, source, app="other")
+    shop = await created_and_running(client, source, app="shop")
+    assert other.pid is not None
+    assert shop.pid is not None
+    follower = await Following.start("events", "--app", "shop", "--json", env=env)
+    await follower.err_line(lambda line: "following the events" in line)
+    async with client.events(app="shop") as events:
+        os.kill(other.pid, signal.SIGKILL)
+        async with asyncio.timeout(20):
+            restarted = await client.wait_for("other.web.0", "running", timeout=20)
+            while restarted.pid in (None, other.pid):  # running again, with a new child
+                restarted = await client.wait_for("other.web.0", "running", timeout=20)
+            os.kill(shop.pid, signal.SIGKILL)
+            first = await anext(aiter(events))
+    assert (first.event, first.slug, first.pid) == ("process:exit", "shop.web.0", shop.pid)
+    seen = json.loads(await follower.line(lambda line: True))
+    assert (seen["event"], seen["slug"]) == ("process:exit", "shop.web.0")
+    assert (await follower.interrupt()).code == 0
+
+
 async def test_upload_version_and_help(env: dict[str, str], agent: AgentProcess,
                                        tmp_path: Path) -> None:
-    """upload prints the source URL and checksum; version both versions; every command's
-    --help shows an example."""
+    """upload of a folder (packed) or of an archive file prints the source URL and the
+    checksum; version both versions; every command's --help shows an example."""
     folder = write_echo_app(tmp_path / "app")
     ran = await smartmob("upload", str(folder), env=env)
     assert ran.code == 0
     url, checksum, _ = ran.out.split()
     assert url.startswith(agent.url + "/sources/")
     assert checksum.startswith("sha256:")
+    archive = tmp_path / "app.tgz"
+    archive.write_bytes(echo_archive())
+    ran = await smartmob("upload", str(archive), env=env)
+    assert ran.code == 0
+    url, checksum, _ = ran.out.split()
+    assert checksum == "sha256:" + hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert url == f"{agent.url}/sources/{checksum.removeprefix('sha256:')}"
     ran = await smartmob("upload", str(tmp_path / "nothing"), env=env)
     assert (ran.code, ran.err) == (2, f"smartmob: there is no file or folder "
                                       f"{tmp_path / 'nothing'}\n")

@@ -92,16 +92,36 @@ async def test_a_failing_deploy_says_which_node_and_why(
     env: dict[str, str], folder: Path, client: AgentClient,
 ) -> None:
     """A node that cannot run fails the deploy (status 1): the message names it, with
-    its error, its last exit and its reason, and the last lines of its log."""
+    its error, the reason's name, its last exit, and the last lines of its log."""
     ran = await smartmob("deploy", str(folder), "--app", "shop", "-p", "crash=1",
                          "-o", "max_restarts=1", env=env)
     assert ran.code == 1
     err = ran.err.splitlines()
     assert err[1].startswith("smartmob: agent ")
     assert ": shop.crash.0 is failed: gave up after 2 failed start(s)" in err[1]
-    assert err[2] == "  last exit: exited with code 3; reason: it ended by itself"
-    assert err[3:] == ["  last lines of its log:", "    about to crash", "    about to crash"]
+    assert err[2] == "  reason: max restarts"
+    assert err[3] == "  last exit: exited with code 3; it ended by itself"
+    assert err[4:] == ["  last lines of its log:", "    about to crash", "    about to crash"]
     assert "deployed" not in ran.out
+    ran = await smartmob("status", "shop.crash.0", env=env)
+    assert ran.code == 1
+    assert "reason:    max restarts" in ran.out.splitlines()
+
+
+async def test_a_deploy_waits_for_the_health_check(env: dict[str, str], folder: Path,
+                                                   client: AgentClient) -> None:
+    """With a health check, deploy ends only once the node passes it, well after its
+    start_seconds: the app is ready a second after it starts, and the check says so."""
+    with (folder / "Procfile").open("a") as procfile:
+        procfile.write("slow: sleep 1; touch ready; exec sleep 1000\n")
+    ran = await smartmob("deploy", str(folder), "--app", "shop", "-p", "slow=1",
+                         "-o", "start_seconds=0.1",
+                         "-o", 'health={"command": "test -f ready", "interval": 0.2, '
+                         '"failures": 30}', env=env)
+    assert ran.code == 0, ran.err
+    assert ran.out.splitlines()[-1] == "deployed shop: slow=1"
+    status = await client.status("shop.slow.0")
+    assert (status.state, status.healthy) == ("running", True)
 
 
 async def test_scale_up_and_down(env: dict[str, str], folder: Path,

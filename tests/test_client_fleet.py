@@ -3,6 +3,7 @@ still shown, and the one that went away is one line, not the end of the command.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from tests.client_apps import (
     echo_archive,
     running_agent,
     smartmob,
+    write_echo_app,
 )
 from tests.conftest import ArchiveServer
 
@@ -65,7 +67,7 @@ async def test_ls_all_marks_each_row_with_its_agent(
     env: dict[str, str], source: str, agents: list[AgentProcess],
 ) -> None:
     """ls --all shows both agents' processes, each row with its agent; without --all
-    only the default agent's; --agent picks one by name."""
+    only the default agent's; --agent picks one by name, or several, in their order."""
     ran = await smartmob("ls", "--all", env=env)
     assert ran.code == 0
     header, *rows = ran.out.splitlines()
@@ -77,6 +79,9 @@ async def test_ls_all_marks_each_row_with_its_agent(
     ran = await smartmob("status", "shop.web.0", "--agent", "b", "--json", env=env)
     [entry] = ran.json()["agents"]
     assert (entry["agent"], entry["url"]) == ("b", agents[1].url)
+    ran = await smartmob("ls", "--agent", "b", "--agent", "a", env=env)
+    assert [row.split()[:2] for row in ran.out.splitlines()[1:]] == [
+        ["b", "shop.web.0"], ["a", "shop.web.0"]]
 
 
 async def test_one_agent_stopped_half_way(
@@ -151,3 +156,47 @@ async def test_the_fleet_in_the_library(source: str, agents: list[AgentProcess])
     assert isinstance(results[1].error, Unreachable)
     assert results.errors == [results[1]]
     assert results.values == [results[0].value]
+
+
+async def test_every_call_of_the_fleet_on_two_agents(
+    source: str, agents: list[AgentProcess], tmp_path: Path,
+) -> None:
+    """The fleet's calls answer per agent, in order: upload and create the same process
+    on both, wait for it, read its logs, update it in place and roll it back, list the
+    minted keys; then, with b stopped, each call still answers for a and says b is
+    unreachable."""
+    folder = write_echo_app(tmp_path / "app")
+    async with Fleet([agent.url for agent in agents], retries=1, retry_delay=0.01) as fleet:
+        uploads = await fleet.upload(folder)
+        assert all(r.ok for r in uploads), uploads.errors
+        assert len({u.checksum for u in uploads.values}) == 1
+        created = await fleet.create("shop", "worker.0", source)
+        assert [p.slug for p in created.values] == ["shop.worker.0", "shop.worker.0"]
+        running = await fleet.wait_for("shop.worker.0", "running", timeout=20)
+        assert {p.state for p in running.values} == {"running"}
+        logs = await fleet.logs("shop.web.0", tail=10)
+        assert all(any(line.line == "ready" for line in lines) for lines in logs.values)
+        # both from a's copy: b checks it against the checksum, as a deploy would
+        upload = uploads.values[0]
+        updated = await fleet.update("shop.web.0", upload.source_url, checksum=upload.checksum)
+        assert all(r.ok for r in updated), updated.errors
+        for agent in fleet.agents:
+            await wait_updated(agent, "shop.web.0", upload.checksum)
+        rolled = await fleet.rollback("shop.web.0")
+        assert all(r.ok for r in rolled), rolled.errors
+        assert [r.value for r in await fleet.tokens()] == [[], []]
+
+        await stop(agents[1])
+        for call in (fleet.logs("shop.web.0"), fleet.tokens(),
+                     fleet.wait_for("shop.worker.0", timeout=5)):
+            results = await call
+            assert results[0].ok, results[0].error
+            assert isinstance(results[1].error, Unreachable)
+
+
+async def wait_updated(agent: AgentClient, slug: str, checksum: str) -> None:
+    """Until ``slug`` runs the source ``checksum`` (its update switched), deadline 30 s."""
+    async with asyncio.timeout(30):
+        while ((process := await agent.status(slug)).source or {}).get("checksum") != checksum:
+            assert process.update_error is None, process.update_error
+            await asyncio.sleep(0.05)

@@ -92,6 +92,47 @@ async def test_top_draws_the_table_in_a_terminal_and_redraws_on_events(
             os.close(master)
 
 
+async def in_terminal(*args: str, env: dict[str, str]) -> str:
+    """Run ``smartmob ARGS`` on a pseudo-terminal to its end; what the terminal showed."""
+    master, slave = pty.openpty()
+    proc = await asyncio.create_subprocess_exec(*SMARTMOB, *args, env=env, stdin=slave,
+                                                stdout=slave, stderr=slave)
+    os.close(slave)
+    shown = b""
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    chunk = await asyncio.to_thread(os.read, master, 65536)
+                except OSError:  # EIO: every writer of the terminal closed it
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+            assert await proc.wait() == 0, shown
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        os.close(master)
+    return shown.decode(errors="replace")
+
+
+async def test_a_terminal_gets_colour_unless_no_color_is_set(
+    env: dict[str, str], agent: AgentProcess, archive_server: ArchiveServer,
+) -> None:
+    """ls on a terminal colours the states; with NO_COLOR set (https://no-color.org) the
+    same table comes without a single escape code."""
+    async with AgentClient(agent.url) as client:
+        await created_and_running(client, archive_server.add("echo.tgz", echo_archive()))
+    coloured = await in_terminal("ls", env=env)
+    assert "\x1b[32mrunning\x1b[0m" in coloured
+    plain = await in_terminal("ls", env={**env, "NO_COLOR": "1"})
+    assert "\x1b" not in plain
+    assert "shop.web.0" in plain
+    assert "running" in plain
+
+
 async def test_top_once_when_piped(env: dict[str, str], agent: AgentProcess) -> None:
     """Piped, top --once writes the table once, without screen codes, and ends."""
     ran = await smartmob("top", "--once", env=env)

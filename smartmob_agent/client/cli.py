@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from smartmob_agent import __version__
 from smartmob_agent.client import apply, commands, completion, deploy, follow, top
@@ -239,9 +240,17 @@ def _add_create_arguments(sub: argparse.ArgumentParser) -> None:
                      help="how long --wait waits [default: 120]")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, saying a usage error in one sentence like every other error of
+    ``smartmob`` (argparse prints the whole usage block first), with where to look."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE, f"smartmob: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``smartmob`` and its commands."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="smartmob",
         description="Drive smartmob agents: list, create, control and follow the processes "
         "of one agent or of a fleet.",

@@ -139,6 +139,8 @@ def describe(process: Process, term: Terminal) -> list[str]:
         fields["last exit"] = f"{process.last_exit.describe()} at {process.last_exit.at}"
     if process.error:
         fields["error"] = process.error
+    if process.reason:
+        fields["reason"] = process.reason
     lines = details(fields)
     if process.output_tail:
         lines.append("last output:")
@@ -362,14 +364,16 @@ async def version(args: argparse.Namespace, fleet: Fleet, term: Terminal) -> int
 
 
 def failure_lines(error: ClientError) -> list[str]:
-    """What a person needs when a process failed: its error, its last exit's reason,
-    its last lines of output."""
+    """What a person needs when a process failed: its error, the reason's name (when it
+    is ``failed``), its last exit, its last lines of output."""
     process = getattr(error, "process", None)
     if not isinstance(process, Process):
         return []
     lines = []
     if process.error:
         lines.append(f"  error: {process.error}")
+    if process.reason:
+        lines.append(f"  reason: {process.reason}")
     if process.last_exit is not None:
         lines.append(f"  last exit: {process.last_exit.describe()}")
     if process.output_tail:

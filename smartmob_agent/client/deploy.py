@@ -289,14 +289,17 @@ def _entry(rollout: Rollout, term: Terminal) -> tuple[int, dict[str, Any]]:
 
 def _failed(term: Terminal, error: ClientError, entry: dict[str, Any]
             ) -> tuple[int, dict[str, Any]]:
-    """Say why a rollout failed: the node, its error, its last exit, its log."""
+    """Say why a rollout failed: the node, its error, the reason's name a script can
+    switch on, its last exit, its log."""
     if not term.json:
         term.error(str(error))
         process = getattr(error, "process", None)
         if isinstance(process, Process):
+            if process.reason:
+                term.note(f"  reason: {process.reason}")
             if process.last_exit is not None:
-                reason = process.last_exit.reason or "it ended by itself"
-                term.note(f"  last exit: {process.last_exit.describe()}; reason: {reason}")
+                why = process.last_exit.reason or "it ended by itself"
+                term.note(f"  last exit: {process.last_exit.describe()}; {why}")
             if process.output_tail:
                 term.note("  last lines of its log:")
                 for line in process.output_tail:

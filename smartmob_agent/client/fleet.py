@@ -11,6 +11,7 @@ import asyncio
 import builtins
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -18,7 +19,7 @@ import aiohttp
 
 from smartmob_agent.client.agent import AgentClient
 from smartmob_agent.client.errors import ClientError
-from smartmob_agent.client.results import Outcome, Process
+from smartmob_agent.client.results import LogLine, Outcome, Process, Token, Upload
 
 #: The type of what each agent answers to a fleet call.
 T = TypeVar("T")
@@ -158,3 +159,38 @@ class Fleet:
     async def version(self) -> Results[str]:
         """Each agent's version."""
         return await self.each(lambda agent: agent.version())
+
+    async def create(self, app: str, node: str, source_url: str,
+                     process_type: str | None = None, **options: Any) -> Results[Process]:
+        """Create the same process on each agent (see :meth:`AgentClient.create`)."""
+        return await self.each(
+            lambda agent: agent.create(app, node, source_url, process_type, **options))
+
+    async def update(self, slug: str, source_url: str, **options: Any) -> Results[Process]:
+        """Update ``slug`` in place on each agent (see :meth:`AgentClient.update`)."""
+        return await self.each(lambda agent: agent.update(slug, source_url, **options))
+
+    async def rollback(self, slug: str) -> Results[Process]:
+        """Roll ``slug`` back on each agent."""
+        return await self.each(lambda agent: agent.rollback(slug))
+
+    async def logs(self, slug: str, *, tail: int | None = None,
+                   since: str | float | None = None) -> Results[builtins.list[LogLine]]:
+        """The last lines of ``slug`` on each agent."""
+        return await self.each(lambda agent: agent.logs(slug, tail=tail, since=since))
+
+    async def upload(self, path: str | Path, *, ignore: bool = True) -> Results[Upload]:
+        """Upload the same archive or folder to each agent (each packs a folder itself,
+        so the checksums are those of identical archives)."""
+        return await self.each(lambda agent: agent.upload(path, ignore=ignore))
+
+    async def wait_for(self, slug: str, states: str | Iterable[str] = "running",
+                       timeout: float = 60.0, *, healthy: bool = True) -> Results[Process]:
+        """Wait on each agent until ``slug`` is in one of ``states`` (see
+        :meth:`AgentClient.wait_for`)."""
+        return await self.each(
+            lambda agent: agent.wait_for(slug, states, timeout, healthy=healthy))
+
+    async def tokens(self) -> Results[builtins.list[Token]]:
+        """The keys each agent has minted."""
+        return await self.each(lambda agent: agent.tokens())

@@ -3,15 +3,17 @@
 Each :class:`Agent` owns an event loop (an :class:`asyncio.Runner`) and an
 :class:`~.agent.AgentClient` that lives in it; every method runs the client's coroutine
 to completion. The streams (:meth:`Agent.attach_lines`, :meth:`Agent.events`) are
-generators that read one item at a time. Not for use inside a running event loop: use
-:class:`~.agent.AgentClient` there.
+generators that read one item at a time; they only read (writing to a process's
+standard input while reading its output needs two tasks at once: use
+:meth:`~.agent.AgentClient.attach` and its ``send``). Not for use inside a running event
+loop: use :class:`~.agent.AgentClient` there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -102,6 +104,17 @@ class Agent:
         """See :meth:`AgentClient.signal`."""
         return self._run(lambda: self._client.signal(process, signal))
 
+    def update(self, process: str | Process, source_url: str, *,
+               checksum: str | None = None, env: Mapping[str, str] | None = None,
+               options: Mapping[str, Any] | None = None) -> Process:
+        """See :meth:`AgentClient.update`."""
+        return self._run(lambda: self._client.update(process, source_url, checksum=checksum,
+                                                     env=env, options=options))
+
+    def rollback(self, process: str | Process) -> Process:
+        """See :meth:`AgentClient.rollback`."""
+        return self._run(lambda: self._client.rollback(process))
+
     def bulk(self, action: str, *, app: str | None = None, every: bool = False
              ) -> builtins.list[Outcome]:
         """See :meth:`AgentClient.bulk`."""
@@ -125,6 +138,15 @@ class Agent:
     def tokens(self) -> builtins.list[Token]:
         """See :meth:`AgentClient.tokens`."""
         return self._run(self._client.tokens)
+
+    def revoke(self, token: Token) -> None:
+        """See :meth:`AgentClient.revoke`."""
+        self._run(lambda: self._client.revoke(token))
+
+    def agent_log(self, *, tail: int | None = None,
+                  since: str | float | datetime | None = None) -> builtins.list[LogLine]:
+        """See :meth:`AgentClient.agent_log`."""
+        return self._run(lambda: self._client.agent_log(tail=tail, since=since))
 
     def version(self) -> str:
         """See :meth:`AgentClient.version`."""
