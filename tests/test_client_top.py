@@ -23,6 +23,7 @@ from tests.client_apps import (
     echo_archive,
     running_agent,
     smartmob,
+    write_echo_app,
 )
 from tests.conftest import ArchiveServer
 
@@ -131,6 +132,19 @@ async def test_a_terminal_gets_colour_unless_no_color_is_set(
     assert "\x1b" not in plain
     assert "shop.web.0" in plain
     assert "running" in plain
+
+
+async def test_deploy_shows_its_progress_on_a_terminal(
+    env: dict[str, str], agent: AgentProcess, tmp_path: Path,
+) -> None:
+    """On a terminal, deploy shows how the packing goes and a progress bar of the
+    upload, each rewritten in place and ending full (piped, it writes neither: see
+    test_client_deploy)."""
+    folder = write_echo_app(tmp_path / "shop")
+    shown = await in_terminal("deploy", str(folder), "--app", "shop", "-p", "web=1", env=env)
+    assert "\rpacking 2/2 files" in shown
+    assert re.search(r"\r\[#{30}\] 100%", shown), shown
+    assert "deployed shop: web=1" in shown
 
 
 async def test_top_once_when_piped(env: dict[str, str], agent: AgentProcess) -> None:
