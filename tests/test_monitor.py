@@ -199,9 +199,17 @@ async def test_memory_matches_what_ps_reports(spawn: Spawn) -> None:
     await eventually(lambda: psutil.Process(tree.pid).name() == "sleep", timeout=5.0,
                      what="the exec of sleep")
 
-    found = sample_trees([tree.pid])
+    def sampled_as_ps_reads() -> bool:
+        # right after the exec, sleep's pages are still coming in (its RSS grows until
+        # it sleeps): compare only a reading taken between two equal ones of psutil
+        before = psutil.Process(tree.pid).memory_info().rss
+        found = sample_trees([tree.pid])[tree.pid][1]
+        if psutil.Process(tree.pid).memory_info().rss != before:
+            return False
+        assert found == before
+        return True
 
-    assert found[tree.pid][1] == psutil.Process(tree.pid).memory_info().rss
+    await eventually(sampled_as_ps_reads, timeout=5.0, what="a steady RSS of sleep")
 
 
 def fake_process(proc: Path, pid: int, ppid: int, ticks: tuple[int, int, int, int],
